@@ -1,0 +1,599 @@
+"""Build the 200 Hz training data: CinC 2017 .mat/.hea records (or synthetic ECGs) -> data/.
+
+Reads the official PhysioNet/CinC Challenge 2017 layout (a folder of ``A00001.mat`` +
+``A00001.hea`` ... and a label file), resamples every record from its header's rate (300 Hz)
+to 200 Hz with an anti-aliased polyphase filter (``scipy.signal.resample_poly``), draws a
+seeded, stratified, record-level train/validation/test split, and writes a dataset folder:
+
+    records.csv       record, label, length (samples at 200 Hz), split
+    samples.i16d.xz   all records' int16 samples (1 unit = 1 uV, the original ADC gain of
+                      1000 per mV) concatenated in records.csv order, stored as wrapping
+                      int16 first differences and lzma-compressed (~3x smaller than raw)
+    build_info.json   the exact flags, code version, source checksum and summary
+
+``load_dataset`` reads it back in about a second as zero-padded tensors whose common length
+is a multiple of 256 (the network's output stride), with each record's true length kept so
+training can cut batches to the lengths actually present.
+
+``--download`` fetches ``training2017.zip`` and ``REFERENCE-v3.csv`` from PhysioNet with
+resume and a sha256 check; ``--synthetic N`` writes a built-in synthetic data set in the
+same four classes instead (the default data of the demo and of most tests).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import lzma
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import urllib.error
+import urllib.request
+import warnings
+import zipfile
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import scipy.io
+from scipy.signal import resample_poly
+from tqdm import tqdm
+
+from model import CLASSES
+
+FS = 200
+"""Sampling rate of the built data (the rate Hannun et al.'s network expects)."""
+PAD_MULTIPLE = 256
+"""Padded length is a multiple of this (the full network's output stride)."""
+SPLITS = ("train", "val", "test")
+PHYSIONET_URL = "https://physionet.org/files/challenge-2017/1.0.0/"
+ZIP_NAME = "training2017.zip"
+ZIP_SHA256 = "25fdbab36bb6724b66a4d2c26ff89f6b9d6ff87e6aed714d24cf5bf071cd1255"
+LABELS_V3 = "REFERENCE-v3.csv"
+LABELS_V1 = "REFERENCE.csv"
+CINC_SAMPLES_SHA256 = "8a257fb08210697a26833c6fdff5205f4e29f89aa25f02d984f2d2052309705b"
+"""sha256 of all 8,528 official records' 300 Hz samples (little-endian int16, in order)."""
+SAMPLES_FILE = "samples.i16d.xz"
+RECORDS_FILE = "records.csv"
+INFO_FILE = "build_info.json"
+INT16 = np.iinfo(np.int16)
+XZ_CHUNKS = 16
+
+
+class DatasetError(Exception):
+    """Bad input data; the message names the record or file at fault."""
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def code_version() -> str:
+    """``git describe``-style version of this checkout, '+dirty' when it has local edits."""
+    here = Path(__file__).resolve().parent
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=here,
+                             capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               cwd=here, capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return rev + ("+dirty" if dirty.strip() else "")
+
+
+def find_label_file(source: Path, labels: Path | None) -> Path:
+    """The label file to use: ``labels`` if given, else REFERENCE-v3.csv beside or inside
+    ``source``, else REFERENCE.csv (first-release labels, with a warning)."""
+    if labels is not None:
+        if not labels.is_file():
+            raise DatasetError(f"label file not found: {labels}")
+        return labels
+    for folder in (source, source.parent):
+        if (folder / LABELS_V3).is_file():
+            return folder / LABELS_V3
+    for folder in (source, source.parent):
+        if (folder / LABELS_V1).is_file():
+            warnings.warn(f"{LABELS_V3} not found; falling back to {folder / LABELS_V1}, the "
+                          "first-release labels (about 10% differ from the final v3 labels)",
+                          stacklevel=2)
+            return folder / LABELS_V1
+    raise DatasetError(f"no {LABELS_V3} or {LABELS_V1} in {source} or {source.parent}; "
+                       "pass --labels")
+
+
+def read_labels(path: Path) -> dict[str, str]:
+    """Record name -> class letter from a two-column CSV without header (CinC format)."""
+    try:
+        table = pd.read_csv(path, header=None, names=["record", "label"], dtype=str)
+    except (OSError, ValueError) as e:
+        raise DatasetError(f"cannot read label file {path}: {e}") from e
+    bad = table[~table["label"].isin(CLASSES)]
+    if len(bad):
+        row = bad.iloc[0]
+        raise DatasetError(f"label file {path}: record {row['record']} has unknown label "
+                           f"{row['label']!r} (expected one of {', '.join(CLASSES)})")
+    dup = table["record"][table["record"].duplicated()]
+    if len(dup):
+        raise DatasetError(f"label file {path}: record {dup.iloc[0]} is listed twice")
+    return dict(zip(table["record"], table["label"], strict=True))
+
+
+def read_header(path: Path) -> tuple[float, int]:
+    """(sampling rate, number of samples) from a single-signal WFDB header."""
+    try:
+        fields = path.read_text().split("\n", 1)[0].split()
+        n_signals, fs, n_samples = int(fields[1]), float(fields[2].split("/")[0]), int(fields[3])
+    except (OSError, UnicodeDecodeError, IndexError, ValueError) as e:
+        raise DatasetError(f"{path.stem}: unreadable header {path} ({e})") from e
+    if n_signals != 1:
+        raise DatasetError(f"{path.stem}: header {path} has {n_signals} signals, expected 1")
+    if fs <= 0 or n_samples <= 0:
+        raise DatasetError(f"{path.stem}: header {path} has fs={fs}, samples={n_samples}")
+    return fs, n_samples
+
+
+def read_record(folder: Path, name: str) -> tuple[np.ndarray, float]:
+    """One record's int16 samples and sampling rate, checked against its header."""
+    mat, hea = folder / f"{name}.mat", folder / f"{name}.hea"
+    for path in (mat, hea):
+        if not path.is_file():
+            raise DatasetError(f"{name}: missing file {path}")
+    fs, n_header = read_header(hea)
+    try:
+        val = scipy.io.loadmat(str(mat))["val"]
+    except Exception as e:  # scipy raises many types on truncated or corrupt files
+        raise DatasetError(f"{name}: unreadable .mat file {mat} ({type(e).__name__}: {e})") from e
+    if val.ndim != 2 or val.shape[0] != 1 or not np.issubdtype(val.dtype, np.integer):
+        raise DatasetError(f"{name}: {mat} holds {val.dtype} {val.shape}, expected int (1, N)")
+    x = val[0].astype(np.int16)
+    if len(x) != n_header:
+        raise DatasetError(f"{name}: header says {n_header} samples, {mat} has {len(x)}")
+    return x, fs
+
+
+def resample(x: np.ndarray, fs_in: float, fs_out: int = FS) -> np.ndarray:
+    """Anti-aliased polyphase resampling of int16 samples, rounded back to int16."""
+    ratio = Fraction(fs_out) / Fraction(fs_in).limit_denominator(1000)
+    if ratio == 1:
+        return x.astype(np.int16)
+    y = resample_poly(x.astype(np.float64), ratio.numerator, ratio.denominator)
+    return np.clip(np.round(y), INT16.min, INT16.max).astype(np.int16)
+
+
+def read_cinc(source: Path, labels_path: Path | None, skip_bad: bool
+              ) -> tuple[list[str], list[str], list[np.ndarray], list[tuple[str, str]], dict]:
+    """Read every record of a CinC-2017-layout folder at 200 Hz.
+
+    Returns names, labels, 200 Hz signals, the skipped (name, reason) pairs and facts about
+    the source (label file, sha256 of the raw samples).
+    """
+    if not source.is_dir():
+        raise DatasetError(f"source folder not found: {source} (use --download, or --source "
+                           "pointing at the unpacked training2017/ folder)")
+    label_file = find_label_file(source, labels_path)
+    labels = read_labels(label_file)
+    on_disk = {p.stem for p in source.glob("*.mat")} | {p.stem for p in source.glob("*.hea")}
+    if not on_disk:
+        raise DatasetError(f"no .mat/.hea records in {source}")
+    names, ys, signals, bad = [], [], [], []
+    digest = hashlib.sha256()
+    for name in tqdm(sorted(on_disk | set(labels)), desc="reading records", unit="rec", disable=None):
+        try:
+            if name not in labels:
+                raise DatasetError(f"{name}: label file {label_file} is missing record {name}")
+            x, fs = read_record(source, name)
+        except DatasetError as e:
+            if not skip_bad:
+                raise DatasetError(f"{e} (use --skip-bad to skip bad records)") from e
+            bad.append((name, str(e)))
+            continue
+        digest.update(x.astype("<i2").tobytes())
+        names.append(name)
+        ys.append(labels[name])
+        signals.append(resample(x, fs))
+    if not names:
+        raise DatasetError(f"no readable records in {source}")
+    sha = digest.hexdigest()
+    facts = {"source": str(source.resolve()), "label_file": str(label_file.resolve()),
+             "raw_samples_sha256": sha, "matches_official_cinc2017": sha == CINC_SAMPLES_SHA256}
+    return names, ys, signals, bad, facts
+
+
+# --------------------------------------------------------------------------- download
+
+
+def download_file(url: str, dest: Path, sha256: str | None = None, chunk: int = 1 << 20) -> Path:
+    """Download ``url`` to ``dest`` with a progress bar, resuming a partial ``dest.part``.
+
+    A finished file whose sha256 is right is not fetched again. A wrong checksum stops with
+    an error and keeps the file (renamed ``*.bad``) so nothing is silently lost.
+    """
+    if dest.is_file() and (sha256 is None or sha256_of(dest) == sha256):
+        print(f"{dest} already downloaded")
+        return dest
+    part = dest.with_name(dest.name + ".part")
+    done = part.stat().st_size if part.is_file() else 0
+    request = urllib.request.Request(url, headers={"Range": f"bytes={done}-"} if done else {})
+    try:
+        response = urllib.request.urlopen(request, timeout=60)
+    except urllib.error.HTTPError as e:
+        if e.code == 416 and done:  # the partial file already holds everything
+            response = None
+        else:
+            raise DatasetError(f"download of {url} failed: HTTP {e.code} {e.reason}") from e
+    except (urllib.error.URLError, OSError) as e:
+        raise DatasetError(f"download of {url} failed: {e}") from e
+    if response is not None:
+        with response:
+            resumed = response.status == 206
+            if done and not resumed:
+                print(f"server ignored the resume request; restarting {dest.name}")
+                done = 0
+            size = response.headers.get("Content-Length")
+            total = done + int(size) if size is not None else None
+            with open(part, "ab" if resumed else "wb") as f, tqdm(
+                    total=total, initial=done, unit="B", unit_scale=True, desc=dest.name) as bar:
+                while block := response.read(chunk):
+                    f.write(block)
+                    bar.update(len(block))
+    if sha256 is not None:
+        got = sha256_of(part)
+        if got != sha256:
+            bad = dest.with_name(dest.name + ".bad")
+            os.replace(part, bad)
+            raise DatasetError(f"sha256 mismatch for {url}: expected {sha256}, got {got}; "
+                               f"the file was kept as {bad} (delete it and retry)")
+    os.replace(part, dest)
+    return dest
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def download_cinc(folder: Path, base_url: str = PHYSIONET_URL, sha256: str = ZIP_SHA256) -> Path:
+    """Fetch and unpack the official training set into ``folder``; returns training2017/."""
+    folder.mkdir(parents=True, exist_ok=True)
+    base_url = base_url if base_url.endswith("/") else base_url + "/"
+    archive = download_file(base_url + ZIP_NAME, folder / ZIP_NAME, sha256)
+    download_file(base_url + LABELS_V3, folder / LABELS_V3)
+    try:
+        with zipfile.ZipFile(archive) as z:
+            z.extractall(folder)
+    except zipfile.BadZipFile as e:
+        raise DatasetError(f"{archive} is not a valid zip file ({e})") from e
+    source = folder / "training2017"
+    if not source.is_dir():
+        raise DatasetError(f"{archive} holds no training2017/ folder")
+    return source
+
+
+# --------------------------------------------------------------------------- synthetic
+
+
+def _wave(n: int, fs: float, center: float, width: float, amp: float) -> np.ndarray:
+    t = (np.arange(n) - center) / fs
+    return amp * np.exp(-0.5 * (t / width) ** 2)
+
+
+def _beat(fs: float, rng: np.random.Generator, p_wave: bool, ectopic: bool) -> np.ndarray:
+    """A 1.2-s beat template in mV with the R peak at 0.4 s (sum of Gaussian waves)."""
+    n, r = int(1.2 * fs), 0.4 * fs
+    j = lambda s: 1 + s * rng.standard_normal()  # noqa: E731 - amplitude jitter
+    if ectopic:  # premature ventricular beat: no P, wide tall QRS, inverted T
+        return (_wave(n, fs, r, 0.035, 1.4 * j(0.1)) + _wave(n, fs, r + 0.06 * fs, 0.04, -0.6)
+                + _wave(n, fs, r + 0.3 * fs, 0.07, -0.35 * j(0.1)))
+    beat = (_wave(n, fs, r - 0.025 * fs, 0.008, -0.1 * j(0.2)) + _wave(n, fs, r, 0.011, 1.0 * j(0.05))
+            + _wave(n, fs, r + 0.03 * fs, 0.01, -0.25 * j(0.2))
+            + _wave(n, fs, r + 0.26 * fs, 0.045, 0.3 * j(0.15)))
+    if p_wave:
+        beat += _wave(n, fs, r - 0.17 * fs, 0.022, 0.14 * j(0.15))
+    return beat
+
+
+def _place(signal: np.ndarray, template: np.ndarray, at: int, r: int) -> None:
+    lo, hi = at - r, at - r + len(template)
+    a, b = max(lo, 0), min(hi, len(signal))
+    if a < b:
+        signal[a:b] += template[a - lo:b - lo]
+
+
+def synthetic_record(label: str, rng: np.random.Generator, fs: int = 300,
+                     seconds: tuple[float, float] = (9.0, 30.0)) -> np.ndarray:
+    """One single-lead ECG in int16 uV at ``fs``, drawn from ``rng``, of class ``label``.
+
+    N: sinus rhythm 55-95 bpm with P waves and small respiratory RR variation.
+    A: irregularly irregular RR (log-normal, CV ~20%), no P waves, 4-9 Hz fibrillatory waves.
+    O: sinus rhythm with premature ventricular beats and compensatory pauses, or
+       bradycardia (35-50 bpm), or tachycardia (110-160 bpm).
+    ~: heavy muscle noise, baseline jumps and motion spikes over faint or missing beats.
+    """
+    n = int(rng.uniform(*seconds) * fs)
+    t = np.arange(n) / fs
+    x = np.zeros(n)
+    r = int(0.4 * fs)
+    p_wave, ectopic_rate, beat_amp = True, 0.0, 1.0
+    if label == "N":
+        rr_mean, rr_cv = 60 / rng.uniform(55, 95), 0.025
+    elif label == "A":
+        rr_mean, rr_cv, p_wave = 60 / rng.uniform(75, 150), 0.2, False
+    elif label == "O":
+        kind = rng.integers(3)
+        if kind == 0:
+            rr_mean, rr_cv, ectopic_rate = 60 / rng.uniform(60, 95), 0.025, rng.uniform(0.15, 0.35)
+        else:
+            rr_mean, rr_cv = 60 / (rng.uniform(35, 50) if kind == 1 else rng.uniform(110, 160)), 0.02
+    elif label == "~":
+        rr_mean, rr_cv, beat_amp = 60 / rng.uniform(50, 120), 0.1, rng.uniform(0.0, 0.4)
+    else:
+        raise ValueError(f"unknown class {label!r}")
+    normal, pvc = _beat(fs, rng, p_wave, False), _beat(fs, rng, False, True)
+    resp = 2 * np.pi * rng.uniform(0.15, 0.35)
+    when = rng.uniform(0, rr_mean)
+    while when < n / fs:
+        if rng.random() < ectopic_rate:
+            _place(x, beat_amp * pvc, int((when - 0.35 * rr_mean) * fs), r)
+            when += 1.65 * rr_mean  # early beat, then a compensatory pause
+            continue
+        _place(x, beat_amp * normal, int(when * fs), r)
+        if label == "A":
+            when += rr_mean * float(np.exp(rr_cv * rng.standard_normal()))
+        else:
+            when += rr_mean * (1 + rr_cv * rng.standard_normal() + 0.03 * np.sin(resp * when))
+    if label == "A":  # fibrillatory waves with a wandering frequency
+        f = rng.uniform(4, 9) + 0.5 * np.cumsum(rng.standard_normal(n)) / np.sqrt(n)
+        x += rng.uniform(0.04, 0.12) * np.sin(2 * np.pi * np.cumsum(f) / fs)
+    x += rng.uniform(0, 0.3) * np.sin(2 * np.pi * rng.uniform(0.05, 0.3) * t + rng.uniform(0, 6.3))
+    x += rng.uniform(0.005, 0.03) * rng.standard_normal(n)
+    if label == "~":
+        x += rng.uniform(0.2, 0.8) * rng.standard_normal(n)  # muscle noise
+        steps = rng.integers(0, n, size=rng.integers(2, 8))
+        for s in steps:  # electrode motion: baseline jumps and spikes
+            x[s:] += rng.uniform(-1.5, 1.5)
+            x[s:s + fs // 20] += rng.uniform(-3, 3)
+    x *= rng.uniform(0.5, 2.0) * (-1 if rng.random() < 0.1 else 1)
+    return np.clip(np.round(1000 * x), INT16.min, INT16.max).astype(np.int16)
+
+
+def synthesize(n: int, seed: int, fs: int = 300, class_weights: tuple[float, ...] = (0.4, 0.2, 0.25, 0.15)
+               ) -> tuple[list[str], list[str], list[np.ndarray]]:
+    """``n`` synthetic records (names S00001..., labels, int16 signals at ``fs``).
+
+    Record ``i`` depends only on (seed, i), so a larger set extends a smaller one.
+    """
+    if n < 1:
+        raise ValueError(f"--synthetic needs at least 1 record, got {n}")
+    names, labels, signals = [], [], []
+    for i in range(n):
+        rng = np.random.default_rng([seed, i])
+        label = CLASSES[rng.choice(len(CLASSES), p=np.asarray(class_weights) / sum(class_weights))]
+        names.append(f"S{i + 1:05d}")
+        labels.append(label)
+        signals.append(synthetic_record(label, rng, fs))
+    return names, labels, signals
+
+
+# --------------------------------------------------------------------------- split and storage
+
+
+def stratified_split(labels: list[str], seed: int, val_fraction: float, test_fraction: float
+                     ) -> np.ndarray:
+    """'train'/'val'/'test' per record: within each class, a seeded permutation cut into
+    the requested fractions (rounded), so every split has each class's share of records.
+
+    The result depends only on the labels in their given order and the seed.
+    """
+    if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
+        raise ValueError(f"bad split fractions: val {val_fraction}, test {test_fraction}")
+    labels_arr = np.asarray(labels)
+    split = np.full(len(labels_arr), "train", dtype=object)
+    rng = np.random.default_rng(seed)
+    for c in sorted(set(labels_arr)):
+        idx = rng.permutation(np.flatnonzero(labels_arr == c))
+        n_val, n_test = round(len(idx) * val_fraction), round(len(idx) * test_fraction)
+        split[idx[:n_val]] = "val"
+        split[idx[n_val:n_val + n_test]] = "test"
+    return split.astype(str)
+
+
+def write_dataset(out: Path, names: list[str], labels: list[str], signals: list[np.ndarray],
+                  split: np.ndarray, info: dict) -> None:
+    """Write records.csv, the compressed samples and build_info.json (last, as the marker
+    of a complete build); every file goes through a temporary name and ``os.replace``."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / INFO_FILE).unlink(missing_ok=True)
+    table = pd.DataFrame({"record": names, "label": labels,
+                          "length": [len(s) for s in signals], "split": split})
+    concat = np.concatenate(signals).astype("<i2")
+    deltas = np.diff(concat, prepend=np.int16(0)).astype("<i2")  # wraps mod 2**16: exact
+    # Independent xz streams, one per chunk: `xz -d` still reads the file as one, and
+    # load_dataset decodes the chunks on all cores (lzma releases the GIL).
+    chunks = np.array_split(deltas, min(XZ_CHUNKS, len(deltas)))
+    with ThreadPoolExecutor() as pool:
+        streams = list(pool.map(lambda c: lzma.compress(c.tobytes(), preset=6), chunks))
+    info = {**info, "xz_stream_bytes": [len(b) for b in streams]}
+    atomic_write(out / SAMPLES_FILE, b"".join(streams))
+    atomic_write(out / RECORDS_FILE, table.to_csv(index=False).encode())
+    atomic_write(out / INFO_FILE, (json.dumps(info, indent=2) + "\n").encode())
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write ``data`` to a temporary file beside ``path``, fsync, then ``os.replace``: a
+    crash at any point leaves either the old file or the new one, never a torn one."""
+    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=path.name, suffix=".tmp",
+                                     delete=False) as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(f.name, 0o666 & ~umask)  # NamedTemporaryFile creates 0600
+    os.replace(f.name, path)
+
+
+@dataclass
+class ECGDataset:
+    """A built data set in memory. ``signals[i, :lengths[i]]`` is record i in uV at ``fs``;
+    the rest of each row is zero padding up to a multiple of 256 samples."""
+
+    names: np.ndarray
+    labels: np.ndarray  # class index into model.CLASSES
+    lengths: np.ndarray
+    split: np.ndarray  # 'train' / 'val' / 'test'
+    signals: np.ndarray  # int16 [records, padded length]
+    fs: int
+    info: dict
+
+    def indices(self, split: str) -> np.ndarray:
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        return np.flatnonzero(self.split == split)
+
+
+def load_dataset(folder: Path | str) -> ECGDataset:
+    """Load a folder written by this script (see the module docstring for the format)."""
+    folder = Path(folder)
+    if not (folder / INFO_FILE).is_file():
+        raise DatasetError(f"{folder} holds no complete data set ({INFO_FILE} missing); "
+                           "build it with build_datasets.py")
+    info = json.loads((folder / INFO_FILE).read_text())
+    table = pd.read_csv(folder / RECORDS_FILE, dtype={"record": str, "label": str, "split": str},
+                        keep_default_na=False)
+    try:
+        blob = (folder / SAMPLES_FILE).read_bytes()
+        ends = np.cumsum(info.get("xz_stream_bytes", [len(blob)]))
+        parts = [blob[a:b] for a, b in zip(np.r_[0, ends[:-1]], ends, strict=True)]
+        with ThreadPoolExecutor() as pool:
+            raw = b"".join(pool.map(lzma.decompress, parts))
+    except (OSError, lzma.LZMAError) as e:
+        raise DatasetError(f"{folder / SAMPLES_FILE} is unreadable ({e}); rebuild the data set") from e
+    lengths = table["length"].to_numpy(np.int64)
+    concat = np.cumsum(np.frombuffer(raw, "<i2"), dtype=np.int16)
+    if len(concat) != lengths.sum():
+        raise DatasetError(f"{folder / SAMPLES_FILE} holds {len(concat)} samples, "
+                           f"{RECORDS_FILE} lists {lengths.sum()}; rebuild the data set")
+    padded = PAD_MULTIPLE * math.ceil(lengths.max() / PAD_MULTIPLE)
+    signals = np.zeros((len(lengths), padded), dtype=np.int16)
+    for row, start, n in zip(signals, np.r_[0, np.cumsum(lengths)[:-1]], lengths, strict=True):
+        row[:n] = concat[start:start + n]
+    labels = np.array([CLASSES.index(c) for c in table["label"]], dtype=np.int64)
+    return ECGDataset(table["record"].to_numpy(), labels, lengths, table["split"].to_numpy(),
+                      signals, int(info["fs"]), info)
+
+
+def summarize(table: pd.DataFrame, fs: int) -> str:
+    """Records per class and split, and durations, as printable text."""
+    counts = pd.crosstab(table["label"], table["split"], margins=True, margins_name="all")
+    counts = counts.reindex(index=[c for c in CLASSES if c in counts.index] + ["all"],
+                            columns=[s for s in SPLITS if s in counts.columns] + ["all"])
+    seconds = table["length"] / fs
+    return (f"{counts.to_string()}\n\ndurations: {seconds.min():.2f}-{seconds.max():.2f} s, "
+            f"mean {seconds.mean():.2f} s, total {seconds.sum() / 3600:.2f} h")
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def build(args: argparse.Namespace) -> Path:
+    """Run the build described by the parsed flags; returns the output folder."""
+    out = Path(args.out) if args.out else Path("data") / ("synthetic" if args.synthetic else "cinc2017")
+    flags = {k: v for k, v in sorted(vars(args).items()) if k not in ("overwrite",)}
+    flags["out"] = str(out)
+    if (out / INFO_FILE).is_file():
+        old = json.loads((out / INFO_FILE).read_text()).get("flags")
+        if old == flags:
+            print(f"{out} is already built with these flags; nothing to do")
+            return out
+        if not args.overwrite:
+            raise DatasetError(f"{out} was built with other flags ({old}); pass --overwrite to "
+                               "replace it or --out for a new folder")
+    if args.synthetic:
+        names, labels, raw = synthesize(args.synthetic, args.seed)
+        signals = [resample(x, 300) for x in raw]
+        bad: list[tuple[str, str]] = []
+        facts = {"source": f"synthetic ({args.synthetic} records, seed {args.seed}, 300 Hz)"}
+    else:
+        source = Path(args.source)
+        if args.download:
+            source = download_cinc(Path(args.download_dir), args.url, args.sha256)
+        names, labels, signals, bad, facts = read_cinc(source, Path(args.labels) if args.labels
+                                                       else None, args.skip_bad)
+    split = stratified_split(labels, args.seed, args.val_fraction, args.test_fraction)
+    table = pd.DataFrame({"record": names, "label": labels,
+                          "length": [len(s) for s in signals], "split": split})
+    info = {"flags": flags, "code_version": code_version(), "fs": FS, "records": len(names),
+            "skipped": [{"record": n, "reason": r} for n, r in bad], **facts,
+            "counts": {s: table[table["split"] == s]["label"].value_counts().to_dict()
+                       for s in SPLITS}}
+    write_dataset(out, names, labels, signals, split, info)
+    print(summarize(table, FS))
+    if bad:
+        print(f"\nskipped {len(bad)} bad record(s):")
+        for name, reason in bad:
+            print(f"  {name}: {reason}")
+    if "matches_official_cinc2017" in facts:
+        print(f"\nraw samples sha256 {facts['raw_samples_sha256']}"
+              + (" (the official 8,528-record set)" if facts["matches_official_cinc2017"] else ""))
+    size = sum((out / f).stat().st_size for f in (SAMPLES_FILE, RECORDS_FILE, INFO_FILE))
+    print(f"wrote {out}/ ({size / 1e6:.1f} MB)")
+    return out
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                epilog="Example: python build_datasets.py --source "
+                                "../shared/data/cinc2017/training2017",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--source", default="data/raw/training2017",
+                   help="folder with the CinC 2017 .mat/.hea records")
+    p.add_argument("--labels", default=None,
+                   help="label CSV (default: REFERENCE-v3.csv in or beside --source, "
+                   "else REFERENCE.csv with a warning)")
+    p.add_argument("--out", default=None,
+                   help="output folder (default data/cinc2017, or data/synthetic)")
+    p.add_argument("--synthetic", type=int, default=0, metavar="N",
+                   help="build N synthetic records instead of reading --source")
+    p.add_argument("--seed", type=int, default=0, help="seed of the split (and synthetic data)")
+    p.add_argument("--val-fraction", type=float, default=0.1, help="validation share per class")
+    p.add_argument("--test-fraction", type=float, default=0.1, help="test share per class")
+    p.add_argument("--skip-bad", action="store_true",
+                   help="skip and list bad records instead of stopping at the first")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an --out folder built with other flags")
+    g = p.add_argument_group("download")
+    g.add_argument("--download", action="store_true",
+                   help="fetch training2017.zip + REFERENCE-v3.csv into --download-dir first")
+    g.add_argument("--download-dir", default="data/raw", help="where the download goes")
+    g.add_argument("--url", default=PHYSIONET_URL, help="base URL of the files")
+    g.add_argument("--sha256", default=ZIP_SHA256, help="expected sha256 of training2017.zip")
+    args = p.parse_args(argv)
+    if args.synthetic < 0:
+        p.error(f"--synthetic must be >= 0, got {args.synthetic}")
+    if not (0 <= args.val_fraction < 1 and 0 <= args.test_fraction < 1
+            and args.val_fraction + args.test_fraction < 1):
+        p.error("--val-fraction and --test-fraction must be in [0, 1) and sum to < 1")
+    if args.synthetic and args.download:
+        p.error("--synthetic and --download exclude each other")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    try:
+        build(args)
+    except DatasetError as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()
