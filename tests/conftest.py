@@ -1,0 +1,58 @@
+"""Shared fixtures: small synthetic data made on the fly, and the real CinC copy if present."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import scipy.io
+
+import build_datasets as bd
+
+SHARED_CINC = Path(__file__).resolve().parents[2] / "shared" / "data" / "cinc2017" / "training2017"
+
+
+def write_wfdb(folder: Path, name: str, samples: np.ndarray, fs: int = 300,
+               header_samples: int | None = None) -> None:
+    """Write one record the way training2017.zip holds it: MATLAB v4 ``val`` + WFDB header."""
+    folder.mkdir(parents=True, exist_ok=True)
+    scipy.io.savemat(folder / f"{name}.mat", {"val": samples.astype(np.int16)[None, :]}, format="4")
+    n = len(samples) if header_samples is None else header_samples
+    (folder / f"{name}.hea").write_text(
+        f"{name} 1 {fs} {n} 05:05:15 1/05/2000\n"
+        f"{name}.mat 16+24 1000/mV 16 0 {int(samples[0])} 0 0 ECG\n")
+
+
+@pytest.fixture
+def cinc_folder(tmp_path: Path) -> Path:
+    """A CinC-2017-layout folder of 12 short synthetic records with a REFERENCE-v3.csv."""
+    names, labels, signals = bd.synthesize(12, seed=3)
+    source = tmp_path / "training2017"
+    for name, x in zip(names, signals, strict=True):
+        write_wfdb(source, name, x[:3000])
+    (source / "REFERENCE-v3.csv").write_text(
+        "".join(f"{n},{c}\n" for n, c in zip(names, labels, strict=True)))
+    return source
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A built data set of 160 synthetic 9-12 s records (all four classes)."""
+    out = tmp_path_factory.mktemp("tiny") / "data"
+    names, labels, signals = [], [], []
+    for i in range(160):
+        rng = np.random.default_rng([7, i])
+        label = bd.CLASSES[i % 4]
+        names.append(f"S{i:05d}")
+        labels.append(label)
+        signals.append(bd.resample(bd.synthetic_record(label, rng, seconds=(9.0, 12.0)), 300))
+    split = bd.stratified_split(labels, seed=0, val_fraction=0.2, test_fraction=0.2)
+    bd.write_dataset(out, names, labels, signals, split, {"fs": bd.FS, "flags": {}})
+    return out
+
+
+def tiny_train_args(data: Path, out: Path, *extra: str) -> list[str]:
+    """train.py flags for a network and run small enough for a test on 2 CPU cores."""
+    return ["--data", str(data), "--out", str(out), "--width", "0.125", "--epochs", "2",
+            "--crop", "1024", "--batch-size", "16", "--quiet", *extra]

@@ -1,0 +1,150 @@
+"""train.py: metrics, aggregation, schedule, learning, resume and refusing mixed runs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from conftest import tiny_train_args
+
+import train as tr
+from build_datasets import load_dataset
+from model import HannunNet
+
+
+def test_metrics_match_a_hand_computed_confusion_matrix() -> None:
+    # true \ pred    N  A  O  ~
+    cm = np.array([[5, 1, 0, 0],   # N
+                   [1, 3, 1, 0],   # A
+                   [0, 0, 2, 2],   # O
+                   [0, 0, 0, 0]])  # ~ (never true, never predicted)
+    y_true = np.repeat(np.arange(4), cm.sum(1))
+    y_pred = np.concatenate([np.repeat(np.arange(4), row) for row in cm])
+    m = tr.classification_metrics(y_true, y_pred)
+    assert m["confusion"] == cm.tolist()
+    f1_n, f1_a, f1_o = 2 * 5 / (6 + 6), 2 * 3 / (5 + 4), 2 * 2 / (4 + 3)
+    assert m["f1_N"] == pytest.approx(f1_n) and m["f1_A"] == pytest.approx(f1_a)
+    assert m["f1_O"] == pytest.approx(f1_o) and m["f1_~"] == 0.0
+    assert m["challenge_f1"] == pytest.approx((f1_n + f1_a + f1_o) / 3)
+    assert m["macro_f1"] == pytest.approx((f1_n + f1_a + f1_o) / 4)
+    assert m["accuracy"] == pytest.approx(10 / 15)
+
+
+def test_mean_and_vote_aggregation_differ_as_designed() -> None:
+    # 3 valid steps: two weak votes for A, one confident N; the 4th step is padding.
+    logits = torch.tensor([[[0.0, 0.1, 0, 0], [0.0, 0.1, 0, 0], [5.0, 0, 0, 0], [0, 0, 0, 9.0]]])
+    steps = torch.tensor([3])
+    assert tr.aggregate_steps(logits, steps, "vote").item() == 1
+    assert tr.aggregate_steps(logits, steps, "mean").item() == 0
+    with pytest.raises(ValueError):
+        tr.aggregate_steps(logits, steps, "max")
+
+
+def test_step_schedule_is_a_function_of_the_step() -> None:
+    cfg = tr.TrainConfig(epochs=4, lr=1e-3, milestones=(0.5, 0.75), gamma=0.1)
+    lrs = [tr.lr_at(cfg, s, steps_per_epoch=10) for s in range(40)]
+    assert lrs[0] == lrs[19] == 1e-3
+    assert lrs[20] == lrs[29] == pytest.approx(1e-4)
+    assert lrs[30] == lrs[39] == pytest.approx(1e-5)
+
+
+def test_batches_bucket_by_length_and_mask_padding(tiny_data: Path) -> None:
+    ds = load_dataset(tiny_data)
+    idx = ds.indices("train")
+    batches = tr.length_buckets(ds.lengths, idx, 16, np.random.default_rng(0))
+    assert sorted(np.concatenate(batches).tolist()) == sorted(idx.tolist())
+    spread = [np.ptp(ds.lengths[b]) for b in batches]
+    assert max(spread) < np.ptp(ds.lengths[idx])
+    batcher = tr.Batcher(ds, tr.Normalizer.fit(ds, idx), 256, torch.device("cpu"))
+    x, y, steps = batcher(batches[0])
+    lengths = ds.lengths[batches[0]]
+    assert x.shape[2] % 256 == 0 and x.shape[2] - lengths.max() < 256
+    for row, n in zip(x[:, 0], lengths, strict=True):
+        assert not row[n:].any() and row[:n].abs().sum() > 0
+    assert steps.tolist() == [max(1, n // 256) for n in lengths]
+    x, _, steps = batcher(batches[0], crop=512, rng=np.random.default_rng(1))
+    assert x.shape[2] == 512 and steps.tolist() == [2] * len(lengths)
+
+
+def test_short_training_lowers_the_loss(tiny_data: Path, tmp_path: Path) -> None:
+    tr.main(tiny_train_args(tiny_data, tmp_path / "run", "--epochs", "5", "--milestones", "0.8"))
+    history = pd.read_csv(tmp_path / "run" / tr.HISTORY)
+    assert history["train_loss"].iloc[-1] < 0.8 * history["train_loss"].iloc[0]
+    metrics = json.loads((tmp_path / "run" / tr.METRICS).read_text())
+    assert set(metrics) >= {"val", "test", "parameters", "seconds_per_epoch"}
+    assert metrics["test"]["records"] == 32 and len(metrics["val"]["confusion"]) == 4
+    config = json.loads((tmp_path / "run" / tr.CONFIG).read_text())
+    assert config["flags"]["epochs"] == 5 and config["code_version"]
+
+
+def test_interrupted_run_resumes_to_the_same_weights(tiny_data: Path, tmp_path: Path) -> None:
+    """A run killed mid-epoch and re-run ends with exactly the weights of one that was not."""
+    args = tr.parse_args(tiny_train_args(tiny_data, tmp_path / "x"))
+    cfg = tr.config_from_args(args)
+    ds = load_dataset(tiny_data)
+    cpu = torch.device("cpu")
+
+    def fresh() -> HannunNet:
+        torch.manual_seed(cfg.seed)
+        return HannunNet(cfg.model)
+
+    whole = fresh()
+    (tmp_path / "whole").mkdir()
+    tr.train(whole, ds, cfg, tmp_path / "whole", cpu, bf16=False, quiet=True)
+
+    class Killed(Exception):
+        pass
+
+    def kill_at_step_11(model: torch.nn.Module, step: int) -> None:
+        if step == 11:  # in the middle of epoch 2 (8 batches per epoch)
+            raise Killed
+
+    (tmp_path / "cut").mkdir()
+    with pytest.raises(Killed):
+        tr.train(fresh(), ds, cfg, tmp_path / "cut", cpu, bf16=False, checkpoint_minutes=0,
+                 after_step=kill_at_step_11, quiet=True)
+    assert torch.load(tmp_path / "cut" / tr.CHECKPOINT, weights_only=True)["state"]["step"] == 10
+    resumed = fresh()
+    history = tr.train(resumed, ds, cfg, tmp_path / "cut", cpu, bf16=False, quiet=True)
+    assert len(history) == cfg.epochs
+    for (name, a), b in zip(whole.state_dict().items(), resumed.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+
+
+def test_finished_run_is_not_retrained_and_other_flags_are_refused(
+        tiny_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "run"
+    tr.main(tiny_train_args(tiny_data, out, "--epochs", "1"))
+    stamp = (out / tr.FINAL).stat().st_mtime_ns
+    capsys.readouterr()
+    tr.main(tiny_train_args(tiny_data, out, "--epochs", "1", "--device", "cpu"))
+    assert "is finished" in capsys.readouterr().out
+    assert (out / tr.FINAL).stat().st_mtime_ns == stamp
+    with pytest.raises(SystemExit, match=r"other flags: --lr 0.001 \(now 0.01\)"):
+        tr.main(tiny_train_args(tiny_data, out, "--epochs", "1", "--lr", "0.01"))
+
+
+def test_plateau_schedule_keeps_the_best_validation_weights(tiny_data: Path, tmp_path: Path) -> None:
+    tr.main(tiny_train_args(tiny_data, tmp_path / "p", "--schedule", "plateau", "--epochs", "3",
+                            "--patience", "1", "--early-stop", "2"))
+    history = pd.read_csv(tmp_path / "p" / tr.HISTORY)
+    metrics = json.loads((tmp_path / "p" / tr.METRICS).read_text())
+    assert metrics["val"]["loss"] == pytest.approx(history["val_loss"].min(), rel=1e-4)
+
+
+@pytest.mark.parametrize("argv", [["--epochs", "0"], ["--lr", "-1"], ["--milestones", "0.5,x"],
+                                  ["--milestones", "1.5"], ["--width", "0"], ["--crop", "100"],
+                                  ["--schedule", "cosine"]])
+def test_bad_flags_are_refused(argv: list[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        tr.parse_args(argv)
+    assert exc.value.code == 2
+
+
+def test_missing_data_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(SystemExit, match="no complete data set"):
+        tr.main(["--data", str(tmp_path / "none"), "--out", str(tmp_path / "run")])
