@@ -33,6 +33,7 @@ import json
 import math
 import sys
 import time
+import zlib
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -43,6 +44,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+import prune as pm
 from build_datasets import DatasetError, ECGDataset, atomic_write, code_version, load_dataset, sha256_of
 from model import CLASSES, HannunConfig, HannunNet, count_parameters
 
@@ -278,18 +280,24 @@ its masks and saves rewind points."""
 
 def train(model: torch.nn.Module, ds: ECGDataset, cfg: TrainConfig, run_dir: Path,
           device: torch.device, bf16: bool, checkpoint_minutes: float = 5.0,
-          after_step: StepHook | None = None, quiet: bool = False) -> list[dict]:
+          after_step: StepHook | None = None, quiet: bool = False, total_steps: int | None = None,
+          lr_fn: Callable[[int], float] | None = None, salt: int = 0,
+          batcher: Batcher | None = None) -> list[dict]:
     """Train ``model`` in place under ``cfg``, resuming from ``run_dir/checkpoint.pt``.
 
-    Every step is seeded from (seed, step) and every epoch's batch order from (seed,
-    epoch), so an interrupted and resumed run takes the same steps as an uninterrupted one.
-    Returns the per-epoch history. The result is the last epoch's weights ('step') or the
-    lowest-validation-loss weights ('plateau').
+    By default: ``cfg.epochs`` epochs under ``cfg.schedule``. A pruning round passes its
+    own budget (``total_steps``) and LR per step (``lr_fn``), and a ``salt`` that gives it
+    its own batch order and dropout. Every step is seeded from (seed, salt, step) and every
+    epoch's batch order from (seed, salt, epoch), so an interrupted and resumed run takes
+    the same steps as an uninterrupted one. Returns the per-epoch history. The result is
+    the last step's weights, or for 'plateau' the lowest-validation-loss weights.
     """
     train_idx = ds.indices("train")
-    norm = Normalizer.fit(ds, train_idx)
-    batcher = Batcher(ds, norm, model.cfg.stride, device)
+    batcher = batcher or Batcher(ds, Normalizer.fit(ds, train_idx), model.cfg.stride, device)
     steps_per_epoch = math.ceil(len(train_idx) / cfg.batch_size)
+    total_steps = total_steps if total_steps is not None else cfg.epochs * steps_per_epoch
+    if lr_fn is None and cfg.schedule == "step":
+        lr_fn = lambda step: lr_at(cfg, step, steps_per_epoch)  # noqa: E731
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     state = {"epoch": 0, "batch": 0, "step": 0, "lr": cfg.lr, "history": [],
              "best_loss": math.inf, "best_state": None, "bad_epochs": 0, "stopped": False,
@@ -308,21 +316,23 @@ def train(model: torch.nn.Module, ds: ECGDataset, cfg: TrainConfig, run_dir: Pat
                     ckpt_path)
 
     last_save = time.monotonic()
-    while state["epoch"] < cfg.epochs and not state["stopped"]:
+    epochs = math.ceil(total_steps / steps_per_epoch)
+    while state["step"] < total_steps and not state["stopped"]:
         epoch = state["epoch"]
         batches = length_buckets(ds.lengths, train_idx, cfg.batch_size,
-                                 np.random.default_rng([cfg.seed, epoch]))
+                                 np.random.default_rng([cfg.seed, salt, epoch]))
+        batches = batches[:total_steps - state["step"] + state["batch"]]  # a partial last epoch
         model.train()
-        bar = tqdm(total=len(batches), initial=state["batch"], desc=f"epoch {epoch + 1}/{cfg.epochs}",
+        bar = tqdm(total=len(batches), initial=state["batch"], desc=f"epoch {epoch + 1}/{epochs}",
                    unit="batch", disable=True if quiet else None, leave=False)
         running = torch.zeros((), device=device)
         t0 = time.perf_counter()
         for b in range(state["batch"], len(batches)):
-            torch.manual_seed(cfg.seed * 1_000_003 + state["step"])
-            lr = lr_at(cfg, state["step"], steps_per_epoch) if cfg.schedule == "step" else state["lr"]
+            torch.manual_seed(int(np.random.SeedSequence([cfg.seed, salt, state["step"]]).generate_state(1)[0]))
+            lr = lr_fn(state["step"]) if lr_fn is not None else state["lr"]
             for group in opt.param_groups:
                 group["lr"] = lr
-            x, y, steps = batcher(batches[b], cfg.crop, np.random.default_rng([cfg.seed, epoch, b]))
+            x, y, steps = batcher(batches[b], cfg.crop, np.random.default_rng([cfg.seed, salt, epoch, b]))
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                 logits = model(x)
             loss = masked_step_loss(logits, y, steps)
@@ -349,14 +359,14 @@ def train(model: torch.nn.Module, ds: ECGDataset, cfg: TrainConfig, run_dir: Pat
                 last_save = time.monotonic()
         bar.close()
         train_seconds = state["epoch_time"] + time.perf_counter() - t0
-        train_loss = (state["epoch_loss"] + float(running)) / len(batches)
+        train_loss = (state["epoch_loss"] + float(running)) / max(len(batches), 1)
         t1 = time.perf_counter()
         val = evaluate(model, batcher, ds, "val", cfg, bf16)
         row = {"epoch": epoch + 1, "step": state["step"], "lr": opt.param_groups[0]["lr"],
                "train_loss": train_loss, "val_loss": val["loss"],
                "val_challenge_f1": val["challenge_f1"], "val_accuracy": val["accuracy"],
                "train_seconds": train_seconds, "eval_seconds": time.perf_counter() - t1,
-               "records_per_second": len(train_idx) / train_seconds}
+               "records_per_second": sum(map(len, batches)) / train_seconds}
         state["history"].append(row)
         if not quiet:
             tqdm.write(f"epoch {row['epoch']:3d}  lr {row['lr']:.0e}  train loss {train_loss:.4f}  "
@@ -381,6 +391,276 @@ def train(model: torch.nn.Module, ds: ECGDataset, cfg: TrainConfig, run_dir: Pat
     return state["history"]
 
 
+# --------------------------------------------------------------------------- pruning rounds
+
+METHODS = ("finetune", "weight_rewind", "lr_rewind", "late_reset")
+CONTROLS = ("random_reinit", "random_prune")
+PRUNING_FLAGS = {"retrain", "control", "rewind_to", "prune_fraction", "prune_scope", "layer_fraction",
+                 "dense_layers", "rounds", "target_ratio", "goal", "tolerance", "alpha", "min_fraction",
+                 "control_every"}
+"""Flags that do not change the dense run (which every method of a seed shares)."""
+CONTROL_FLAGS = {"control", "control_every"}
+"""Flags that do not change a method's own rounds (only its controls)."""
+ROUNDS = "rounds.csv"
+MASK = "mask.pt"
+
+
+@dataclass
+class Context:
+    """What every training of one seed shares: data, hyperparameters, device."""
+
+    ds: ECGDataset
+    cfg: TrainConfig
+    device: torch.device
+    bf16: bool
+    batcher: Batcher
+    steps_per_epoch: int
+    checkpoint_minutes: float
+    quiet: bool
+
+    @classmethod
+    def make(cls, ds: ECGDataset, args: argparse.Namespace) -> Context:
+        cfg = config_from_args(args)
+        device = resolve_device(args.device)
+        norm = Normalizer.fit(ds, ds.indices("train"))
+        return cls(ds, cfg, device, use_bf16(args.amp, device), Batcher(ds, norm, cfg.model.stride, device),
+                   math.ceil(len(ds.indices("train")) / cfg.batch_size), args.checkpoint_minutes, args.quiet)
+
+    @property
+    def total_steps(self) -> int:
+        return self.cfg.epochs * self.steps_per_epoch
+
+    def new_model(self, seed: int) -> HannunNet:
+        torch.manual_seed(seed)
+        return HannunNet(self.cfg.model).to(self.device)
+
+    def load(self, path: Path) -> dict:
+        return torch.load(path, map_location=self.device, weights_only=True)
+
+
+def parse_rewind(text: str, steps_per_epoch: int) -> int:
+    """'500it' -> 500 steps, '2ep' -> 2 epochs of steps, '0' -> 0."""
+    text = text.strip().lower()
+    try:
+        if text.endswith("it"):
+            return int(text[:-2])
+        if text.endswith("ep"):
+            return round(float(text[:-2]) * steps_per_epoch)
+        if int(text) == 0:
+            return 0
+    except ValueError:
+        pass
+    raise ValueError(f"--rewind-to must look like '500it' or '2ep' (or 0), got {text!r}")
+
+
+def fit_and_report(ctx: Context, model: HannunNet, run_dir: Path, extra: dict, **train_kw: object) -> dict:
+    """Train (resuming), evaluate on val and test, and write model.pt, history.csv and
+    metrics.json (last, the marker of a finished run). Returns the metrics."""
+    t0 = time.perf_counter()
+    history = train(model, ctx.ds, ctx.cfg, run_dir, ctx.device, ctx.bf16, ctx.checkpoint_minutes,
+                    quiet=ctx.quiet, batcher=ctx.batcher, **train_kw)
+    t1 = time.perf_counter()
+    results = {split: evaluate(model, ctx.batcher, ctx.ds, split, ctx.cfg, ctx.bf16) for split in ("val", "test")}
+    eval_seconds = time.perf_counter() - t1
+    train_seconds = sum(h["train_seconds"] for h in history)
+    results.update({
+        "parameters": count_parameters(model), "device": str(ctx.device), "bf16": ctx.bf16,
+        "epochs_run": len(history), "steps": history[-1]["step"] if history else 0,
+        "train_seconds": train_seconds, "seconds_per_epoch": train_seconds / max(len(history), 1),
+        "wall_seconds_this_sitting": time.perf_counter() - t0,
+        "train_records_per_second": float(np.mean([h["records_per_second"] for h in history])),
+        "eval_records_per_second": (results["val"]["records"] + results["test"]["records"]) / eval_seconds,
+        "normalizer": asdict(ctx.batcher.norm), "code_version": code_version(), **extra})
+    atomic_save(model.state_dict(), run_dir / FINAL)
+    write_history(history, run_dir / HISTORY)
+    atomic_write_text(json.dumps(results, indent=2) + "\n", run_dir / METRICS)
+    (run_dir / CHECKPOINT).unlink(missing_ok=True)  # the final weights are in model.pt
+    return results
+
+
+def run_dense(ctx: Context, run_dir: Path, flags: dict, data: Path, rewind_step: int = 0) -> dict:
+    """The dense training of a seed (skipped when finished). Saves ``init.pt`` and the
+    weights at ``rewind_step`` (``rewind_<step>.pt``) for the rewinding methods."""
+    prepare_run(run_dir, flags, data)
+    snapshot = run_dir / f"rewind_{rewind_step}.pt"
+    if (run_dir / METRICS).is_file():
+        if rewind_step and not snapshot.is_file():
+            have = sorted(p.name for p in run_dir.glob("rewind_*.pt"))
+            raise SystemExit(f"error: {run_dir} finished without weights at step {rewind_step} "
+                             f"(it has {have or 'none'}); use that --rewind-to or another --out")
+        return json.loads((run_dir / METRICS).read_text())
+    model = ctx.new_model(ctx.cfg.seed)
+    if not (run_dir / INIT).is_file():
+        atomic_save(model.state_dict(), run_dir / INIT)
+    model.load_state_dict(ctx.load(run_dir / INIT))
+
+    def save_rewind_point(m: torch.nn.Module, step: int) -> None:
+        if step == rewind_step:
+            atomic_save(m.state_dict(), snapshot)
+
+    if not ctx.quiet:
+        print(f"dense: {count_parameters(model):,} parameters, {ctx.device}, {'bf16' if ctx.bf16 else 'fp32'}, "
+              f"{len(ctx.ds.indices('train'))} train / {len(ctx.ds.indices('val'))} val records -> {run_dir}")
+    return fit_and_report(ctx, model, run_dir, {}, after_step=save_rewind_point if rewind_step else None)
+
+
+def retrain(ctx: Context, run_dir: Path, start: dict, masks: pm.Masks, lr_fn: Callable[[int], float],
+            steps: int, extra: dict) -> dict:
+    """One pruned training: ``start`` weights, masked, trained for ``steps`` steps."""
+    model = ctx.new_model(ctx.cfg.seed)
+    model.load_state_dict(start)
+    masked = pm.MaskedModel(model, masks)
+    if not ctx.quiet:
+        print(f"{run_dir}: {pm.compression_ratio(masks):.1f}x, {steps} steps")
+    salt = zlib.crc32(str(run_dir.relative_to(run_dir.parents[1])).encode())
+    results = fit_and_report(ctx, model, run_dir, extra, after_step=masked.after_step, total_steps=steps,
+                             lr_fn=lr_fn, salt=salt)
+    masked.remove()
+    return results
+
+
+def round_dir(method_dir: Path, r: int, attempt: int) -> Path:
+    return method_dir / (f"round_{r:02d}" + (f"_try{attempt}" if attempt else ""))
+
+
+def row_for(folder: Path, seed: int, method: str, control: str, r: int, attempt: int, fraction: float,
+            masks: pm.Masks, metrics: dict, accepted: bool, parameters: int) -> dict:
+    """One line of the results table; ``folder`` is the run's path from the experiment folder."""
+    alive, total = pm.count(masks)
+    row = {"folder": folder.as_posix(), "seed": seed, "method": method, "control": control, "round": r,
+           "attempt": attempt,
+           "fraction": fraction, "accepted": accepted, "remaining": alive, "prunable": total,
+           "compression": total / alive, "sparsity": 1 - alive / total,
+           "nonzero_parameters": parameters - total + alive}
+    for split in ("val", "test"):
+        for key in ("challenge_f1", "macro_f1", "accuracy", *(f"f1_{c}" for c in CLASSES)):
+            row[f"{split}_{key}"] = metrics[split][key]
+    row.update(epochs=metrics["epochs_run"], steps=metrics["steps"], train_seconds=metrics["train_seconds"])
+    return row
+
+
+def run_lottery(ctx: Context, args: argparse.Namespace, flags: dict, data: Path) -> pd.DataFrame:
+    """Dense training, then pruning rounds of ``args.retrain`` (and its ``args.control``).
+
+    Every method retrains for the steps [k, T) of the dense schedule (k = --rewind-to,
+    T = --epochs), so all are compared at the same budget; they differ in where they start:
+
+      finetune       trained weights of the last round, at the schedule's final LR
+      lr_rewind      trained weights of the last round, LR schedule replayed from step k
+      late_reset     the dense run's weights at step k, LR schedule replayed from step k
+      weight_rewind  the initial weights, LR schedule replayed from step k (with k = 0,
+                     Frankle & Carbin's lottery ticket exactly)
+
+    Finished rounds are read back, not redone; an unfinished round resumes.
+    """
+    seed_dir, method = args.out, args.retrain
+    k = parse_rewind(args.rewind_to, ctx.steps_per_epoch)
+    if not 0 <= k < ctx.total_steps:
+        raise SystemExit(f"error: --rewind-to {args.rewind_to} is step {k}, outside the {ctx.total_steps} "
+                         "steps of dense training")
+    dense_flags = {f: v for f, v in flags.items() if f not in PRUNING_FLAGS}
+    dense = run_dense(ctx, seed_dir / "dense", dense_flags, data, k)
+    method_dir = seed_dir / method
+    prepare_run(method_dir, {f: v for f, v in flags.items() if f not in CONTROL_FLAGS}, data)
+    final_lr = ctx.cfg.lr * ctx.cfg.gamma ** len(ctx.cfg.milestones)
+    lr_fn = (lambda i: final_lr) if method == "finetune" else (lambda i: lr_at(ctx.cfg, k + i, ctx.steps_per_epoch))
+    init = ctx.load(seed_dir / "dense" / INIT)
+    early = ctx.load(seed_dir / "dense" / f"rewind_{k}.pt") if k else init
+
+    def start_weights(previous_trained: dict) -> dict:
+        return {"weight_rewind": init, "late_reset": early}.get(method, previous_trained)
+
+    model = ctx.new_model(ctx.cfg.seed)
+    parameters = count_parameters(model)
+    dense_layers = tuple(args.dense_layers)
+    masks = pm.full_masks(model, dense_layers)
+    trained = ctx.load(seed_dir / "dense" / FINAL)
+    exp = seed_dir.parent
+    rows = [row_for((seed_dir / "dense").relative_to(exp), args.seed, method, "none", 0, 0, 0.0, masks, dense,
+                    True, parameters)]
+    history = [(0, masks, trained)]  # accepted rounds: (round, masks, trained weights)
+    fraction, r, attempt = args.prune_fraction, 1, 0
+    while r <= args.rounds and pm.compression_ratio(masks) < args.target_ratio * (1 - 1e-9):
+        f = pm.fraction_to_reach(masks, fraction, args.target_ratio)
+        d = round_dir(method_dir, r, attempt)
+        d.mkdir(parents=True, exist_ok=True)
+        if (d / MASK).is_file():
+            new_masks = ctx.load(d / MASK)
+        else:
+            model.load_state_dict(trained)
+            new_masks = pm.magnitude_prune(model, masks, f, args.prune_scope, dict(args.layer_fraction))
+            atomic_save(new_masks, d / MASK)
+        if (d / METRICS).is_file():
+            metrics = json.loads((d / METRICS).read_text())
+        else:
+            metrics = retrain(ctx, d, start_weights(trained), new_masks, lr_fn, ctx.total_steps - k,
+                              {"round": r, "attempt": attempt, "fraction": f,
+                               "compression": pm.compression_ratio(new_masks)})
+            atomic_write_text(pm.sparsity_report(new_masks).to_csv(index=False), d / "sparsity.csv")
+        accepted, fraction = (pm.next_fraction(f, metrics["val"]["challenge_f1"], dense["val"]["challenge_f1"],
+                                               args.tolerance, args.alpha, args.min_fraction)
+                              if args.goal else (True, fraction))
+        rows.append(row_for(d.relative_to(exp), args.seed, method, "none", r, attempt, f, new_masks, metrics,
+                            accepted, parameters))
+        write_rounds(rows, method_dir / ROUNDS)
+        if accepted:
+            masks, trained = new_masks, ctx.load(d / FINAL)
+            history.append((r, masks, trained))
+            r, attempt = r + 1, 0
+        elif fraction < args.min_fraction:
+            break
+        else:
+            attempt += 1
+    table = pd.DataFrame(rows)
+    if args.control:
+        table = pd.concat([table, run_control(ctx, args, flags, data, history, start_weights, lr_fn,
+                                              ctx.total_steps - k, parameters)], ignore_index=True)
+    return table
+
+
+def run_control(ctx: Context, args: argparse.Namespace, flags: dict, data: Path, history: list,
+                start_weights: Callable[[dict], dict], lr_fn: Callable[[int], float], steps: int,
+                parameters: int) -> pd.DataFrame:
+    """The control for every --control-every-th accepted round of the method (and its last):
+
+      random_reinit  the ticket's mask, fresh random weights (a new seed)
+      random_prune   a random mask with the ticket's per-layer sparsity, the method's start weights
+
+    both with the method's LR and budget. A ticket that does not beat them is no ticket.
+    """
+    control_dir = args.out / f"{args.retrain}+{args.control}"
+    prepare_run(control_dir, flags, data)
+    last = history[-1][0]
+    rows = []
+    for (r, masks, _), (_, _, previous) in zip(history[1:], history[:-1], strict=True):
+        if r % args.control_every and r != last:
+            continue
+        d = control_dir / f"round_{r:02d}"
+        d.mkdir(parents=True, exist_ok=True)
+        salt = zlib.crc32(f"{args.seed}/{args.retrain}+{args.control}/{r}".encode())
+        if (d / MASK).is_file():
+            control_masks = ctx.load(d / MASK)
+        else:
+            control_masks = masks if args.control == "random_reinit" else pm.random_masks_like(masks, salt)
+            atomic_save(control_masks, d / MASK)
+        if (d / METRICS).is_file():
+            metrics = json.loads((d / METRICS).read_text())
+        else:
+            start = (ctx.new_model(salt).state_dict() if args.control == "random_reinit"
+                     else start_weights(previous))
+            metrics = retrain(ctx, d, start, control_masks, lr_fn, steps,
+                              {"round": r, "control": args.control,
+                               "compression": pm.compression_ratio(control_masks)})
+        rows.append(row_for(d.relative_to(args.out.parent), args.seed, args.retrain, args.control, r, 0,
+                            float("nan"), control_masks, metrics, True, parameters))
+        write_rounds(rows, control_dir / ROUNDS)
+    return pd.DataFrame(rows)
+
+
+def write_rounds(rows: list[dict], path: Path) -> None:
+    atomic_write_text(pd.DataFrame(rows).to_csv(index=False, float_format="%.6g"), path)
+
+
 # --------------------------------------------------------------------------- command line
 
 
@@ -388,7 +668,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default="data/synthetic", help="data set folder from build_datasets.py")
-    p.add_argument("--out", default=None, help="run folder (default results/dense/seed<SEED>)")
+    p.add_argument("--out", default=None,
+                   help="folder of this seed (default results/run/seed<SEED>): the dense run goes to "
+                   "<out>/dense, each method's rounds to <out>/<method>/round_NN")
     p.add_argument("--seed", type=int, default=0, help="seed of init, batch order, dropout, crops")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp32"],
@@ -398,7 +680,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     m.add_argument("--blocks", type=int, default=16, help="residual blocks (16 = published)")
     m.add_argument("--dropout", type=float, default=0.2)
     o = p.add_argument_group("optimisation")
-    o.add_argument("--epochs", type=int, default=30)
+    o.add_argument("--epochs", type=int, default=30, help="dense training length T")
     o.add_argument("--batch-size", type=int, default=32)
     o.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
     o.add_argument("--schedule", default="step", choices=["step", "plateau"])
@@ -415,6 +697,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     e.add_argument("--aggregate", default="mean", choices=["mean", "vote"],
                    help="record class from the mean of per-step logits, or a per-step vote")
     e.add_argument("--eval-batch-size", type=int, default=64)
+    q = p.add_argument_group("pruning rounds (prune.py); without --retrain only the dense run")
+    q.add_argument("--retrain", choices=METHODS, default=None, help="how survivors are retrained each round")
+    q.add_argument("--control", choices=CONTROLS, default=None,
+                   help="also run this control on the method's masks")
+    q.add_argument("--control-every", type=int, default=1, help="control at every n-th round (and the last)")
+    q.add_argument("--rewind-to", default="0",
+                   help="k: '500it' or '2ep'. All methods retrain steps [k, T); late_reset starts from the "
+                   "dense weights at k")
+    q.add_argument("--prune-fraction", type=float, default=0.2, help="share of surviving weights pruned per round")
+    q.add_argument("--prune-scope", default="global", choices=["global", "layerwise"])
+    q.add_argument("--layer-fraction", action="append", default=[], metavar="LAYER=F",
+                   help="own fraction for a layer, e.g. head=0.1 (repeatable)")
+    q.add_argument("--dense-layers", default="", help="comma-separated layers never pruned, e.g. stem")
+    q.add_argument("--rounds", type=int, default=30, help="at most this many rounds")
+    q.add_argument("--target-ratio", type=float, default=142.0, help="stop at this compression ratio")
+    q.add_argument("--goal", action="store_true",
+                   help="over-pruning guard: redo a round at fraction/alpha when val F1 < dense*(1-tolerance)")
+    q.add_argument("--tolerance", type=float, default=0.01, help="--goal: allowed relative loss of val F1")
+    q.add_argument("--alpha", type=float, default=2.0, help="--goal: fraction divisor after a failed round")
+    q.add_argument("--min-fraction", type=float, default=0.01, help="--goal: stop below this fraction")
     r = p.add_argument_group("run")
     r.add_argument("--checkpoint-minutes", type=float, default=5.0,
                    help="also checkpoint within an epoch at this interval")
@@ -424,20 +726,35 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.milestones = tuple(float(v) for v in args.milestones.split(",") if v.strip())
     except ValueError:
         p.error(f"--milestones must be comma-separated fractions, got {args.milestones!r}")
+    try:
+        args.layer_fraction = sorted((n, float(f)) for n, f in (item.split("=") for item in args.layer_fraction))
+    except ValueError:
+        p.error("--layer-fraction takes LAYER=FRACTION, e.g. head=0.1")
+    args.dense_layers = [n.strip() for n in args.dense_layers.split(",") if n.strip()]
     for name, ok in [("epochs", args.epochs >= 1), ("batch_size", args.batch_size >= 1),
                      ("lr", args.lr > 0), ("crop", args.crop >= 0), ("clip", args.clip >= 0),
                      ("milestones", all(0 < v < 1 for v in args.milestones)),
                      ("gamma", 0 < args.gamma <= 1), ("patience", args.patience >= 1),
-                     ("early_stop", args.early_stop >= 1), ("eval_batch_size", args.eval_batch_size >= 1)]:
+                     ("early_stop", args.early_stop >= 1), ("eval_batch_size", args.eval_batch_size >= 1),
+                     ("prune_fraction", 0 < args.prune_fraction < 1),
+                     ("layer_fraction", all(0 <= f < 1 for _, f in args.layer_fraction)),
+                     ("rounds", args.rounds >= 1), ("target_ratio", args.target_ratio > 1),
+                     ("tolerance", 0 <= args.tolerance < 1), ("alpha", args.alpha > 1),
+                     ("min_fraction", 0 < args.min_fraction < 1), ("control_every", args.control_every >= 1)]:
         if not ok:
             p.error(f"bad value for --{name.replace('_', '-')}: {getattr(args, name)}")
     try:
         args.model = HannunConfig(width=args.width, blocks=args.blocks, dropout=args.dropout)
+        parse_rewind(args.rewind_to, 1)
     except ValueError as err:
         p.error(str(err))
     if args.crop and args.crop % args.model.stride:
         p.error(f"--crop must be a multiple of the output stride {args.model.stride}")
-    args.out = Path(args.out or f"results/dense/seed{args.seed}")
+    if args.control and not args.retrain:
+        p.error("--control needs --retrain (the method whose masks it controls)")
+    if args.retrain and args.schedule != "step":
+        p.error("pruning rounds replay the LR schedule: use --schedule step with --retrain")
+    args.out = Path(args.out or f"results/run/seed{args.seed}")
     return args
 
 
@@ -456,12 +773,11 @@ def prepare_run(run_dir: Path, flags: dict, data: Path) -> dict:
     path = run_dir / CONFIG
     if path.is_file():
         old = json.loads(path.read_text())
-        diff = {k: (old["flags"].get(k), v) for k, v in flags.items()
-                if k not in RESUME_NEUTRAL and old["flags"].get(k) != v}
+        keys = (set(flags) | set(old["flags"])) - RESUME_NEUTRAL
+        diff = {k: (old["flags"].get(k), flags.get(k)) for k in sorted(keys) if old["flags"].get(k) != flags.get(k)}
         if diff:
             raise SystemExit(f"error: {run_dir} was started with other flags: "
-                             + ", ".join(f"--{k.replace('_', '-')} {a!r} (now {b!r})"
-                                         for k, (a, b) in diff.items())
+                             + ", ".join(f"--{k.replace('_', '-')} {a!r} (now {b!r})" for k, (a, b) in diff.items())
                              + "; use another --out or delete the folder")
         if old["data_fingerprint"] != record["data_fingerprint"]:
             raise SystemExit(f"error: {run_dir} was trained on other data than {data} "
@@ -473,51 +789,36 @@ def prepare_run(run_dir: Path, flags: dict, data: Path) -> dict:
     return record
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
+def run(args: argparse.Namespace, ds: ECGDataset | None = None) -> pd.DataFrame | dict:
+    """What main() does, for callers that hold the data already (run_experiments.py)."""
     data = Path(args.data)
-    try:
-        ds = load_dataset(data)
-    except DatasetError as e:
-        sys.exit(f"error: {e}")
-    flags = {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()
-             if k not in ("model", "out")}
+    if ds is None:
+        try:
+            ds = load_dataset(data)
+        except DatasetError as e:
+            sys.exit(f"error: {e}")
+    flags = {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items() if k not in ("model", "out")}
     flags["model"] = asdict(args.model)
-    run_dir = args.out
-    prepare_run(run_dir, flags, data)
-    if (run_dir / METRICS).is_file():
-        print(f"{run_dir} is finished; its metrics:")
-        print_metrics(json.loads((run_dir / METRICS).read_text()))
-        return
-    cfg = config_from_args(args)
-    device = resolve_device(args.device)
-    bf16 = use_bf16(args.amp, device)
-    torch.manual_seed(cfg.seed)
-    model = HannunNet(cfg.model).to(device)
-    if not (run_dir / INIT).is_file():
-        atomic_save(model.state_dict(), run_dir / INIT)
-    model.load_state_dict(torch.load(run_dir / INIT, map_location=device, weights_only=True))
+    flags["layer_fraction"] = [list(x) for x in args.layer_fraction]
+    ctx = Context.make(ds, args)
+    if args.retrain is None:
+        done = (args.out / "dense" / METRICS).is_file()
+        dense_flags = {f: v for f, v in flags.items() if f not in PRUNING_FLAGS}
+        results = run_dense(ctx, args.out / "dense", dense_flags, data,
+                            parse_rewind(args.rewind_to, ctx.steps_per_epoch))
+        if done:
+            print(f"{args.out / 'dense'} is finished; its metrics:")
+        print_metrics(results)
+        return results
+    table = run_lottery(ctx, args, flags, data)
     if not args.quiet:
-        print(f"{count_parameters(model):,} parameters, {device}, {'bf16' if bf16 else 'fp32'}, "
-              f"{len(ds.indices('train'))} train / {len(ds.indices('val'))} val records")
-    history = train(model, ds, cfg, run_dir, device, bf16, args.checkpoint_minutes, quiet=args.quiet)
-    norm = Normalizer.fit(ds, ds.indices("train"))
-    batcher = Batcher(ds, norm, model.cfg.stride, device)
-    t0 = time.perf_counter()
-    results = {split: evaluate(model, batcher, ds, split, cfg, bf16) for split in ("val", "test")}
-    eval_seconds = time.perf_counter() - t0
-    train_seconds = sum(h["train_seconds"] for h in history)
-    results.update({
-        "parameters": count_parameters(model), "device": str(device), "bf16": bf16,
-        "epochs_run": len(history), "train_seconds": train_seconds,
-        "seconds_per_epoch": train_seconds / max(len(history), 1),
-        "train_records_per_second": float(np.mean([h["records_per_second"] for h in history])),
-        "eval_records_per_second": (len(ds.indices("val")) + len(ds.indices("test"))) / eval_seconds,
-        "normalizer": asdict(norm), "code_version": code_version()})
-    atomic_save(model.state_dict(), run_dir / FINAL)
-    write_history(history, run_dir / HISTORY)
-    atomic_write_text(json.dumps(results, indent=2) + "\n", run_dir / METRICS)
-    print_metrics(results)
+        cols = ["method", "control", "round", "attempt", "compression", "val_challenge_f1", "test_challenge_f1"]
+        print(table[cols].to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    return table
+
+
+def main(argv: list[str] | None = None) -> None:
+    run(parse_args(argv))
 
 
 def write_history(history: list[dict], path: Path) -> None:

@@ -52,7 +52,9 @@ def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+TINY_FLAGS = ["--width", "0.125", "--epochs", "2", "--crop", "1024", "--batch-size", "16", "--quiet"]
+"""train.py flags for a network and run small enough for a test on 2 CPU cores (6 steps/epoch)."""
+
+
 def tiny_train_args(data: Path, out: Path, *extra: str) -> list[str]:
-    """train.py flags for a network and run small enough for a test on 2 CPU cores."""
-    return ["--data", str(data), "--out", str(out), "--width", "0.125", "--epochs", "2",
-            "--crop", "1024", "--batch-size", "16", "--quiet", *extra]
+    return ["--data", str(data), "--out", str(out), *TINY_FLAGS, *extra]

@@ -1,0 +1,189 @@
+"""Plot accuracy and F1 against the compression ratio, and summarise the winning tickets.
+
+Reads ``EXP/results.csv`` (from run_experiments.py) and writes into ``EXP/plots/``:
+
+  compression.png/.svg  challenge F1 and accuracy (test split by default) against the
+                        compression ratio on a log axis: one line per method (mean over
+                        seeds, shaded min-max), controls dashed, the dense level and a
+                        "dense - 1 %" band, the LTH-ECG claim (142x, < 1 % F1 loss) marked
+  layers.png/.svg       remaining weights per layer of the best ticket
+  summary.md            the winning ticket of each method: the largest compression whose
+                        mean validation challenge F1 stays within --tolerance of the dense
+                        network's, with its test F1 (mean +- sd over seeds)
+
+Tickets are chosen on the validation split; the test split is only reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+LTH_ECG_RATIO = 142.0
+"""Sahu et al. 2022 (LTH-ECG): a 142x smaller network with < 1 % loss of test F1."""
+COLORS = {"weight_rewind": "#1f77b4", "late_reset": "#2ca02c", "lr_rewind": "#d62728", "finetune": "#7f7f7f"}
+LABELS = {"weight_rewind": "weight rewind (Frankle & Carbin)", "late_reset": "late reset (Frankle et al. 2020)",
+          "lr_rewind": "LR rewind (Renda et al.)", "finetune": "fine-tune"}
+CONTROL_STYLE = {"random_reinit": ("--", "random re-init"), "random_prune": (":", "random pruning")}
+
+
+def load(exp: Path) -> pd.DataFrame:
+    path = exp / "results.csv"
+    if not path.is_file():
+        raise SystemExit(f"error: {path} not found; run run_experiments.py --exp {exp} first")
+    table = pd.read_csv(path)
+    needed = {"method", "control", "seed", "round", "compression", "accepted", "val_challenge_f1",
+              "test_challenge_f1", "val_accuracy", "test_accuracy", "folder"}
+    missing = needed - set(table.columns)
+    if missing:
+        raise SystemExit(f"error: {path} lacks columns {', '.join(sorted(missing))}")
+    return table[table["accepted"]]
+
+
+def curves(table: pd.DataFrame, metric: str) -> pd.DataFrame:
+    """Mean, min, max and sd of ``metric`` over seeds per (method, control, round); the
+    dense round 0 is shared by a method and its controls."""
+    dense = table[table["round"] == 0]
+    rows = [table]
+    for control in table.loc[table["control"] != "none", "control"].unique():
+        for method in table.loc[table["control"] == control, "method"].unique():
+            rows.append(dense[dense["method"] == method].assign(control=control))
+    full = pd.concat(rows)
+    return (full.groupby(["method", "control", "round"])
+            .agg(compression=("compression", "mean"), mean=(metric, "mean"), low=(metric, "min"),
+                 high=(metric, "max"), sd=(metric, "std"), seeds=(metric, "size"))
+            .reset_index().sort_values(["method", "control", "compression"]))
+
+
+def dense_level(table: pd.DataFrame, metric: str) -> float:
+    """Mean over seeds of the dense networks' ``metric`` (one dense run per seed)."""
+    return float(table[table["round"] == 0].drop_duplicates("seed")[metric].mean())
+
+
+def winners(table: pd.DataFrame, tolerance: float) -> pd.DataFrame:
+    """Per method and control: the largest compression whose mean validation challenge F1
+    over seeds is at least ``dense * (1 - tolerance)``."""
+    bar = dense_level(table, "val_challenge_f1") * (1 - tolerance)
+    val, test = curves(table, "val_challenge_f1"), curves(table, "test_challenge_f1")
+    acc = curves(table, "test_accuracy")
+    merged = val.merge(test, on=["method", "control", "round"], suffixes=("_val", "_test")).merge(
+        acc[["method", "control", "round", "mean"]].rename(columns={"mean": "test_accuracy"}),
+        on=["method", "control", "round"])
+    ok = merged[merged["mean_val"] >= bar]
+    best = ok.loc[ok.groupby(["method", "control"])["compression_val"].idxmax()]
+    return best.sort_values("compression_val", ascending=False)
+
+
+def plot_compression(table: pd.DataFrame, split: str, out: Path) -> None:
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.6), sharex=True)
+    for ax, (metric, name) in zip(axes, [("challenge_f1", "challenge F1 (mean of N, A, O)"),
+                                         ("accuracy", "accuracy")], strict=True):
+        col = f"{split}_{metric}"
+        dense = dense_level(table, col)
+        ax.axhline(dense, color="black", lw=1, label="dense")
+        ax.axhspan(dense * 0.99, dense, color="black", alpha=0.08, label="dense - 1 %")
+        for (method, control), c in curves(table, col).groupby(["method", "control"], sort=False):
+            style, suffix = CONTROL_STYLE.get(control, ("-", ""))
+            label = LABELS.get(method, method) + (f", {suffix}" if suffix else "")
+            color = COLORS.get(method, None)
+            ax.plot(c["compression"], c["mean"], style, marker="o" if control == "none" else None, ms=3.5,
+                    color=color, lw=1.6 if control == "none" else 1.2, label=label)
+            if c["seeds"].max() > 1:
+                ax.fill_between(c["compression"], c["low"], c["high"], color=color, alpha=0.12, lw=0)
+        if metric == "challenge_f1":
+            ax.plot([LTH_ECG_RATIO], [dense * 0.99], marker="*", ms=14, color="gold", mec="black", ls="none",
+                    label="LTH-ECG claim: 142x, < 1 % F1 loss")
+        ax.axvline(LTH_ECG_RATIO, color="gold", lw=1, ls="-.")
+        ax.set_xscale("log")
+        ax.set_xlabel("compression ratio (prunable weights / surviving weights)")
+        ax.set_ylabel(f"{split} {name}")
+        ax.grid(True, which="both", alpha=0.25)
+        ticks = [t for t in (1, 2, 5, 10, 20, 50, 100, 142, 200, 500) if t <= max(table["compression"].max(), 150)]
+        ax.set_xticks(ticks, [f"{t}x" for t in ticks])
+        ax.minorticks_off()
+    seeds = table["seed"].nunique()
+    fig.suptitle(f"Iterative magnitude pruning of the Hannun et al. ECG network ({split} split, mean over "
+                 f"{seeds} seed{'s' * (seeds > 1)}, shaded: min-max)", fontsize=11)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=4, fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.12, 1, 1))
+    for ext in ("png", "svg"):
+        fig.savefig(out / f"compression.{ext}", dpi=150)
+    plt.close(fig)
+
+
+def plot_layers(exp: Path, table: pd.DataFrame, best: pd.Series, out: Path) -> None:
+    """Remaining share of weights per layer of one seed's copy of the best ticket."""
+    row = table[(table["method"] == best["method"]) & (table["control"] == best["control"])
+                & (table["round"] == best["round"])].iloc[0]
+    sparsity = pd.read_csv(exp / row["folder"] / "sparsity.csv")
+    fig, ax = plt.subplots(figsize=(12, 4))
+    x = np.arange(len(sparsity))
+    ax.bar(x, 1 - sparsity["sparsity"], color=COLORS.get(row["method"], "#1f77b4"))
+    ax.set_yscale("log")
+    ax.set_xticks(x, sparsity["layer"], rotation=90, fontsize=7)
+    ax.set_ylabel("share of weights remaining")
+    ax.set_title(f"Best ticket: {LABELS.get(row['method'], row['method'])}, round {row['round']}, "
+                 f"{row['compression']:.0f}x overall (seed {row['seed']})", fontsize=10)
+    ax.grid(True, axis="y", which="both", alpha=0.25)
+    fig.tight_layout()
+    for ext in ("png", "svg"):
+        fig.savefig(out / f"layers.{ext}", dpi=150)
+    plt.close(fig)
+
+
+def summary(table: pd.DataFrame, best: pd.DataFrame, tolerance: float) -> str:
+    dense_val, dense_test = dense_level(table, "val_challenge_f1"), dense_level(table, "test_challenge_f1")
+    lines = [f"Winning ticket per method: the largest compression whose mean validation challenge F1 is at "
+             f"least dense x (1 - {tolerance:g}) = {dense_val * (1 - tolerance):.4f} (dense: validation "
+             f"{dense_val:.4f}, test {dense_test:.4f}; {table['seed'].nunique()} seed(s)).", "",
+             "| method | control | compression | remaining weights | val F1 | test F1 (mean ± sd) | "
+             "test F1 - dense | test accuracy |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for _, b in best.iterrows():
+        remaining = table[(table["method"] == b["method"]) & (table["round"] == b["round"])]["remaining"].mean()
+        sd = 0.0 if np.isnan(b["sd_test"]) else b["sd_test"]
+        lines.append(f"| {b['method']} | {b['control']} | {b['compression_val']:.1f}x | {remaining:,.0f} | "
+                     f"{b['mean_val']:.4f} | {b['mean_test']:.4f} ± {sd:.4f} | {b['mean_test'] - dense_test:+.4f} | "
+                     f"{b['test_accuracy']:.4f} |")
+    missing = set(map(tuple, table[["method", "control"]].drop_duplicates().values)) - set(
+        map(tuple, best[["method", "control"]].values))
+    for method, control in sorted(missing):
+        lines.append(f"| {method} | {control} | none within tolerance | | | | | |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--exp", required=True, help="experiment folder holding results.csv")
+    p.add_argument("--out", default=None, help="output folder (default EXP/plots)")
+    p.add_argument("--split", default="test", choices=["test", "val"], help="split drawn in compression.png")
+    p.add_argument("--tolerance", type=float, default=0.01, help="allowed relative loss of validation F1")
+    args = p.parse_args(argv)
+    if not 0 <= args.tolerance < 1:
+        p.error(f"--tolerance must be in [0, 1), got {args.tolerance}")
+    exp = Path(args.exp)
+    out = Path(args.out) if args.out else exp / "plots"
+    out.mkdir(parents=True, exist_ok=True)
+    table = load(exp)
+    plot_compression(table, args.split, out)
+    best = winners(table, args.tolerance)
+    tickets = best[(best["control"] == "none") & (best["round"] > 0)]
+    if len(tickets):
+        plot_layers(exp, table, tickets.iloc[0], out)
+    text = summary(table, best, args.tolerance)
+    (out / "summary.md").write_text(text)
+    print(text)
+    print(f"wrote {out}/compression.png/.svg, {'layers.png/.svg, ' if len(tickets) else ''}summary.md")
+
+
+if __name__ == "__main__":
+    main()

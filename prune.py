@@ -1,0 +1,168 @@
+"""Unstructured magnitude pruning of the conv and linear weights, with boolean masks.
+
+What is pruned: the weight of every ``nn.Conv1d`` and ``nn.Linear`` (not biases, not
+BatchNorm), except layers named in ``dense_layers``. ``Conv2d``-only tools silently prune
+nothing in a 1D network; ``prunable_weights`` finds every ``Conv1d``, which a test checks.
+
+How much per round: ``fraction`` of the weights still alive. ``scope="global"`` ranks all
+pruned layers' surviving weights together by magnitude (one threshold); ``"layerwise"``
+removes ``fraction`` of each layer. ``layer_fractions`` overrides the fraction of named
+layers, which are then pruned on their own (e.g. the output layer at half rate, as
+Frankle & Carbin did for their conv nets).
+
+Masks are dicts ``{layer name: bool tensor}``; ``MaskedModel`` keeps pruned weights at
+exactly zero: their gradients are zeroed during backward (so clipping and Adam see only the
+live network) and the masks are re-applied after every optimizer step (so Adam's momentum
+and weight decay cannot revive them).
+
+The compression ratio is (prunable weights) / (surviving prunable weights), as in
+Frankle & Carbin and LTH-ECG; biases and BatchNorm (0.09 % of the full network) are
+reported separately.
+
+The goal-driven schedule (LTH-ECG): prune ``fraction`` per round towards a target ratio,
+never past it; when a round's validation F1 falls below ``dense_f1 * (1 - tolerance)``,
+that round is discarded and redone from the previous round at ``fraction / alpha``; when
+the fraction would fall below ``min_fraction`` the schedule stops (see ``next_fraction``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+Masks = dict[str, torch.Tensor]
+
+
+def prunable_weights(model: nn.Module, dense_layers: tuple[str, ...] = ()) -> dict[str, nn.Parameter]:
+    """{module name: weight} of every conv (1D, 2D, 3D) and linear layer not kept dense."""
+    unknown = set(dense_layers) - {n for n, _ in model.named_modules()}
+    if unknown:
+        raise ValueError(f"dense layer(s) not in the model: {', '.join(sorted(unknown))}")
+    return {name: m.weight for name, m in model.named_modules()
+            if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)) and name not in dense_layers}
+
+
+def full_masks(model: nn.Module, dense_layers: tuple[str, ...] = ()) -> Masks:
+    return {n: torch.ones_like(w, dtype=torch.bool) for n, w in prunable_weights(model, dense_layers).items()}
+
+
+def magnitude_prune(model: nn.Module, masks: Masks, fraction: float, scope: str = "global",
+                    layer_fractions: dict[str, float] | None = None) -> Masks:
+    """New masks removing ``fraction`` of the surviving weights with the smallest |w|.
+
+    Exactly ``round(fraction * alive)`` weights go in each pruning pool (ties broken by
+    position), so the schedule's ratios are exact.
+    """
+    if not 0 <= fraction < 1:
+        raise ValueError(f"pruning fraction must be in [0, 1), got {fraction}")
+    if scope not in ("global", "layerwise"):
+        raise ValueError(f"scope must be 'global' or 'layerwise', got {scope!r}")
+    layer_fractions = layer_fractions or {}
+    unknown = set(layer_fractions) - set(masks)
+    if unknown:
+        raise ValueError(f"layer fraction for unpruned or unknown layer(s): {', '.join(sorted(unknown))}")
+    weights = {n: w for n, w in prunable_weights(model).items() if n in masks}
+    pools: list[tuple[list[str], float]] = [([n], f) for n, f in layer_fractions.items()]
+    rest = [n for n in masks if n not in layer_fractions]
+    pools += [([n], fraction) for n in rest] if scope == "layerwise" else [(rest, fraction)]
+    new = {n: m.clone() for n, m in masks.items()}
+    for names, frac in pools:
+        scores = torch.cat([torch.where(masks[n], weights[n].detach().abs(), math.inf).flatten().float()
+                            for n in names])
+        alive = int(sum(masks[n].sum() for n in names))
+        k = round(frac * alive)
+        if k == 0:
+            continue
+        drop = torch.zeros(scores.numel(), dtype=torch.bool, device=scores.device)
+        drop[torch.topk(scores, k, largest=False, sorted=False).indices] = True
+        for n, part in zip(names, drop.split([masks[n].numel() for n in names]), strict=True):
+            new[n] &= ~part.view_as(masks[n])
+    return new
+
+
+def random_masks_like(masks: Masks, seed: int) -> Masks:
+    """Random masks with exactly the same number of survivors in every layer (the
+    random-pruning control)."""
+    gen = torch.Generator().manual_seed(seed)
+    out = {}
+    for name, m in masks.items():
+        flat = torch.zeros(m.numel(), dtype=torch.bool)
+        flat[torch.randperm(m.numel(), generator=gen)[:int(m.sum())]] = True
+        out[name] = flat.view(m.shape).to(m.device)
+    return out
+
+
+class MaskedModel:
+    """Binds masks to a model: zeroes pruned weights now, their gradients during backward,
+    and the weights again after each optimizer step (``after_step``)."""
+
+    def __init__(self, model: nn.Module, masks: Masks):
+        self.weights = prunable_weights(model)
+        missing = set(masks) - set(self.weights)
+        if missing:
+            raise ValueError(f"masks for layers not in the model: {', '.join(sorted(missing))}")
+        device = next(model.parameters()).device
+        self.masks = {n: m.to(device) for n, m in masks.items()}
+        self.params = [self.weights[n] for n in self.masks]
+        self.floats = [m.to(self.weights[n].dtype) for n, m in self.masks.items()]
+        self.handles = [p.register_hook(lambda g, f=f: g * f) for p, f in zip(self.params, self.floats,
+                                                                               strict=True)]
+        self.apply()
+
+    @torch.no_grad()
+    def apply(self) -> None:
+        torch._foreach_mul_(self.params, self.floats)
+
+    def after_step(self, model: nn.Module, step: int) -> None:
+        self.apply()
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def count(masks: Masks) -> tuple[int, int]:
+    """(surviving, total) prunable weights."""
+    return int(sum(m.sum() for m in masks.values())), int(sum(m.numel() for m in masks.values()))
+
+
+def compression_ratio(masks: Masks) -> float:
+    alive, total = count(masks)
+    return total / max(alive, 1)
+
+
+def sparsity_report(masks: Masks) -> pd.DataFrame:
+    """Per-layer table: weights, surviving weights, sparsity."""
+    rows = [{"layer": n, "weights": m.numel(), "remaining": int(m.sum())} for n, m in masks.items()]
+    table = pd.DataFrame(rows)
+    table["sparsity"] = 1 - table["remaining"] / table["weights"]
+    return table
+
+
+def fraction_to_reach(masks: Masks, fraction: float, target_ratio: float) -> float:
+    """``fraction``, or less if that is enough to reach ``target_ratio`` exactly."""
+    alive, total = count(masks)
+    needed = 1 - total / (target_ratio * alive)
+    return max(0.0, min(fraction, needed))
+
+
+def next_fraction(fraction: float, val_f1: float, dense_f1: float, tolerance: float, alpha: float,
+                  min_fraction: float) -> tuple[bool, float]:
+    """The over-pruning guard: (accept this round?, fraction for the next try).
+
+    A round is accepted when ``val_f1 >= dense_f1 * (1 - tolerance)``; then the fraction is
+    kept. Otherwise the round is rejected and retried at ``fraction / alpha``; a returned
+    fraction below ``min_fraction`` means: stop.
+    """
+    if val_f1 >= dense_f1 * (1 - tolerance):
+        return True, fraction
+    return False, fraction / alpha
+
+
+def rounds_to_reach(target_ratio: float, fraction: float) -> int:
+    """Rounds of ``fraction`` needed to reach ``target_ratio`` (e.g. 142x at 0.2: 23)."""
+    return math.ceil(np.log(target_ratio) / -np.log1p(-fraction))

@@ -1,0 +1,188 @@
+"""Pruning rounds: each method's starting point, the over-pruning rule, controls, resume
+after kill -9, refusing mismatched flags, and the plots of a small finished run."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from conftest import TINY_FLAGS, tiny_train_args
+
+import plot_results
+import run_experiments
+import train as tr
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def spy(monkeypatch: pytest.MonkeyPatch) -> list[dict]:
+    """Records what every retraining starts from, then runs it for real."""
+    calls: list[dict] = []
+    real = tr.retrain
+
+    def recording(ctx, run_dir, start, masks, lr_fn, steps, extra):  # noqa: ANN001, ANN202
+        calls.append({"dir": run_dir, "start": {k: v.clone() for k, v in start.items()}, "masks": masks,
+                      "lr_first": lr_fn(0), "lr_last": lr_fn(steps - 1), "steps": steps})
+        return real(ctx, run_dir, start, masks, lr_fn, steps, extra)
+
+    monkeypatch.setattr(tr, "retrain", recording)
+    return calls
+
+
+def _equal(a: dict, b: dict) -> bool:
+    return all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("method", tr.METHODS)
+def test_each_method_starts_where_it_should(method: str, tiny_data: Path, tmp_path: Path, spy: list[dict]) -> None:
+    seed_dir = tmp_path / "seed0"
+    # 6 steps per epoch, T = 12 steps, k = 3: every method retrains steps [3, 12)
+    tr.main(tiny_train_args(tiny_data, seed_dir, "--retrain", method, "--rewind-to", "3it", "--rounds", "2",
+                            "--prune-fraction", "0.5", "--milestones", "0.5"))
+    dense = seed_dir / "dense"
+    load = lambda p: torch.load(p, weights_only=True)  # noqa: E731
+    init, early, trained = load(dense / "init.pt"), load(dense / "rewind_3.pt"), load(dense / "model.pt")
+    assert len(spy) == 2 and all(c["steps"] == 9 for c in spy)
+    first, second = spy
+    expected = {"weight_rewind": init, "late_reset": early, "lr_rewind": trained, "finetune": trained}[method]
+    assert _equal(first["start"], expected)
+    if method in ("lr_rewind", "finetune"):  # round 2 starts from round 1's trained weights
+        assert _equal(second["start"], load(seed_dir / method / "round_01" / "model.pt"))
+    else:
+        assert _equal(second["start"], expected)
+    # LR: the schedule (1e-3, x0.1 at step 6) replayed from step 3, or the final LR throughout
+    if method == "finetune":
+        assert first["lr_first"] == first["lr_last"] == pytest.approx(1e-4)
+    else:
+        assert first["lr_first"] == pytest.approx(1e-3) and first["lr_last"] == pytest.approx(1e-4)
+    table = pd.read_csv(seed_dir / method / "rounds.csv")
+    assert table["round"].tolist() == [0, 1, 2]
+    assert table["compression"].tolist() == pytest.approx([1.0, 2.0, 4.0], rel=1e-3)
+    # round 2's mask only shrinks round 1's
+    m1, m2 = first["masks"], second["masks"]
+    assert all(not (m2[n] & ~m1[n]).any() for n in m1)
+
+
+def test_controls_use_the_tickets_masks(tiny_data: Path, tmp_path: Path, spy: list[dict]) -> None:
+    seed_dir = tmp_path / "seed0"
+    common = ("--retrain", "weight_rewind", "--rounds", "2", "--prune-fraction", "0.5")
+    tr.main(tiny_train_args(tiny_data, seed_dir, *common, "--control", "random_reinit"))
+    tr.main(tiny_train_args(tiny_data, seed_dir, *common, "--control", "random_prune"))
+    ticket = [c for c in spy if c["dir"].parent.name == "weight_rewind"]
+    reinit = [c for c in spy if c["dir"].parent.name == "weight_rewind+random_reinit"]
+    rprune = [c for c in spy if c["dir"].parent.name == "weight_rewind+random_prune"]
+    assert len(ticket) == len(reinit) == len(rprune) == 2  # the method ran once, not again
+    init = torch.load(seed_dir / "dense" / "init.pt", weights_only=True)
+    for t, a, b in zip(ticket, reinit, rprune, strict=True):
+        assert all(torch.equal(t["masks"][n], a["masks"][n]) for n in t["masks"])
+        assert not _equal(a["start"], init)  # fresh random weights
+        assert _equal(b["start"], init)
+        assert all(t["masks"][n].sum() == b["masks"][n].sum() for n in t["masks"])
+        assert any(not torch.equal(t["masks"][n], b["masks"][n]) for n in t["masks"])
+    rows = pd.read_csv(seed_dir / "weight_rewind+random_prune" / "rounds.csv")
+    assert rows["control"].unique().tolist() == ["random_prune"] and rows["round"].tolist() == [1, 2]
+
+
+def test_goal_schedule_redoes_a_round_at_a_smaller_fraction(tiny_data: Path, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """Round 2 falls below dense - 1 % twice: it is redone at 0.5/2, then 0.5/4, then accepted."""
+    real = tr.retrain
+    verdicts = iter([True, False, False, True, True])
+
+    def scripted(ctx, run_dir, start, masks, lr_fn, steps, extra):  # noqa: ANN001, ANN202
+        metrics = real(ctx, run_dir, start, masks, lr_fn, steps, extra)
+        dense = json.loads((run_dir.parents[1] / "dense" / tr.METRICS).read_text())
+        metrics["val"]["challenge_f1"] = dense["val"]["challenge_f1"] * (1.0 if next(verdicts) else 0.9)
+        (run_dir / tr.METRICS).write_text(json.dumps(metrics))
+        return metrics
+
+    monkeypatch.setattr(tr, "retrain", scripted)
+    seed_dir = tmp_path / "seed0"
+    tr.main(tiny_train_args(tiny_data, seed_dir, "--retrain", "lr_rewind", "--goal", "--prune-fraction", "0.5",
+                            "--rounds", "3", "--alpha", "2", "--epochs", "1"))
+    rows = pd.read_csv(seed_dir / "lr_rewind" / "rounds.csv")
+    got = list(zip(rows["round"], rows["attempt"], rows["fraction"].round(4), rows["accepted"], strict=True))
+    assert got == [(0, 0, 0.0, True), (1, 0, 0.5, True), (2, 0, 0.5, False), (2, 1, 0.25, False),
+                   (2, 2, 0.125, True), (3, 0, 0.125, True)]
+    assert (seed_dir / "lr_rewind" / "round_02_try2" / "mask.pt").is_file()
+    accepted = rows[rows["accepted"]]
+    assert accepted["compression"].tolist() == pytest.approx([1.0, 2.0, 2 / 0.875, 2 / 0.875**2], rel=1e-3)
+
+
+def test_schedule_stops_at_the_target_ratio(tiny_data: Path, tmp_path: Path) -> None:
+    seed_dir = tmp_path / "seed0"
+    tr.main(tiny_train_args(tiny_data, seed_dir, "--retrain", "finetune", "--prune-fraction", "0.6",
+                            "--target-ratio", "5", "--epochs", "1"))
+    rows = pd.read_csv(seed_dir / "finetune" / "rounds.csv")
+    assert rows["compression"].tolist() == pytest.approx([1.0, 2.5, 5.0], rel=1e-3)  # last round cut to hit 5x
+
+
+GRID = ["--methods", "weight_rewind,lr_rewind", "--seeds", "0", "--controls", "random_prune",
+        "--prune-fraction", "0.5", "--rounds", "3", "--checkpoint-minutes", "0"]
+
+
+def test_experiment_resumes_after_kill_9_without_redoing_rounds(tiny_data: Path, tmp_path: Path) -> None:
+    exp = tmp_path / "exp"
+    cmd = [sys.executable, str(ROOT / "run_experiments.py"), "--exp", str(exp), *GRID, "--data", str(tiny_data),
+           *TINY_FLAGS]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    target = exp / "seed0" / "weight_rewind" / "round_02" / tr.CHECKPOINT
+    deadline = time.monotonic() + 300
+    while not target.is_file() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before it could be killed mid-round"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done = exp / "seed0" / "weight_rewind" / "round_01" / tr.METRICS
+    assert done.is_file() and not (target.parent / tr.METRICS).exists()
+    stamp = done.stat().st_mtime_ns
+    subprocess.run(cmd, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
+    assert done.stat().st_mtime_ns == stamp  # the finished round was not redone
+    table = pd.read_csv(exp / "results.csv")
+    assert len(table) == 2 * 4 + 3  # two methods x rounds 0-3, and the control at rounds 1-3
+    assert not list(exp.rglob("*.tmp")) and not list(exp.rglob(tr.CHECKPOINT))
+    # and the plots of this small finished run
+    plot_results.main(["--exp", str(exp)])
+    plots = exp / "plots"
+    for name in ("compression.png", "compression.svg", "layers.png", "summary.md"):
+        assert (plots / name).stat().st_size > 0, name
+    text = (plots / "summary.md").read_text()
+    assert "| method | control | compression |" in text and "weight_rewind" in text
+
+
+def test_mismatched_flags_are_refused(tiny_data: Path, tmp_path: Path) -> None:
+    exp = tmp_path / "exp"
+    base = ["--exp", str(exp), "--methods", "finetune", "--seeds", "0", "--controls", "", "--rounds", "1",
+            "--data", str(tiny_data), "--width", "0.125", "--epochs", "1", "--crop", "1024", "--batch-size", "16",
+            "--quiet"]
+    run_experiments.main(base)
+    with pytest.raises(SystemExit, match=r"other flags: --prune-fraction 0.2 \(now 0.5\)"):
+        run_experiments.main(base + ["--prune-fraction", "0.5"])
+    with pytest.raises(SystemExit, match=r"other flags: --epochs 1 \(now 2\)"):
+        run_experiments.main(base[:-1] + ["--epochs", "2", "--quiet"])
+
+
+@pytest.mark.parametrize("argv", [["--methods", "magic"], ["--controls", "nope"], ["--seeds", "a"],
+                                  ["--control-methods", "lr_rewind", "--methods", "finetune"], ["--retrain", "x"]])
+def test_bad_grid_flags(argv: list[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        run_experiments.parse_args(["--exp", "x", *argv])
+    assert exc.value.code == 2
+
+
+@pytest.mark.parametrize("argv", [["--retrain", "finetune", "--schedule", "plateau"], ["--control", "random_prune"],
+                                  ["--rewind-to", "3 epochs"], ["--prune-fraction", "1"], ["--alpha", "1"],
+                                  ["--layer-fraction", "head"]])
+def test_bad_pruning_flags(argv: list[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        tr.parse_args(argv)
+    assert exc.value.code == 2
