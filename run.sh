@@ -1,34 +1,49 @@
 #!/usr/bin/env bash
-# Driver: build the data, then train and evaluate the dense network.
-# Edit the variables below; every step skips work that is already done, so re-running
-# this script after an interruption resumes where it stopped.
+# Driver: build the data -> run the lottery-ticket comparison -> plot it.
+# Edit the variables below. Every step skips work that is already done, so re-running this
+# script after an interruption (Ctrl-C, kill -9, power cut) continues where it stopped.
 #
-# Default: the built-in synthetic demo (about a minute on 2 CPU cores).
-# Real CinC 2017 data on CPU: DATASET=cinc2017, SOURCE=<folder with A00001.mat ...>,
-#   WIDTH=0.5 CROP=4096 EPOCHS=30 (about 40 min on 2 cores; see results/README.md).
-# Full published network on a GPU: DATASET=cinc2017 WIDTH=1 CROP=0 EPOCHS=30 DEVICE=cuda.
+# Default: the built-in synthetic demo: every method and control, 2 seeds (minutes on 2 CPU cores).
+# Real CinC 2017 data: set DATASET=cinc2017 and SOURCE (or DOWNLOAD=1), then choose a scale,
+#   e.g. CPU scale: WIDTH=0.5 CROP=4096 EPOCHS=30 ... (see results/README.md for measured times)
+#   or the full published network on a GPU: WIDTH=1 CROP=0 DEVICE=cuda FRACTION=0.2 TARGET=142.
 set -euo pipefail
 cd "$(dirname "$0")"
 
+# --- data
 DATASET=synthetic          # synthetic | cinc2017
-SYNTHETIC_RECORDS=1000     # records of the synthetic demo set
-SOURCE=../shared/data/cinc2017/training2017   # CinC 2017 .mat/.hea folder (or use DOWNLOAD)
+SYNTHETIC_RECORDS=400      # records of the synthetic demo set
+SOURCE=../shared/data/cinc2017/training2017   # CinC 2017 .mat/.hea folder
 DOWNLOAD=0                 # 1: fetch training2017.zip from PhysioNet into data/raw first
 SPLIT_SEED=0               # seed of the stratified train/val/test split
-WIDTH=0.25                 # filter multiplier: 1 = the published 10.47 M-parameter network
-CROP=2048                  # train on random windows of this many samples (0 = whole records)
-EPOCHS=12
-SEED=0
+# --- network and dense training (train.py)
+WIDTH=0.125                # filter multiplier: 1 = the published 10.47 M-parameter network
+CROP=1024                  # train on random windows of this many samples (0 = whole records)
+EPOCHS=8                   # dense schedule length T; every pruning round retrains steps [k, T)
+LR=0.003
 DEVICE=auto                # auto | cpu | cuda
-RESULTS=results/${DATASET}-w${WIDTH}-crop${CROP}-e${EPOCHS}
+# --- pruning rounds (run_experiments.py -> train.py --retrain)
+METHODS=finetune,weight_rewind,lr_rewind,late_reset
+CONTROLS=random_reinit,random_prune
+CONTROL_METHODS=weight_rewind   # whose tickets the controls test ('all' for every method)
+CONTROL_EVERY=2            # run the controls at every n-th round (and the last)
+SEEDS=0,1
+FRACTION=0.5               # share of surviving weights pruned per round
+TARGET=64                  # stop at this compression ratio
+REWIND_TO=1ep              # k for late_reset / lr_rewind ('500it' or '2ep')
+EXP=results/demo           # experiment folder
 
 if [ "$DATASET" = synthetic ]; then
     python build_datasets.py --synthetic "$SYNTHETIC_RECORDS" --seed "$SPLIT_SEED" --out data/synthetic
 else
     extra=()
-    [ "$DOWNLOAD" = 1 ] && extra+=(--download) && SOURCE=data/raw/training2017
+    if [ "$DOWNLOAD" = 1 ]; then extra+=(--download); SOURCE=data/raw/training2017; fi
     python build_datasets.py --source "$SOURCE" --seed "$SPLIT_SEED" --out data/cinc2017 "${extra[@]}"
 fi
 
-python train.py --data "data/$DATASET" --out "$RESULTS/dense/seed$SEED" --seed "$SEED" \
-    --width "$WIDTH" --crop "$CROP" --epochs "$EPOCHS" --device "$DEVICE"
+python run_experiments.py --exp "$EXP" --seeds "$SEEDS" --methods "$METHODS" --controls "$CONTROLS" \
+    --control-methods "$CONTROL_METHODS" --control-every "$CONTROL_EVERY" \
+    --data "data/$DATASET" --width "$WIDTH" --crop "$CROP" --epochs "$EPOCHS" --lr "$LR" --device "$DEVICE" \
+    --prune-fraction "$FRACTION" --target-ratio "$TARGET" --rewind-to "$REWIND_TO" --quiet
+
+python plot_results.py --exp "$EXP"

@@ -43,6 +43,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     split = lambda text: [v.strip() for v in text.split(",") if v.strip()]  # noqa: E731
     args.methods, args.controls = split(args.methods), split(args.controls)
     args.control_methods = args.methods if args.control_methods == "all" else split(args.control_methods)
+    if not args.controls:  # no controls: which methods would get them does not matter
+        args.control_methods = []
     for name, values, allowed in [("methods", args.methods, train.METHODS),
                                   ("controls", args.controls, train.CONTROLS),
                                   ("control-methods", args.control_methods, args.methods)]:

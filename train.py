@@ -535,7 +535,8 @@ def row_for(folder: Path, seed: int, method: str, control: str, r: int, attempt:
     for split in ("val", "test"):
         for key in ("challenge_f1", "macro_f1", "accuracy", *(f"f1_{c}" for c in CLASSES)):
             row[f"{split}_{key}"] = metrics[split][key]
-    row.update(epochs=metrics["epochs_run"], steps=metrics["steps"], train_seconds=metrics["train_seconds"])
+    row.update(epochs=metrics["epochs_run"], steps=metrics.get("steps", float("nan")),
+               train_seconds=metrics["train_seconds"])
     return row
 
 

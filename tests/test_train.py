@@ -72,12 +72,12 @@ def test_batches_bucket_by_length_and_mask_padding(tiny_data: Path) -> None:
 
 def test_short_training_lowers_the_loss(tiny_data: Path, tmp_path: Path) -> None:
     tr.main(tiny_train_args(tiny_data, tmp_path / "run", "--epochs", "5", "--milestones", "0.8"))
-    history = pd.read_csv(tmp_path / "run" / tr.HISTORY)
+    history = pd.read_csv(tmp_path / "run" / "dense" / tr.HISTORY)
     assert history["train_loss"].iloc[-1] < 0.8 * history["train_loss"].iloc[0]
-    metrics = json.loads((tmp_path / "run" / tr.METRICS).read_text())
+    metrics = json.loads((tmp_path / "run" / "dense" / tr.METRICS).read_text())
     assert set(metrics) >= {"val", "test", "parameters", "seconds_per_epoch"}
     assert metrics["test"]["records"] == 32 and len(metrics["val"]["confusion"]) == 4
-    config = json.loads((tmp_path / "run" / tr.CONFIG).read_text())
+    config = json.loads((tmp_path / "run" / "dense" / tr.CONFIG).read_text())
     assert config["flags"]["epochs"] == 5 and config["code_version"]
 
 
@@ -119,11 +119,11 @@ def test_finished_run_is_not_retrained_and_other_flags_are_refused(
         tiny_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     out = tmp_path / "run"
     tr.main(tiny_train_args(tiny_data, out, "--epochs", "1"))
-    stamp = (out / tr.FINAL).stat().st_mtime_ns
+    stamp = (out / "dense" / tr.FINAL).stat().st_mtime_ns
     capsys.readouterr()
     tr.main(tiny_train_args(tiny_data, out, "--epochs", "1", "--device", "cpu"))
     assert "is finished" in capsys.readouterr().out
-    assert (out / tr.FINAL).stat().st_mtime_ns == stamp
+    assert (out / "dense" / tr.FINAL).stat().st_mtime_ns == stamp
     with pytest.raises(SystemExit, match=r"other flags: --lr 0.001 \(now 0.01\)"):
         tr.main(tiny_train_args(tiny_data, out, "--epochs", "1", "--lr", "0.01"))
 
@@ -131,8 +131,8 @@ def test_finished_run_is_not_retrained_and_other_flags_are_refused(
 def test_plateau_schedule_keeps_the_best_validation_weights(tiny_data: Path, tmp_path: Path) -> None:
     tr.main(tiny_train_args(tiny_data, tmp_path / "p", "--schedule", "plateau", "--epochs", "3",
                             "--patience", "1", "--early-stop", "2"))
-    history = pd.read_csv(tmp_path / "p" / tr.HISTORY)
-    metrics = json.loads((tmp_path / "p" / tr.METRICS).read_text())
+    history = pd.read_csv(tmp_path / "p" / "dense" / tr.HISTORY)
+    metrics = json.loads((tmp_path / "p" / "dense" / tr.METRICS).read_text())
     assert metrics["val"]["loss"] == pytest.approx(history["val_loss"].min(), rel=1e-4)
 
 
