@@ -232,6 +232,10 @@ def download_file(url: str, dest: Path, sha256: str | None = None, chunk: int = 
     if response is not None:
         with response:
             resumed = response.status == 206
+            start = response.headers.get("Content-Range", f"bytes {done}-").removeprefix("bytes ").split("-")[0]
+            if resumed and start != str(done):  # not the range we asked for
+                raise DatasetError(f"download of {url}: asked to resume at byte {done}, server sent "
+                                   f"'Content-Range: {response.headers.get('Content-Range')}'; delete {part} and retry")
             if done and not resumed:
                 print(f"server ignored the resume request; restarting {dest.name}")
                 done = 0
@@ -239,9 +243,13 @@ def download_file(url: str, dest: Path, sha256: str | None = None, chunk: int = 
             total = done + int(size) if size is not None else None
             with open(part, "ab" if resumed else "wb") as f, tqdm(
                     total=total, initial=done, unit="B", unit_scale=True, desc=dest.name) as bar:
-                while block := response.read(chunk):
-                    f.write(block)
-                    bar.update(len(block))
+                try:
+                    while block := response.read(chunk):
+                        f.write(block)
+                        bar.update(len(block))
+                except OSError as e:  # connection dropped: what arrived stays in .part
+                    raise DatasetError(f"download of {url} interrupted after {bar.n} bytes ({e}); "
+                                       "run the same command again to resume") from e
     if sha256 is not None:
         got = sha256_of(part)
         if got != sha256:

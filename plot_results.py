@@ -47,18 +47,24 @@ def load(exp: Path) -> pd.DataFrame:
     return table[table["accepted"]]
 
 
+def level(compression: pd.Series) -> pd.Series:
+    """A key equal for equal compression ratios (rounds of different seeds line up by
+    ratio, not by round number, which differs under --goal)."""
+    return np.log(compression).round(3)
+
+
 def curves(table: pd.DataFrame, metric: str) -> pd.DataFrame:
-    """Mean, min, max and sd of ``metric`` over seeds per (method, control, round); the
-    dense round 0 is shared by a method and its controls."""
+    """Mean, min, max and sd of ``metric`` over seeds per (method, control, compression
+    level); the dense round 0 is shared by a method and its controls."""
     dense = table[table["round"] == 0]
     rows = [table]
     for control in table.loc[table["control"] != "none", "control"].unique():
         for method in table.loc[table["control"] == control, "method"].unique():
             rows.append(dense[dense["method"] == method].assign(control=control))
-    full = pd.concat(rows)
-    return (full.groupby(["method", "control", "round"])
-            .agg(compression=("compression", "mean"), mean=(metric, "mean"), low=(metric, "min"),
-                 high=(metric, "max"), sd=(metric, "std"), seeds=(metric, "size"))
+    full = pd.concat(rows).assign(level=lambda t: level(t["compression"]))
+    return (full.groupby(["method", "control", "level"])
+            .agg(round=("round", "min"), compression=("compression", "mean"), mean=(metric, "mean"),
+                 low=(metric, "min"), high=(metric, "max"), sd=(metric, "std"), seeds=("seed", "nunique"))
             .reset_index().sort_values(["method", "control", "compression"]))
 
 
@@ -68,15 +74,17 @@ def dense_level(table: pd.DataFrame, metric: str) -> float:
 
 
 def winners(table: pd.DataFrame, tolerance: float) -> pd.DataFrame:
-    """Per method and control: the largest compression whose mean validation challenge F1
-    over seeds is at least ``dense * (1 - tolerance)``."""
+    """Per method and control: the largest compression (a pruned round, reached by every
+    seed) whose mean validation challenge F1 over seeds is at least ``dense * (1 - tolerance)``.
+    A method with no such round has no winner (the dense network is not a ticket)."""
     bar = dense_level(table, "val_challenge_f1") * (1 - tolerance)
+    keys = ["method", "control", "level"]
     val, test = curves(table, "val_challenge_f1"), curves(table, "test_challenge_f1")
     acc = curves(table, "test_accuracy")
-    merged = val.merge(test, on=["method", "control", "round"], suffixes=("_val", "_test")).merge(
-        acc[["method", "control", "round", "mean"]].rename(columns={"mean": "test_accuracy"}),
-        on=["method", "control", "round"])
-    ok = merged[merged["mean_val"] >= bar]
+    merged = val.merge(test.drop(columns=["round"]), on=keys, suffixes=("_val", "_test")).merge(
+        acc[[*keys, "mean"]].rename(columns={"mean": "test_accuracy"}), on=keys)
+    ok = merged[(merged["mean_val"] >= bar) & (merged["seeds_val"] == table["seed"].nunique())
+                & (merged["round"] > 0)]
     best = ok.loc[ok.groupby(["method", "control"])["compression_val"].idxmax()]
     return best.sort_values("compression_val", ascending=False)
 
@@ -122,7 +130,7 @@ def plot_compression(table: pd.DataFrame, split: str, out: Path) -> None:
 def plot_layers(exp: Path, table: pd.DataFrame, best: pd.Series, out: Path) -> None:
     """Remaining share of weights per layer of one seed's copy of the best ticket."""
     row = table[(table["method"] == best["method"]) & (table["control"] == best["control"])
-                & (table["round"] == best["round"])].iloc[0]
+                & (level(table["compression"]) == best["level"])].iloc[0]
     sparsity = pd.read_csv(exp / row["folder"] / "sparsity.csv")
     fig, ax = plt.subplots(figsize=(12, 4))
     x = np.arange(len(sparsity))
@@ -148,7 +156,8 @@ def summary(table: pd.DataFrame, best: pd.DataFrame, tolerance: float) -> str:
              "test F1 - dense | test accuracy |",
              "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for _, b in best.iterrows():
-        remaining = table[(table["method"] == b["method"]) & (table["round"] == b["round"])]["remaining"].mean()
+        remaining = table[(table["method"] == b["method"]) & (table["control"] == b["control"])
+                          & (level(table["compression"]) == b["level"])]["remaining"].mean()
         sd = 0.0 if np.isnan(b["sd_test"]) else b["sd_test"]
         lines.append(f"| {b['method']} | {b['control']} | {b['compression_val']:.1f}x | {remaining:,.0f} | "
                      f"{b['mean_val']:.4f} | {b['mean_test']:.4f} ± {sd:.4f} | {b['mean_test'] - dense_test:+.4f} | "

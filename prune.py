@@ -143,11 +143,23 @@ def sparsity_report(masks: Masks) -> pd.DataFrame:
     return table
 
 
+def target_alive(masks: Masks, target_ratio: float) -> int:
+    """Survivors at ``target_ratio``: rounded down, so reaching it means at least that ratio."""
+    return max(1, math.floor(count(masks)[1] / target_ratio))
+
+
+def reached(masks: Masks, target_ratio: float) -> bool:
+    return count(masks)[0] <= target_alive(masks, target_ratio)
+
+
 def fraction_to_reach(masks: Masks, fraction: float, target_ratio: float) -> float:
-    """``fraction``, or less if that is enough to reach ``target_ratio`` exactly."""
-    alive, total = count(masks)
-    needed = 1 - total / (target_ratio * alive)
-    return max(0.0, min(fraction, needed))
+    """``fraction``, or what reaches ``target_ratio`` exactly when that is less or only
+    slightly more (within 1 % of the survivors): the last round lands on the target instead
+    of leaving a handful of weights for one more, wasted round."""
+    alive, _ = count(masks)
+    goal = target_alive(masks, target_ratio)
+    needed = 1 - goal / alive
+    return max(0.0, needed) if alive * (1 - fraction) <= goal * 1.01 else fraction
 
 
 def next_fraction(fraction: float, val_f1: float, dense_f1: float, tolerance: float, alpha: float,

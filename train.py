@@ -317,7 +317,9 @@ def train(model: torch.nn.Module, ds: ECGDataset, cfg: TrainConfig, run_dir: Pat
 
     last_save = time.monotonic()
     epochs = math.ceil(total_steps / steps_per_epoch)
-    while state["step"] < total_steps and not state["stopped"]:
+    # batch > 0 at step == total_steps: killed after the last step, before its epoch's
+    # evaluation and history row; finish that epoch rather than skip it
+    while not state["stopped"] and (state["step"] < total_steps or state["batch"] > 0):
         epoch = state["epoch"]
         batches = length_buckets(ds.lengths, train_idx, cfg.batch_size,
                                  np.random.default_rng([cfg.seed, salt, epoch]))
@@ -478,13 +480,15 @@ def fit_and_report(ctx: Context, model: HannunNet, run_dir: Path, extra: dict, *
     return results
 
 
-def run_dense(ctx: Context, run_dir: Path, flags: dict, data: Path, rewind_step: int = 0) -> dict:
+def run_dense(ctx: Context, run_dir: Path, flags: dict, data: Path, rewind_step: int = 0,
+              need_snapshot: bool = False) -> dict:
     """The dense training of a seed (skipped when finished). Saves ``init.pt`` and the
-    weights at ``rewind_step`` (``rewind_<step>.pt``) for the rewinding methods."""
+    weights at ``rewind_step`` (``rewind_<step>.pt``) for late_reset; a finished run without
+    that snapshot is an error only when ``need_snapshot``."""
     prepare_run(run_dir, flags, data)
     snapshot = run_dir / f"rewind_{rewind_step}.pt"
     if (run_dir / METRICS).is_file():
-        if rewind_step and not snapshot.is_file():
+        if need_snapshot and rewind_step and not snapshot.is_file():
             have = sorted(p.name for p in run_dir.glob("rewind_*.pt"))
             raise SystemExit(f"error: {run_dir} finished without weights at step {rewind_step} "
                              f"(it has {have or 'none'}); use that --rewind-to or another --out")
@@ -560,13 +564,13 @@ def run_lottery(ctx: Context, args: argparse.Namespace, flags: dict, data: Path)
         raise SystemExit(f"error: --rewind-to {args.rewind_to} is step {k}, outside the {ctx.total_steps} "
                          "steps of dense training")
     dense_flags = {f: v for f, v in flags.items() if f not in PRUNING_FLAGS}
-    dense = run_dense(ctx, seed_dir / "dense", dense_flags, data, k)
+    dense = run_dense(ctx, seed_dir / "dense", dense_flags, data, k, need_snapshot=method == "late_reset")
     method_dir = seed_dir / method
     prepare_run(method_dir, {f: v for f, v in flags.items() if f not in CONTROL_FLAGS}, data)
     final_lr = ctx.cfg.lr * ctx.cfg.gamma ** len(ctx.cfg.milestones)
     lr_fn = (lambda i: final_lr) if method == "finetune" else (lambda i: lr_at(ctx.cfg, k + i, ctx.steps_per_epoch))
     init = ctx.load(seed_dir / "dense" / INIT)
-    early = ctx.load(seed_dir / "dense" / f"rewind_{k}.pt") if k else init
+    early = ctx.load(seed_dir / "dense" / f"rewind_{k}.pt") if k and method == "late_reset" else init
 
     def start_weights(previous_trained: dict) -> dict:
         return {"weight_rewind": init, "late_reset": early}.get(method, previous_trained)
@@ -581,23 +585,28 @@ def run_lottery(ctx: Context, args: argparse.Namespace, flags: dict, data: Path)
                     True, parameters)]
     history = [(0, masks, trained)]  # accepted rounds: (round, masks, trained weights)
     fraction, r, attempt = args.prune_fraction, 1, 0
-    while r <= args.rounds and pm.compression_ratio(masks) < args.target_ratio * (1 - 1e-9):
+    while r <= args.rounds and not pm.reached(masks, args.target_ratio):
         f = pm.fraction_to_reach(masks, fraction, args.target_ratio)
         d = round_dir(method_dir, r, attempt)
-        d.mkdir(parents=True, exist_ok=True)
         if (d / MASK).is_file():
             new_masks = ctx.load(d / MASK)
         else:
             model.load_state_dict(trained)
             new_masks = pm.magnitude_prune(model, masks, f, args.prune_scope, dict(args.layer_fraction))
+            if pm.count(new_masks)[0] == pm.count(masks)[0]:  # e.g. layerwise rounding at the very end
+                if not ctx.quiet:
+                    print(f"{d}: a fraction of {f:.4g} prunes no weight; "
+                          f"stopping at {pm.compression_ratio(masks):.1f}x")
+                break
+            d.mkdir(parents=True, exist_ok=True)
             atomic_save(new_masks, d / MASK)
+            atomic_write_text(pm.sparsity_report(new_masks).to_csv(index=False), d / "sparsity.csv")
         if (d / METRICS).is_file():
             metrics = json.loads((d / METRICS).read_text())
         else:
             metrics = retrain(ctx, d, start_weights(trained), new_masks, lr_fn, ctx.total_steps - k,
                               {"round": r, "attempt": attempt, "fraction": f,
                                "compression": pm.compression_ratio(new_masks)})
-            atomic_write_text(pm.sparsity_report(new_masks).to_csv(index=False), d / "sparsity.csv")
         accepted, fraction = (pm.next_fraction(f, metrics["val"]["challenge_f1"], dense["val"]["challenge_f1"],
                                                args.tolerance, args.alpha, args.min_fraction)
                               if args.goal else (True, fraction))

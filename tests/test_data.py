@@ -152,6 +152,7 @@ class _RangeHandler(http.server.BaseHTTPRequestHandler):
                 self.send_error(416)
                 return
             self.send_response(206)
+            self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
         else:
             self.send_response(200)
         self.send_header("Content-Length", str(len(body) - start))

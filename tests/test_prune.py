@@ -106,6 +106,21 @@ def test_goal_schedule_rules() -> None:
     f = pm.fraction_to_reach(masks, 0.5, target_ratio=12.0)
     assert f < 0.5
     assert pm.compression_ratio(pm.magnitude_prune(model, masks, f)) == pytest.approx(12.0, rel=1e-3)
+
+
+@pytest.mark.parametrize("scope", ["global", "layerwise"])
+def test_schedule_lands_on_the_target_without_extra_rounds(scope: str) -> None:
+    """Rounding must neither stall just short of the target nor cost an extra round for a
+    handful of weights: 0.5 per round to 64x is 6 rounds, and the ratio is >= 64x."""
+    model = small_net()
+    masks = pm.full_masks(model)
+    rounds = 0
+    while not pm.reached(masks, 64.0):
+        masks = pm.magnitude_prune(model, masks, pm.fraction_to_reach(masks, 0.5, 64.0), scope)
+        rounds += 1
+        assert rounds <= 7
+    assert pm.compression_ratio(masks) >= 64.0 - 1e-9
+    assert rounds == pm.rounds_to_reach(64.0, 0.5) == 6
     # accept within tolerance of dense; otherwise retry at fraction / alpha
     rule = dict(dense_f1=0.80, tolerance=0.01, alpha=2, min_fraction=0.01)
     assert pm.next_fraction(0.2, val_f1=0.7921, **rule) == (True, 0.2)  # bar: 0.80 * 0.99 = 0.792

@@ -186,3 +186,23 @@ def test_bad_pruning_flags(argv: list[str]) -> None:
     with pytest.raises(SystemExit) as exc:
         tr.parse_args(argv)
     assert exc.value.code == 2
+
+
+def test_winners_need_every_seed_and_a_pruned_round() -> None:
+    """Tolerance bar 0.8 * 0.99 = 0.792. weight_rewind: 4x holds on both seeds, 8x only on
+    one seed (as under --goal), so 4x wins; finetune never holds after round 0: no winner."""
+    rows = []
+    for seed in (0, 1):
+        for method, f1s in [("weight_rewind", [0.80, 0.80, 0.795]), ("finetune", [0.80, 0.70, 0.60])]:
+            for r, (ratio, f1) in enumerate(zip([1.0, 2.0, 4.0], f1s, strict=True)):
+                rows.append({"method": method, "control": "none", "seed": seed, "round": r,
+                             "compression": ratio, "val_challenge_f1": f1, "test_challenge_f1": f1,
+                             "test_accuracy": f1, "remaining": 100 / ratio})
+        rows.append({"method": "weight_rewind", "control": "none", "seed": seed, "round": 3,
+                     "compression": 8.0 if seed == 0 else 6.0, "val_challenge_f1": 0.80,
+                     "test_challenge_f1": 0.80, "test_accuracy": 0.80, "remaining": 12})
+    table = pd.DataFrame(rows)
+    best = plot_results.winners(table, tolerance=0.01)
+    assert best[["method", "compression_val"]].values.tolist() == [["weight_rewind", 4.0]]
+    text = plot_results.summary(table, best, 0.01)
+    assert "| finetune | none | none within tolerance |" in text

@@ -115,6 +115,29 @@ def test_interrupted_run_resumes_to_the_same_weights(tiny_data: Path, tmp_path: 
         assert torch.equal(a, b), name
 
 
+def test_run_killed_during_the_last_evaluation_still_records_it(
+        tiny_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    args = tr.parse_args(tiny_train_args(tiny_data, tmp_path / "x"))
+    cfg = tr.config_from_args(args)
+    ds = load_dataset(tiny_data)
+    torch.manual_seed(0)
+    model = HannunNet(cfg.model)
+    real_evaluate, calls = tr.evaluate, []
+
+    def evaluate_then_die(*a, **k):  # noqa: ANN002, ANN003
+        calls.append(1)
+        if len(calls) == cfg.epochs:  # the last epoch's evaluation
+            raise KeyboardInterrupt
+        return real_evaluate(*a, **k)
+
+    monkeypatch.setattr(tr, "evaluate", evaluate_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        tr.train(model, ds, cfg, tmp_path, torch.device("cpu"), bf16=False, checkpoint_minutes=0, quiet=True)
+    monkeypatch.setattr(tr, "evaluate", real_evaluate)
+    history = tr.train(model, ds, cfg, tmp_path, torch.device("cpu"), bf16=False, quiet=True)
+    assert [h["epoch"] for h in history] == list(range(1, cfg.epochs + 1))
+
+
 def test_finished_run_is_not_retrained_and_other_flags_are_refused(
         tiny_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     out = tmp_path / "run"
