@@ -523,7 +523,10 @@ def build(args: argparse.Namespace) -> Path:
             print(f"{out} is already built with these flags; nothing to do")
             return out
         if not args.overwrite:
-            raise DatasetError(f"{out} was built with other flags ({old}); pass --overwrite to "
+            old = old or {}
+            diff = ", ".join(f"--{k.replace('_', '-')} {old.get(k)} (now {v})"
+                             for k, v in flags.items() if old.get(k) != v)
+            raise DatasetError(f"{out} was built with other flags: {diff}; pass --overwrite to "
                                "replace it or --out for a new folder")
     if args.synthetic:
         names, labels, raw = synthesize(args.synthetic, args.seed)

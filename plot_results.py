@@ -101,7 +101,7 @@ def plot_compression(table: pd.DataFrame, split: str, out: Path) -> None:
             style, suffix = CONTROL_STYLE.get(control, ("-", ""))
             label = LABELS.get(method, method) + (f", {suffix}" if suffix else "")
             color = COLORS.get(method, None)
-            ax.plot(c["compression"], c["mean"], style, marker="o" if control == "none" else None, ms=3.5,
+            ax.plot(c["compression"], c["mean"], style, marker="o" if control == "none" else "x", ms=3.5,
                     color=color, lw=1.6 if control == "none" else 1.2, label=label)
             if c["seeds"].max() > 1:
                 ax.fill_between(c["compression"], c["low"], c["high"], color=color, alpha=0.12, lw=0)
@@ -113,7 +113,7 @@ def plot_compression(table: pd.DataFrame, split: str, out: Path) -> None:
         ax.set_xlabel("compression ratio (prunable weights / surviving weights)")
         ax.set_ylabel(f"{split} {name}")
         ax.grid(True, which="both", alpha=0.25)
-        ticks = [t for t in (1, 2, 5, 10, 20, 50, 100, 142, 200, 500) if t <= max(table["compression"].max(), 150)]
+        ticks = [t for t in (1, 2, 5, 10, 20, 50, 142, 500, 1000) if t <= max(table["compression"].max(), 150)]
         ax.set_xticks(ticks, [f"{t}x" for t in ticks])
         ax.minorticks_off()
     seeds = table["seed"].nunique()

@@ -12,21 +12,24 @@ cd "$(dirname "$0")"
 
 # --- data
 DATASET=synthetic          # synthetic | cinc2017
-SYNTHETIC_RECORDS=400      # records of the synthetic demo set
+SYNTHETIC_RECORDS=800      # records of the synthetic demo set
 SOURCE=../shared/data/cinc2017/training2017   # CinC 2017 .mat/.hea folder
 DOWNLOAD=0                 # 1: fetch training2017.zip from PhysioNet into data/raw first
 SPLIT_SEED=0               # seed of the stratified train/val/test split
 # --- network and dense training (train.py)
-WIDTH=0.125                # filter multiplier: 1 = the published 10.47 M-parameter network
+WIDTH=0.25                 # filter multiplier: 1 = the published 10.47 M-parameter network
+BLOCKS=8                   # residual blocks: 16 = the published 34-layer network
 CROP=1024                  # train on random windows of this many samples (0 = whole records)
-EPOCHS=8                   # dense schedule length T; every pruning round retrains steps [k, T)
-LR=0.003
+EPOCHS=5                   # dense schedule length T; every pruning round retrains steps [k, T)
+BATCH=16
+LR=0.001
+MILESTONES=0.7             # fractions of T where the LR drops x0.1 (published recipe: 0.5,0.75)
 DEVICE=auto                # auto | cpu | cuda
 # --- pruning rounds (run_experiments.py -> train.py --retrain)
 METHODS=finetune,weight_rewind,lr_rewind,late_reset
 CONTROLS=random_reinit,random_prune
 CONTROL_METHODS=weight_rewind   # whose tickets the controls test ('all' for every method)
-CONTROL_EVERY=2            # run the controls at every n-th round (and the last)
+CONTROL_EVERY=3            # run the controls at every n-th round (and the last)
 SEEDS=0,1
 FRACTION=0.5               # share of surviving weights pruned per round
 TARGET=64                  # stop at this compression ratio
@@ -43,7 +46,8 @@ fi
 
 python run_experiments.py --exp "$EXP" --seeds "$SEEDS" --methods "$METHODS" --controls "$CONTROLS" \
     --control-methods "$CONTROL_METHODS" --control-every "$CONTROL_EVERY" \
-    --data "data/$DATASET" --width "$WIDTH" --crop "$CROP" --epochs "$EPOCHS" --lr "$LR" --device "$DEVICE" \
+    --data "data/$DATASET" --width "$WIDTH" --blocks "$BLOCKS" --crop "$CROP" --epochs "$EPOCHS" --batch-size "$BATCH" \
+    --lr "$LR" --milestones "$MILESTONES" --device "$DEVICE" \
     --prune-fraction "$FRACTION" --target-ratio "$TARGET" --rewind-to "$REWIND_TO" --quiet
 
 python plot_results.py --exp "$EXP"
