@@ -10,6 +10,7 @@ Reads ``EXP/results.csv`` (from run_experiments.py) and writes into ``EXP/plots/
   summary.md            the winning ticket of each method: the largest compression whose
                         mean validation challenge F1 stays within --tolerance of the dense
                         network's, with its test F1 (mean +- sd over seeds)
+  winners.csv           the same table, best first, for export_ticket.py --winner
 
 Tickets are chosen on the validation split; the test split is only reported.
 """
@@ -190,8 +191,12 @@ def main(argv: list[str] | None = None) -> None:
         plot_layers(exp, table, tickets.iloc[0], out)
     text = summary(table, best, args.tolerance)
     (out / "summary.md").write_text(text)
+    cols = ["method", "control", "round", "compression_val", "mean_val", "mean_test", "sd_test"]
+    best[cols].rename(columns={"compression_val": "compression", "mean_val": "val_challenge_f1",
+                               "mean_test": "test_challenge_f1", "sd_test": "test_challenge_f1_sd"}).to_csv(
+        out / "winners.csv", index=False, float_format="%.6g")
     print(text)
-    print(f"wrote {out}/compression.png/.svg, {'layers.png/.svg, ' if len(tickets) else ''}summary.md")
+    print(f"wrote {out}/compression.png/.svg, {'layers.png/.svg, ' if len(tickets) else ''}summary.md, winners.csv")
 
 
 if __name__ == "__main__":

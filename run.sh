@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Driver: build the data -> run the lottery-ticket comparison -> plot it.
+# Driver: build the data -> run the lottery-ticket comparison -> plot it -> export the winning ticket.
 # Edit the variables below. Every step skips work that is already done, so re-running this
 # script after an interruption (Ctrl-C, kill -9, power cut) continues where it stopped.
 #
@@ -51,3 +51,11 @@ python run_experiments.py --exp "$EXP" --seeds "$SEEDS" --methods "$METHODS" --c
     --prune-fraction "$FRACTION" --target-ratio "$TARGET" --rewind-to "$REWIND_TO" --quiet
 
 python plot_results.py --exp "$EXP"
+
+# the most compressed winning ticket (seed 0) as a compact file, with its size, FLOPs,
+# latency and F1 report; then classify records with predict.py --ticket "$EXP/ticket/ticket-fp32.npz"
+if grep -q "^[a-z_]*,none," "$EXP/plots/winners.csv"; then
+    python export_ticket.py --exp "$EXP" --winner --out "$EXP/ticket" --data "data/$DATASET"
+else
+    echo "no ticket within the tolerance of dense: nothing to export"
+fi

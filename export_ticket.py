@@ -1,0 +1,522 @@
+"""Export a lottery ticket as a genuinely small network, and measure what it really saves.
+
+A pruned network saved by train.py is a dense fp32 checkpoint full of zeros: no smaller than
+the dense one. This script writes a ticket (a pruning round's folder, or a dense run) in a
+compact format and accounts for it honestly:
+
+  ticket-<dtype>.npz  per pruned layer only the surviving weights (fp32, fp16, or int8 with a
+                      per-layer scale) plus a cheap index of where they sit: a bitmask
+                      (1 bit per weight) or, when fewer bytes, the gaps between survivors
+                      (uint16/uint32 each); biases and BatchNorm as fp32; the network's
+                      configuration and input normalisation as JSON. ``load_ticket`` rebuilds
+                      the network exactly (fp32) or dequantised (fp16, int8).
+  ticket.onnx         (--onnx) the same network for ONNX runtimes, checked against PyTorch.
+  report.json / .md   non-zero parameters (with and without biases and BatchNorm), bytes on
+                      disk of the dense fp32 checkpoint, of each ticket file and of both
+                      xz-compressed, FLOPs per 30-s record dense vs sparse, CPU latency per
+                      30-s record at 1 and 2 threads for the dense network and the ticket
+                      (dense kernels, dead inner channels removed, sparse CSR kernels), and
+                      with --data the validation/test F1 of every exported variant next to
+                      the trained ticket's.
+
+Example:
+    python export_ticket.py --run results/demo/seed0/lr_rewind/round_05 --out tickets/demo \\
+        --data data/synthetic --onnx
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import io
+import json
+import lzma
+import math
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import prune as pm
+import train
+from build_datasets import DatasetError, atomic_write, code_version, load_dataset
+from model import CLASSES, HannunConfig, HannunNet, SameConv1d
+
+DTYPES = ("fp32", "fp16", "int8")
+RECORD_SECONDS = 30
+FS = 200
+
+
+class TicketError(Exception):
+    """A run folder or ticket file that cannot be exported or loaded; names the file."""
+
+
+# --------------------------------------------------------------------------- reading a run
+
+
+def read_run(run: Path) -> tuple[HannunConfig, dict, pm.Masks | None, dict, dict]:
+    """(network config, trained weights, masks or None for a dense run, normaliser, metrics)
+    of a train.py run folder (``<seed>/dense`` or ``<seed>/<method>/round_NN``)."""
+    weights = run / train.FINAL
+    if not weights.is_file():
+        raise TicketError(f"{run} holds no trained network ({weights.name} missing): is the run finished?")
+    config = next((p / train.CONFIG for p in (run, run.parent) if (p / train.CONFIG).is_file()), None)
+    if config is None:
+        raise TicketError(f"no {train.CONFIG} in {run} or {run.parent}: not a train.py run folder")
+    try:
+        model_cfg = HannunConfig(**json.loads(config.read_text())["flags"]["model"])
+        metrics = json.loads((run / train.METRICS).read_text())
+        norm = metrics["normalizer"]
+        state = torch.load(weights, map_location="cpu", weights_only=True)
+        masks = torch.load(run / train.MASK, map_location="cpu", weights_only=True) \
+            if (run / train.MASK).is_file() else None
+    except (OSError, KeyError, ValueError, RuntimeError) as e:
+        raise TicketError(f"{run}: unreadable run files ({type(e).__name__}: {e})") from e
+    return model_cfg, state, masks, norm, metrics
+
+
+def build_model(cfg: HannunConfig, state: dict) -> HannunNet:
+    model = HannunNet(cfg)
+    model.load_state_dict(state)
+    return model.eval()
+
+
+# --------------------------------------------------------------------------- compact format
+
+
+def encode_layer(weight: torch.Tensor, mask: torch.Tensor) -> tuple[np.ndarray, str, bytes]:
+    """(surviving values as fp32, index kind, index bytes) of one layer; the index is the
+    cheaper of a bitmask (1 bit per weight) and the gaps between survivors (2 or 4 bytes
+    per survivor)."""
+    w = weight.detach().float().flatten().numpy()
+    flat = mask.flatten().cpu().numpy().astype(bool)
+    pos = np.flatnonzero(flat)
+    gaps = np.diff(pos, prepend=-1)  # >= 1; survivors at cumsum(gaps) - 1
+    gap_type = np.uint16 if len(gaps) == 0 or gaps.max() <= np.iinfo(np.uint16).max else np.uint32
+    if w.size / 8 <= len(pos) * np.dtype(gap_type).itemsize:
+        return w[pos], "bits", np.packbits(flat).tobytes()
+    return w[pos], f"gaps{8 * np.dtype(gap_type).itemsize}", gaps.astype(gap_type).tobytes()
+
+
+def decode_mask(kind: str, index: bytes, shape: tuple[int, ...]) -> np.ndarray:
+    n = math.prod(shape)
+    if kind == "bits":
+        return np.unpackbits(np.frombuffer(index, dtype=np.uint8), count=n).astype(bool)
+    gaps = np.frombuffer(index, dtype={"gaps16": np.uint16, "gaps32": np.uint32}[kind]).astype(np.int64)
+    mask = np.zeros(n, dtype=bool)
+    mask[np.cumsum(gaps) - 1] = True
+    return mask
+
+
+def quantize(values: np.ndarray, dtype: str) -> tuple[np.ndarray, float]:
+    """(stored values, scale): fp32 and fp16 as they are, int8 symmetric per layer."""
+    if dtype != "int8":
+        return values.astype(np.float32 if dtype == "fp32" else np.float16), 1.0
+    top = float(np.abs(values).max()) if len(values) else 0.0
+    scale = top / 127 if top > 0 else 1.0
+    return np.clip(np.round(values / scale), -127, 127).astype(np.int8), scale
+
+
+def other_keys(model: HannunNet) -> list[str]:
+    """State entries stored densely, in a fixed order: all but the pruned weights and the
+    BatchNorm step counters. The layout follows from the configuration, so the file holds
+    no names or shapes."""
+    pruned = {f"{n}.weight" for n in pm.prunable_weights(model)}
+    return [k for k in model.state_dict() if k not in pruned and not k.endswith("num_batches_tracked")]
+
+
+def ticket_arrays(cfg: HannunConfig, state: dict, masks: pm.Masks | None, norm: dict, dtype: str,
+                  source: str) -> dict[str, np.ndarray]:
+    """Everything a ticket file holds, packed into five arrays (few headers: the format's
+    overhead stays ~1 KB): ``values`` (survivors of all pruned layers, in ``dtype``),
+    ``scales`` (per layer), ``index`` (all layers' bitmasks or gaps), ``others`` (biases and
+    BatchNorm, fp32) and ``meta`` (JSON: configuration, normaliser, and per pruned layer in
+    the network's order: survivors, index kind, index bytes)."""
+    model = build_model(cfg, state)
+    masks = masks if masks is not None else pm.full_masks(model)
+    values, scales, index, layers = [], [], [], []
+    for name, weight in pm.prunable_weights(model).items():
+        mask = masks.get(name, torch.ones_like(weight, dtype=torch.bool)).cpu()
+        survivors, kind, idx = encode_layer(weight * mask, mask)
+        stored, scale = quantize(survivors, dtype)
+        values.append(stored)
+        scales.append(scale)
+        index.append(idx)
+        layers.append([len(survivors), kind, len(idx)])
+    others = [state[k].detach().float().cpu().numpy().ravel() for k in other_keys(model)]
+    meta = {"format": "ecg-lth ticket 1", "model": vars(cfg), "normalizer": norm, "classes": list(CLASSES),
+            "fs": FS, "dtype": dtype, "layers": layers, "source": source, "code_version": code_version()}
+    return {"values": np.concatenate(values), "scales": np.asarray(scales, dtype=np.float32),
+            "index": np.frombuffer(b"".join(index), dtype=np.uint8),
+            "others": np.concatenate(others).astype(np.float32),
+            "meta": np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)}
+
+
+def save_ticket(arrays: dict[str, np.ndarray], path: Path) -> int:
+    """Write a ticket atomically; returns its size in bytes."""
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    atomic_write(path, buf.getvalue())
+    return len(buf.getvalue())
+
+
+def load_ticket(path: Path | str) -> tuple[HannunNet, dict]:
+    """The network of a ticket file (eval mode, pruned weights exactly zero) and its meta."""
+    path = Path(path)
+    try:
+        z = np.load(path, allow_pickle=False)
+        if not isinstance(z, np.lib.npyio.NpzFile):
+            raise ValueError("an .npy array, not an .npz ticket from export_ticket.py")
+        with z:
+            arrays = {k: z[k] for k in ("values", "scales", "index", "others", "meta")}
+        meta = json.loads(arrays["meta"].tobytes())
+        model = HannunNet(HannunConfig(**meta["model"]))
+        state = model.state_dict()
+        v = i = o = 0
+        index = arrays["index"].tobytes()
+        weights = pm.prunable_weights(model)
+        if len(meta["layers"]) != len(weights):
+            raise ValueError(f"{len(meta['layers'])} pruned layers stored, the network has {len(weights)}")
+        for (name, weight), (n, kind, nbytes), scale in zip(weights.items(), meta["layers"], arrays["scales"],
+                                                             strict=True):
+            mask = decode_mask(kind, index[i:i + nbytes], tuple(weight.shape))
+            if int(mask.sum()) != n:
+                raise ValueError(f"layer {name}: index holds {int(mask.sum())} survivors, expected {n}")
+            w = np.zeros(weight.numel(), dtype=np.float32)
+            w[mask] = arrays["values"][v:v + n].astype(np.float32) * np.float32(scale)
+            state[f"{name}.weight"] = torch.from_numpy(w).view(weight.shape)
+            v, i = v + n, i + nbytes
+        for key in other_keys(model):
+            n = state[key].numel()
+            state[key] = torch.from_numpy(arrays["others"][o:o + n].copy()).view(state[key].shape)
+            o += n
+        model.load_state_dict(state)
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as e:
+        raise TicketError(f"{path}: not a readable ticket file ({type(e).__name__}: {e})") from e
+    return model.eval(), meta
+
+
+# --------------------------------------------------------------------------- accounting
+
+
+def record_input(samples: int = RECORD_SECONDS * FS, stride: int = 256) -> torch.Tensor:
+    """A 30-s record at 200 Hz, zero-padded to the output stride as training does."""
+    torch.manual_seed(0)
+    return torch.randn(1, 1, stride * math.ceil(samples / stride))
+
+
+def flops_per_record(model: nn.Module, x: torch.Tensor) -> tuple[int, int]:
+    """(dense, sparse) multiply-add FLOPs (2 per MAC) of the convolutions and the linear
+    layer for input ``x``; sparse counts only the non-zero weights. BatchNorm, ReLU and
+    pooling (under 1 % here) are left out of both."""
+    dense = sparse = 0
+
+    def hook(m: nn.Module, _: tuple, out: torch.Tensor) -> None:
+        nonlocal dense, sparse
+        positions = out.shape[0] * out.shape[-1] if isinstance(m, nn.Conv1d) else out.numel() // m.out_features
+        dense += 2 * positions * m.weight.numel()
+        sparse += 2 * positions * int(torch.count_nonzero(m.weight))
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Conv1d, nn.Linear))]
+    with torch.inference_mode():
+        model(x)
+    for h in handles:
+        h.remove()
+    return dense, sparse
+
+
+def parameter_counts(model: nn.Module) -> dict[str, int]:
+    prunable = pm.prunable_weights(model)
+    weights = sum(int(torch.count_nonzero(w)) for w in prunable.values())
+    others = sum(p.numel() for n, p in model.named_parameters() if n.rsplit(".", 1)[0] not in prunable
+                 or not n.endswith("weight"))
+    return {"parameters": sum(p.numel() for p in model.parameters()),
+            "prunable_weights": sum(w.numel() for w in prunable.values()),
+            "nonzero_weights": weights, "nonzero_with_biases_and_bn": weights + others}
+
+
+def xz_size(data: bytes) -> int:
+    return len(lzma.compress(data, preset=9))
+
+
+# --------------------------------------------------------------------------- faster sparse inference
+
+
+def shrink(model: HannunNet) -> HannunNet:
+    """A copy without the dead inner channels of each residual block: a channel between
+    conv1 and conv2 that conv2 never reads (all its weights zero) is removed from conv1,
+    bn2 and conv2. Exact: the removed values are multiplied by zero."""
+    model = copy.deepcopy(model)
+    for block in model.blocks:
+        keep = block.conv2.weight.detach().abs().sum(dim=(0, 2)) > 0
+        if keep.all():
+            continue
+        keep = keep if keep.any() else torch.arange(len(keep)) == 0  # keep one channel
+        c1, bn, c2 = block.conv1, block.bn2, block.conv2
+        new1 = SameConv1d(c1.in_channels, int(keep.sum()), c1.kernel_size[0], c1.stride[0])
+        new2 = SameConv1d(int(keep.sum()), c2.out_channels, c2.kernel_size[0], 1)
+        newbn = nn.BatchNorm1d(int(keep.sum()))
+        with torch.no_grad():
+            new1.weight.copy_(c1.weight[keep])
+            new1.bias.copy_(c1.bias[keep])
+            new2.weight.copy_(c2.weight[:, keep])
+            new2.bias.copy_(c2.bias)
+            for name in ("weight", "bias", "running_mean", "running_var"):
+                getattr(newbn, name).copy_(getattr(bn, name)[keep])
+        block.conv1, block.bn2, block.conv2 = new1, newbn.eval(), new2
+    return model.eval()
+
+
+class SparseConv1d(nn.Module):
+    """Inference-only conv as im2col + a CSR sparse matrix product, for very sparse layers."""
+
+    def __init__(self, conv: SameConv1d):
+        super().__init__()
+        out_ch = conv.out_channels
+        with warnings.catch_warnings():  # "Sparse CSR tensor support is in beta state"
+            warnings.simplefilter("ignore", UserWarning)
+            self.weight = conv.weight.detach().reshape(out_ch, -1).to_sparse_csr()
+        self.bias = conv.bias.detach().clone()
+        self.k, self.stride, self.padding, self.same_pad = (conv.kernel_size[0], conv.stride[0],
+                                                            conv.padding[0], conv.same_pad)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.pad(x, self.same_pad if self.same_pad is not None else (self.padding, self.padding))
+        cols = x.unfold(2, self.k, self.stride)  # [B, in, L_out, k]
+        b, c, n, k = cols.shape
+        cols = cols.permute(1, 3, 0, 2).reshape(c * k, b * n)  # rows ordered (in, k) like the weight
+        y = torch.sparse.mm(self.weight, cols) + self.bias[:, None]
+        return y.view(-1, b, n).transpose(0, 1)
+
+
+def sparsify(model: HannunNet, max_density: float = 0.1) -> HannunNet:
+    """A copy whose convs with at most ``max_density`` non-zero weights use SparseConv1d."""
+    model = copy.deepcopy(model)
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, SameConv1d):
+                density = float(torch.count_nonzero(child.weight)) / child.weight.numel()
+                if density <= max_density:
+                    setattr(parent, name, SparseConv1d(child))
+    return model.eval()
+
+
+def latency_ms(model: nn.Module, x: torch.Tensor, threads: int, seconds: float = 2.0) -> float:
+    """Median wall time of one forward pass (batch of one record) at ``threads`` threads."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.inference_mode():
+            for _ in range(3):
+                model(x)
+            times: list[float] = []
+            end = time.perf_counter() + seconds
+            while time.perf_counter() < end or len(times) < 5:
+                t0 = time.perf_counter()
+                model(x)
+                times.append(time.perf_counter() - t0)
+    finally:
+        torch.set_num_threads(before)
+    return 1000 * statistics.median(times)
+
+
+# --------------------------------------------------------------------------- ONNX
+
+
+def export_onnx(model: nn.Module, x: torch.Tensor, path: Path) -> float:
+    """Write ``model`` as ONNX (any batch size and length) and return the largest absolute
+    difference between onnxruntime's logits and PyTorch's on ``x``."""
+    try:
+        import onnxruntime  # noqa: PLC0415 - optional dependency
+    except ImportError as e:
+        raise TicketError("--onnx needs the optional packages in requirements-export.txt "
+                          "(pip install -r requirements-export.txt)") from e
+    batch, samples = torch.export.Dim("batch"), torch.export.Dim("steps")
+    stride = model.cfg.stride
+    program = torch.onnx.export(model, (x,), dynamo=True, input_names=["ecg"], output_names=["logits"],
+                                dynamic_shapes={"x": {0: batch, 2: stride * samples}}, verbose=False)
+    program.save(str(path))
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    probe = torch.cat([x, x.flip(-1)])[..., : x.shape[-1] - stride]  # another batch size and length
+    with torch.inference_mode():
+        expected = model(probe).numpy()
+    got = session.run(None, {"ecg": probe.numpy()})[0]
+    return float(np.abs(got - expected).max())
+
+
+# --------------------------------------------------------------------------- F1 of the exports
+
+
+def evaluate_variants(variants: dict[str, nn.Module], data: Path, norm: dict, stride: int
+                      ) -> dict[str, dict[str, float]]:
+    """Validation and test challenge F1 and accuracy of each network on ``data``."""
+    ds = load_dataset(data)
+    batcher = train.Batcher(ds, train.Normalizer(**norm), stride, torch.device("cpu"))
+    cfg = train.TrainConfig(eval_batch_size=32)
+    out = {}
+    for label, model in variants.items():
+        row = {}
+        for split in ("val", "test"):
+            m = train.evaluate(model, batcher, ds, split, cfg, bf16=False)
+            row[f"{split}_challenge_f1"], row[f"{split}_accuracy"] = m["challenge_f1"], m["accuracy"]
+        out[label] = row
+    return out
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def report_markdown(r: dict) -> str:
+    c, b = r["counts"], r["bytes"]
+    lines = [f"# Ticket {r['source']}", "",
+             f"Code version {r['code_version']}; compression {c['prunable_weights'] / c['nonzero_weights']:.1f}x "
+             "of the prunable weights.", "",
+             "| | dense | ticket | reduction |", "| --- | ---: | ---: | ---: |",
+             f"| weights of convs + linear | {c['prunable_weights']:,} | {c['nonzero_weights']:,} | "
+             f"{c['prunable_weights'] / c['nonzero_weights']:.1f}x |",
+             f"| all parameters (with biases, BatchNorm) | {c['parameters']:,} | {c['nonzero_with_biases_and_bn']:,} | "
+             f"{c['parameters'] / c['nonzero_with_biases_and_bn']:.1f}x |",
+             f"| FLOPs per 30-s record | {r['flops']['dense']:,} | {r['flops']['sparse']:,} | "
+             f"{r['flops']['dense'] / r['flops']['sparse']:.1f}x |"]
+    for dtype in r["dtypes"]:
+        lines.append(f"| bytes on disk, {dtype} ticket (fp32 dense checkpoint) | {b['dense_fp32']:,} | "
+                     f"{b[f'ticket_{dtype}']:,} | {b['dense_fp32'] / b[f'ticket_{dtype}']:.1f}x |")
+        lines.append(f"| bytes xz-compressed, {dtype} | {b['dense_fp32_xz']:,} | {b[f'ticket_{dtype}_xz']:,} | "
+                     f"{b['dense_fp32_xz'] / b[f'ticket_{dtype}_xz']:.1f}x |")
+    lines += ["", "CPU latency per 30-s record (batch 1, fp32, median ms):", "",
+              "| network | " + " | ".join(f"{t} thread{'s' * (t > 1)}" for t in r["threads"]) + " |",
+              "| --- |" + " ---: |" * len(r["threads"])]
+    for label, times in r["latency_ms"].items():
+        lines.append(f"| {label} | " + " | ".join(f"{times[str(t)]:.1f}" for t in r["threads"]) + " |")
+    if r.get("f1"):
+        lines += ["", "| network | val challenge F1 | test challenge F1 | val accuracy | test accuracy |",
+                  "| --- | ---: | ---: | ---: | ---: |"]
+        for label, m in r["f1"].items():
+            lines.append(f"| {label} | {m['val_challenge_f1']:.4f} | {m['test_challenge_f1']:.4f} | "
+                         f"{m['val_accuracy']:.4f} | {m['test_accuracy']:.4f} |")
+    if "onnx_max_abs_diff" in r:
+        lines += ["", f"ONNX: {r['onnx_bytes']:,} bytes; largest |logit difference| to PyTorch: "
+                  f"{r['onnx_max_abs_diff']:.2e}"]
+    return "\n".join(lines) + "\n"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run", type=Path, help="a finished run folder: <exp>/seedS/<method>/round_NN or .../dense")
+    p.add_argument("--exp", type=Path, help="or: experiment folder, with --method, --round and --seed, or --winner")
+    p.add_argument("--winner", action="store_true",
+                   help="with --exp: the most compressed winning ticket in EXP/plots/winners.csv (plot_results.py)")
+    p.add_argument("--method", help="retraining method (with --exp)")
+    p.add_argument("--round", type=int, help="pruning round (with --exp; 0 = the dense network)")
+    p.add_argument("--seed", type=int, default=0, help="seed (with --exp)")
+    p.add_argument("--out", type=Path, required=True, help="folder for the ticket files and report")
+    p.add_argument("--dtypes", default="fp32,fp16,int8", help=f"comma-separated, from {', '.join(DTYPES)}")
+    p.add_argument("--data", type=Path, help="data set folder: also evaluate every exported variant on it")
+    p.add_argument("--onnx", action="store_true", help="also write ticket.onnx (needs requirements-export.txt)")
+    p.add_argument("--threads", default="1,2", help="CPU thread counts for the latency table")
+    p.add_argument("--latency-seconds", type=float, default=2.0, help="time spent measuring each latency")
+    args = p.parse_args(argv)
+    if (args.run is None) == (args.exp is None):
+        p.error("give either --run or --exp with --method and --round")
+    if args.exp is not None and args.winner:
+        table = args.exp / "plots" / "winners.csv"
+        if not table.is_file():
+            p.error(f"{table} not found: run plot_results.py --exp {args.exp} first")
+        rows = pd.read_csv(table)
+        rows = rows[(rows["control"] == "none") & ((rows["method"] == args.method) if args.method else True)]
+        if rows.empty:
+            p.error(f"{table} has no winning ticket{' for ' + args.method if args.method else ''}")
+        args.method, args.round = rows.iloc[0]["method"], int(rows.iloc[0]["round"])
+        print(f"winner: {args.method}, round {args.round}, {rows.iloc[0]['compression']:.1f}x")
+    if args.exp is not None:
+        if args.method is None or args.round is None:
+            p.error("--exp needs --method and --round, or --winner")
+        seed_dir = args.exp / f"seed{args.seed}"
+        args.run = seed_dir / "dense" if args.round == 0 else seed_dir / args.method / f"round_{args.round:02d}"
+    args.dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
+    if not args.dtypes or set(args.dtypes) - set(DTYPES):
+        p.error(f"--dtypes: choose from {', '.join(DTYPES)}, got {args.dtypes}")
+    try:
+        args.threads = [int(t) for t in args.threads.split(",")]
+        assert args.threads and min(args.threads) >= 1
+    except (ValueError, AssertionError):
+        p.error(f"--threads must be positive integers, got {args.threads!r}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    try:
+        cfg, state, masks, norm, trained_metrics = read_run(args.run)
+    except TicketError as e:
+        sys.exit(f"error: {e}")
+    args.out.mkdir(parents=True, exist_ok=True)
+    trained = build_model(cfg, state)
+    if masks is not None:  # the weights are zero where pruned; make sure of it
+        for name, w in pm.prunable_weights(trained).items():
+            w.data.mul_(masks[name])
+    dense_buf = io.BytesIO()
+    torch.save(state, dense_buf)
+    report: dict = {"source": str(args.run), "code_version": code_version(), "dtypes": args.dtypes,
+                    "threads": args.threads, "counts": parameter_counts(trained),
+                    "bytes": {"dense_fp32": len(dense_buf.getvalue()), "dense_fp32_xz": xz_size(dense_buf.getvalue())}}
+    variants: dict[str, nn.Module] = {}
+    for dtype in args.dtypes:
+        path = args.out / f"ticket-{dtype}.npz"
+        size = save_ticket(ticket_arrays(cfg, state, masks, norm, dtype, str(args.run)), path)
+        report["bytes"][f"ticket_{dtype}"] = size
+        report["bytes"][f"ticket_{dtype}_xz"] = xz_size(path.read_bytes())
+        variants[f"exported {dtype}"] = load_ticket(path)[0]
+    exact = variants.get("exported fp32")
+    if exact is not None:
+        report["fp32_roundtrip_exact"] = all(torch.equal(a, exact.state_dict()[k])
+                                             for k, a in trained.state_dict().items()
+                                             if not k.endswith("num_batches_tracked"))
+    x = record_input(stride=cfg.stride)
+    dense_flops, sparse_flops = flops_per_record(trained, x)
+    report["flops"] = {"dense": dense_flops, "sparse": sparse_flops}
+    shrunk = shrink(trained)
+    fast = {"ticket, dense kernels": trained, "ticket, dead channels removed": shrunk,
+            "ticket, dead channels removed + sparse kernels": sparsify(shrunk)}
+    with torch.inference_mode():
+        reference = trained(x)
+        report["max_abs_diff_fast_paths"] = {k: float((m(x) - reference).abs().max()) for k, m in fast.items()}
+    report["inner_channels"] = {"before": sum(b.conv1.out_channels for b in trained.blocks),
+                                "after": sum(b.conv1.out_channels for b in shrunk.blocks)}
+    dense_net = HannunNet(cfg).eval()  # same architecture, random dense weights: the dense cost
+    report["latency_ms"] = {
+        label: {str(t): latency_ms(m, x, t, args.latency_seconds) for t in args.threads}
+        for label, m in {"dense network": dense_net, **fast}.items()}
+    if args.data is not None:
+        try:
+            report["f1"] = {"trained ticket (metrics.json)": {
+                f"{s}_{k}": trained_metrics[s][k] for s in ("val", "test") for k in ("challenge_f1", "accuracy")}}
+            report["f1"].update(evaluate_variants({"trained ticket (fp32)": trained, **variants,
+                                                   "dead channels removed + sparse kernels":
+                                                   fast["ticket, dead channels removed + sparse kernels"]},
+                                                  args.data, norm, cfg.stride))
+        except DatasetError as e:
+            sys.exit(f"error: {e}")
+    if args.onnx:
+        try:
+            report["onnx_max_abs_diff"] = export_onnx(trained, x, args.out / "ticket.onnx")
+        except TicketError as e:
+            sys.exit(f"error: {e}")
+        report["onnx_bytes"] = (args.out / "ticket.onnx").stat().st_size
+    atomic_write(args.out / "report.json", (json.dumps(report, indent=2) + "\n").encode())
+    text = report_markdown(report)
+    atomic_write(args.out / "report.md", text.encode())
+    print(text)
+    return report
+
+
+if __name__ == "__main__":
+    main()

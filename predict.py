@@ -1,0 +1,153 @@
+"""Classify single-lead ECG files with an exported ticket (export_ticket.py).
+
+Reads WFDB records as in CinC 2017 (``A00001.mat`` with its ``A00001.hea`` beside it; the
+header gives the sampling rate) and plain samples: ``.npy`` (a 1-D array) or ``.csv``/``.txt``
+(one column or one row, an optional header line) with ``--fs``. Every record is resampled to
+the network's 200 Hz (polyphase, anti-aliased, as in build_datasets.py) and z-scored with
+the training set's statistics stored in the ticket. Samples are expected in microvolts, as
+the CinC 2017 int16 values are (``--units mV`` multiplies by 1000).
+
+Prints, per file, the class (from the mean of the per-segment logits, as in training), the
+four class probabilities and the class of every 256-sample segment (1.28 s); ``--json`` for
+machine-readable output. A file that cannot be used (unreadable, no or implausible sampling
+rate, several leads, too short, not finite) gets an error naming it, the other files are
+still classified, and the exit status is 1.
+
+Example:
+    python predict.py --ticket tickets/demo/ticket-fp32.npz ../shared/data/cinc2017/training2017/A00001.mat
+    python predict.py --ticket tickets/demo/ticket-int8.npz --fs 250 --units mV my_ecg.csv
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from build_datasets import FS, DatasetError, read_record, resample
+from export_ticket import TicketError, load_ticket
+
+MIN_FS, MAX_FS = 50.0, 5000.0
+"""Plausible ECG sampling rates; anything outside is most likely a wrong --fs."""
+
+
+class PredictError(Exception):
+    """An input file that cannot be classified; the message names it."""
+
+
+def read_samples(path: Path, fs: float | None, units: str) -> tuple[np.ndarray, float]:
+    """(samples in microvolts as float64, sampling rate) of one file."""
+    if not path.is_file():
+        raise PredictError(f"{path}: no such file")
+    suffix = path.suffix.lower()
+    if suffix in (".mat", ".hea"):
+        try:
+            x, file_fs = read_record(path.parent, path.stem)
+        except DatasetError as e:
+            raise PredictError(f"{path}: {e}") from e
+        if fs is not None and fs != file_fs:
+            raise PredictError(f"{path}: its header says {file_fs:g} Hz but --fs is {fs:g}; drop --fs for WFDB files")
+        return x.astype(np.float64), file_fs
+    if fs is None:
+        raise PredictError(f"{path}: plain samples need their sampling rate: pass --fs (e.g. --fs 300)")
+    try:
+        if suffix == ".npy":
+            x = np.load(path, allow_pickle=False)
+        elif suffix in (".csv", ".txt"):
+            table = pd.read_csv(path, header=None, sep=r"[,;\s]+", engine="python")
+            if not all(pd.api.types.is_numeric_dtype(t) for t in table.dtypes):  # a header line
+                table = pd.read_csv(path, sep=r"[,;\s]+", engine="python")
+            x = table.to_numpy()
+        else:
+            raise PredictError(f"{path}: unknown file type {suffix!r} (use .mat/.hea, .npy, .csv or .txt)")
+        x = np.asarray(x, dtype=np.float64)
+    except PredictError:
+        raise
+    except (OSError, ValueError, TypeError, pd.errors.ParserError, pd.errors.EmptyDataError) as e:
+        raise PredictError(f"{path}: unreadable ({type(e).__name__}: {e})") from e
+    if x.ndim == 2 and 1 in x.shape:
+        x = x.ravel()
+    if x.ndim != 1:
+        raise PredictError(f"{path}: holds an array of shape {x.shape}; give one lead (a single row or column)")
+    return x * (1000.0 if units == "mV" else 1.0), fs
+
+
+def prepare(x: np.ndarray, fs: float, name: str, min_seconds: float) -> np.ndarray:
+    """Samples at 200 Hz as int16 microvolts (the training data's form), checked."""
+    if not MIN_FS <= fs <= MAX_FS:
+        raise PredictError(f"{name}: sampling rate {fs:g} Hz is outside {MIN_FS:g}-{MAX_FS:g} Hz; check --fs")
+    if not np.isfinite(x).all():
+        raise PredictError(f"{name}: holds {int((~np.isfinite(x)).sum())} NaN or infinite samples")
+    seconds = len(x) / fs
+    if seconds < min_seconds:
+        raise PredictError(f"{name}: {seconds:.2f} s long; at least {min_seconds:g} s are needed "
+                           "(--min-seconds)")
+    y = resample(np.clip(np.round(x), -32768, 32767).astype(np.int16), fs, FS)
+    return y
+
+
+@torch.no_grad()
+def classify(model: torch.nn.Module, meta: dict, samples: np.ndarray) -> dict:
+    """Class, probabilities and per-segment classes of one 200 Hz record."""
+    stride = model.cfg.stride
+    n = len(samples)
+    length = stride * -(-n // stride)
+    x = torch.zeros(1, 1, length)
+    norm = meta["normalizer"]
+    x[0, 0, :n] = (torch.from_numpy(samples.astype(np.float32)) - norm["mean"]) / norm["std"]
+    logits = model(x)[0, :max(1, n // stride)].float()
+    probs = torch.softmax(logits.mean(0), dim=0)
+    classes = meta["classes"]
+    return {"class": classes[int(probs.argmax())],
+            "probabilities": {c: round(float(p), 4) for c, p in zip(classes, probs, strict=True)},
+            "seconds": round(n / FS, 2), "segment_seconds": stride / FS,
+            "segments": [classes[i] for i in logits.argmax(1).tolist()]}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("files", nargs="+", type=Path, help="ECG files: .mat (+ .hea), .npy, .csv or .txt")
+    p.add_argument("--ticket", type=Path, required=True, help="ticket file from export_ticket.py (.npz)")
+    p.add_argument("--fs", type=float, default=None, help="sampling rate in Hz of .npy/.csv/.txt files")
+    p.add_argument("--units", default="uV", choices=["uV", "mV"], help="units of .npy/.csv/.txt samples")
+    p.add_argument("--min-seconds", type=float, default=5.0, help="shortest record accepted")
+    p.add_argument("--json", action="store_true", help="print one JSON list instead of text")
+    args = p.parse_args(argv)
+    if args.fs is not None and args.fs <= 0:
+        p.error(f"--fs must be positive, got {args.fs:g}")
+    if args.min_seconds * FS < 256:
+        p.error(f"--min-seconds must be at least {256 / FS:g} (one 256-sample segment)")
+    try:
+        model, meta = load_ticket(args.ticket)
+    except TicketError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    model.eval()
+    results, failed = [], 0
+    for path in args.files:
+        try:
+            x, fs = read_samples(path, args.fs, args.units)
+            out = {"file": str(path), **classify(model, meta, prepare(x, fs, str(path), args.min_seconds))}
+        except PredictError as e:
+            failed += 1
+            print(f"error: {e}", file=sys.stderr)
+            results.append({"file": str(path), "error": str(e)})
+            continue
+        results.append(out)
+        if not args.json:
+            probs = ", ".join(f"{c} {v:.2f}" for c, v in out["probabilities"].items())
+            print(f"{path}: {out['class']}  ({probs})  {out['seconds']:g} s")
+            print(f"  segments of {out['segment_seconds']:g} s: {' '.join(out['segments'])}")
+    if args.json:
+        print(json.dumps(results, indent=2))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,204 @@
+"""Exported tickets: exact round trip, quantised variants, size and FLOP accounting, the
+faster inference paths, ONNX, and predict.py on real and synthetic records."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import tiny_train_args, write_wfdb
+from torch import nn
+
+import export_ticket as et
+import predict
+import prune as pm
+import train as tr
+from build_datasets import synthetic_record
+
+REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "cinc2017" / "training2017"
+
+
+@pytest.fixture(scope="module")
+def ticket_run(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A finished pruning round (2 rounds of 60 %, 6.25x) of a tiny network."""
+    seed_dir = tmp_path_factory.mktemp("exp") / "seed0"
+    tr.main(tiny_train_args(tiny_data, seed_dir, "--retrain", "lr_rewind", "--prune-fraction", "0.6",
+                            "--rounds", "2", "--epochs", "1"))
+    return seed_dir / "lr_rewind" / "round_02"
+
+
+@pytest.fixture(scope="module")
+def exported(ticket_run: Path, tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("ticket")
+    report = et.main(["--run", str(ticket_run), "--out", str(out), "--data", str(tiny_data),
+                      "--latency-seconds", "0.05", "--threads", "1"])
+    return out, report
+
+
+def _logits(model: nn.Module, seed: int = 0) -> torch.Tensor:
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        return model(torch.randn(2, 1, 2048))
+
+
+def test_fp32_ticket_is_the_trained_network_exactly(ticket_run: Path, exported: tuple[Path, dict]) -> None:
+    out, report = exported
+    cfg, state, masks, _, _ = et.read_run(ticket_run)
+    model, meta = et.load_ticket(out / "ticket-fp32.npz")
+    loaded = model.state_dict()
+    for key, value in state.items():
+        if not key.endswith("num_batches_tracked"):
+            assert torch.equal(loaded[key], value), key
+    for name, w in pm.prunable_weights(model).items():
+        assert not w[~masks[name]].any(), name
+    assert report["fp32_roundtrip_exact"] and meta["model"]["width"] == cfg.width
+
+
+def test_quantised_tickets_keep_the_mask_and_stay_close(ticket_run: Path, exported: tuple[Path, dict]) -> None:
+    out, report = exported
+    cfg, state, masks, _, _ = et.read_run(ticket_run)
+    reference = _logits(et.build_model(cfg, state))
+    for dtype, tol in (("fp16", 0.02), ("int8", 0.2)):
+        model, _ = et.load_ticket(out / f"ticket-{dtype}.npz")
+        for name, w in pm.prunable_weights(model).items():
+            assert not w[~masks[name]].any(), (dtype, name)
+        err = (_logits(model) - reference).abs().max() / reference.abs().max()
+        assert err < tol, (dtype, float(err))
+    f1 = report["f1"]
+    assert f1["exported fp32"] == f1["trained ticket (fp32)"]  # the same network, the same answers
+    for label in ("exported fp16", "exported int8"):  # the stated tolerance: 0.05 challenge F1
+        for split in ("val", "test"):
+            key = f"{split}_challenge_f1"
+            assert abs(f1[label][key] - f1["trained ticket (fp32)"][key]) <= 0.05, (label, key)
+
+
+@pytest.mark.parametrize("density, kind", [(0.5, "bits"), (0.01, "gaps16"), (1e-6, "gaps32")])
+def test_index_encodings_round_trip(density: float, kind: str) -> None:
+    shape = (64, 64, 32) if kind != "gaps32" else (1000, 200, 16)  # 3.2 M weights, 3 survivors
+    gen = torch.Generator().manual_seed(0)
+    mask = torch.rand(shape, generator=gen) < density
+    mask.view(-1)[[0, -1]] = True  # a survivor at each end
+    weight = torch.randn(shape, generator=gen) * mask
+    values, got_kind, index = et.encode_layer(weight, mask)
+    assert got_kind == kind
+    assert np.array_equal(et.decode_mask(kind, index, shape), mask.numpy().ravel())
+    assert np.array_equal(values, weight[mask].numpy())
+    alive = int(mask.sum())
+    assert len(index) == {"bits": -(-mask.numel() // 8), "gaps16": 2 * alive, "gaps32": 4 * alive}[kind]
+
+
+def test_size_and_flop_accounting(ticket_run: Path, exported: tuple[Path, dict]) -> None:
+    out, report = exported
+    _, _, masks, _, _ = et.read_run(ticket_run)
+    alive, total = pm.count(masks)
+    c = report["counts"]
+    assert (c["nonzero_weights"], c["prunable_weights"]) == (alive, total)
+    assert c["parameters"] - c["prunable_weights"] == c["nonzero_with_biases_and_bn"] - c["nonzero_weights"]
+    b = report["bytes"]
+    assert b["ticket_fp32"] == (out / "ticket-fp32.npz").stat().st_size
+    assert b["ticket_int8"] < b["ticket_fp16"] < b["ticket_fp32"] < b["dense_fp32"]
+    # the fp32 ticket stores each survivor in 4 bytes, an index of at most 1 bit per weight,
+    # biases and BatchNorm (with its running statistics) in fp32, and < 4 KB of scales, JSON, headers
+    cfg, state, _, _, _ = et.read_run(ticket_run)
+    others = 4 * sum(state[k].numel() for k in et.other_keys(et.build_model(cfg, state)))
+    assert b["ticket_fp32"] <= 4 * alive + total / 8 + others + 4096
+    # FLOPs by hand: a conv with 3 outputs, 2 inputs, kernel 4 on 10 samples -> 7 positions
+    net = nn.Sequential(nn.Conv1d(2, 3, 4), nn.Flatten(), nn.Linear(21, 5))
+    with torch.no_grad():
+        net[0].weight[0] = 0  # 8 of the 24 conv weights
+    dense, sparse = et.flops_per_record(net, torch.randn(1, 2, 10))
+    assert dense == 2 * (7 * 24 + 21 * 5) and sparse == 2 * (7 * 16 + 21 * 5)
+    assert report["flops"]["sparse"] < report["flops"]["dense"]
+    assert (out / "report.md").read_text().count("|") > 20
+
+
+def test_fast_inference_paths_match(ticket_run: Path) -> None:
+    cfg, state, _, _, _ = et.read_run(ticket_run)
+    model = et.build_model(cfg, state)
+    with torch.no_grad():  # make a block's inner channel dead: conv2 never reads channel 0
+        model.blocks[2].conv2.weight[:, 0] = 0
+    shrunk = et.shrink(model)
+    assert shrunk.blocks[2].conv2.in_channels == model.blocks[2].conv2.in_channels - 1
+    reference = _logits(model)
+    assert torch.allclose(_logits(shrunk), reference, atol=1e-5)
+    sparse = et.sparsify(shrunk, max_density=1.0)
+    assert any(isinstance(m, et.SparseConv1d) for m in sparse.modules())
+    assert torch.allclose(_logits(sparse), reference, atol=1e-4)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("onnxruntime") is None,
+                    reason="onnx/onnxruntime not installed (pip install -r requirements-export.txt)")
+def test_onnx_export_matches_pytorch(ticket_run: Path, tmp_path: Path) -> None:
+    cfg, state, _, _, _ = et.read_run(ticket_run)
+    diff = et.export_onnx(et.build_model(cfg, state), et.record_input(2048, cfg.stride), tmp_path / "t.onnx")
+    assert diff < 1e-4 and (tmp_path / "t.onnx").stat().st_size > 0
+
+
+def test_bad_runs_and_tickets_are_clear_errors(tmp_path: Path) -> None:
+    with pytest.raises(SystemExit, match="model.pt missing"):
+        et.main(["--run", str(tmp_path), "--out", str(tmp_path / "o")])
+    (tmp_path / "junk.npz").write_bytes(b"not a zip")
+    with pytest.raises(et.TicketError, match="junk.npz: not a readable ticket"):
+        et.load_ticket(tmp_path / "junk.npz")
+    with pytest.raises(SystemExit):
+        et.parse_args(["--out", "x", "--run", "a", "--dtypes", "int4"])
+
+
+# --------------------------------------------------------------------------- predict.py
+
+
+def _predict_json(capsys: pytest.CaptureFixture, *argv: str) -> tuple[int, list[dict], str]:
+    code = predict.main([*argv, "--json"])
+    captured = capsys.readouterr()
+    return code, json.loads(captured.out), captured.err
+
+
+def test_predict_synthetic_records_in_every_format(exported: tuple[Path, dict], tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture) -> None:
+    ticket = str(exported[0] / "ticket-fp32.npz")
+    x = synthetic_record("A", np.random.default_rng(3), fs=300, seconds=(12, 12))
+    write_wfdb(tmp_path, "R1", x, fs=300)
+    np.save(tmp_path / "r2.npy", x.astype(np.float64))
+    np.savetxt(tmp_path / "r3.csv", x / 1000.0, header="lead_I", comments="")
+    code, out, err = _predict_json(capsys, "--ticket", ticket, str(tmp_path / "R1.mat"))
+    assert code == 0 and not err
+    first = out[0]
+    assert first["class"] in "NAO~" and sum(first["probabilities"].values()) == pytest.approx(1, abs=1e-3)
+    assert first["seconds"] == pytest.approx(12, abs=0.01) and len(first["segments"]) == 12 * 200 // 256
+    code, out, _ = _predict_json(capsys, "--ticket", ticket, "--fs", "300", str(tmp_path / "r2.npy"))
+    assert code == 0 and out[0]["probabilities"] == first["probabilities"]  # the same samples
+    code, out, _ = _predict_json(capsys, "--ticket", ticket, "--fs", "300", "--units", "mV", str(tmp_path / "r3.csv"))
+    assert code == 0 and out[0]["class"] == first["class"]
+
+
+def test_predict_errors_name_the_file_and_go_on(exported: tuple[Path, dict], tmp_path: Path,
+                                                capsys: pytest.CaptureFixture) -> None:
+    ticket = str(exported[0] / "ticket-int8.npz")
+    good = tmp_path / "good.npy"
+    np.save(good, np.random.default_rng(0).normal(0, 100, 3000))
+    np.save(tmp_path / "short.npy", np.zeros(600))
+    np.save(tmp_path / "two.npy", np.zeros((2, 3000)))
+    (tmp_path / "bad.npy").write_bytes(b"\x93NUMPY garbage")
+    np.save(tmp_path / "nan.npy", np.full(3000, np.nan))
+    cases = {"short.npy": "2.00 s long; at least 5 s", "two.npy": "shape (2, 3000)", "bad.npy": "unreadable",
+             "nan.npy": "NaN", "gone.npy": "no such file"}
+    code, out, err = _predict_json(capsys, "--ticket", ticket, "--fs", "300", str(good),
+                                   *(str(tmp_path / n) for n in cases))
+    assert code == 1 and "class" in out[0]
+    for name, message in cases.items():
+        assert any(name in line and message in line for line in err.splitlines()), name
+    code, _, err = _predict_json(capsys, "--ticket", ticket, "--fs", "20", str(good))
+    assert code == 1 and "sampling rate 20 Hz" in err
+    code, _, err = _predict_json(capsys, "--ticket", ticket, str(good))
+    assert code == 1 and "pass --fs" in err
+
+
+@pytest.mark.skipif(not (REAL / "A00001.mat").is_file(), reason=f"real CinC 2017 records not found at {REAL}")
+def test_predict_a_real_cinc_record(exported: tuple[Path, dict], capsys: pytest.CaptureFixture) -> None:
+    code, out, _ = _predict_json(capsys, "--ticket", str(exported[0] / "ticket-fp32.npz"), str(REAL / "A00001.mat"))
+    assert code == 0 and out[0]["seconds"] == pytest.approx(30, abs=0.01)
+    assert len(out[0]["segments"]) == 30 * 200 // 256 and out[0]["class"] in "NAO~"
