@@ -9,7 +9,8 @@ Reads ``EXP/results.csv`` (from run_experiments.py) and writes into ``EXP/plots/
   layers.png/.svg       remaining weights per layer of the best ticket
   summary.md            the winning ticket of each method: the largest compression whose
                         mean validation challenge F1 stays within --tolerance of the dense
-                        network's, with its test F1 (mean +- sd over seeds)
+                        network's, with its test F1 (mean +- sd over seeds) and a 95 %
+                        bootstrap interval over the test records
   winners.csv           the same table, best first, for export_ticket.py --winner
 
 Tickets are chosen on the validation split; the test split is only reported.
@@ -26,6 +27,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
+
+from model import CLASSES  # noqa: E402
+from train import PREDICTIONS, classification_metrics  # noqa: E402
 
 LTH_ECG_RATIO = 142.0
 """Sahu et al. 2022 (LTH-ECG): a 142x smaller network with < 1 % loss of test F1."""
@@ -90,6 +94,29 @@ def winners(table: pd.DataFrame, tolerance: float) -> pd.DataFrame:
     return best.sort_values("compression_val", ascending=False)
 
 
+def bootstrap_interval(exp: Path, table: pd.DataFrame, best: pd.Series, replicates: int = 1000,
+                       seed: int = 0) -> tuple[float, float] | None:
+    """95 % percentile-bootstrap interval of a ticket's test challenge F1 (mean over seeds):
+    test records are resampled with replacement, the same records for every seed, 1000
+    times. None when a seed's predictions.csv is missing."""
+    rows = table[(table["method"] == best["method"]) & (table["control"] == best["control"])
+                 & (level(table["compression"]) == best["level"])]
+    labels, preds = None, []
+    for folder in rows["folder"]:
+        path = exp / folder / PREDICTIONS
+        if not path.is_file():
+            return None
+        test = pd.read_csv(path, keep_default_na=False).query("split == 'test'").sort_values("record")
+        labels = test["label"].map(CLASSES.index).to_numpy()
+        preds.append(test["predicted"].map(CLASSES.index).to_numpy())
+    if labels is None:
+        return None
+    picks = np.random.default_rng(seed).integers(0, len(labels), (replicates, len(labels)))
+    scores = [np.mean([classification_metrics(labels[i], p[i])["challenge_f1"] for p in preds]) for i in picks]
+    low, high = np.percentile(scores, [2.5, 97.5])
+    return float(low), float(high)
+
+
 def plot_compression(table: pd.DataFrame, split: str, out: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.6), sharex=True)
     for ax, (metric, name) in zip(axes, [("challenge_f1", "challenge F1 (mean of N, A, O)"),
@@ -148,25 +175,27 @@ def plot_layers(exp: Path, table: pd.DataFrame, best: pd.Series, out: Path) -> N
     plt.close(fig)
 
 
-def summary(table: pd.DataFrame, best: pd.DataFrame, tolerance: float) -> str:
+def summary(table: pd.DataFrame, best: pd.DataFrame, tolerance: float, exp: Path | None = None) -> str:
     dense_val, dense_test = dense_level(table, "val_challenge_f1"), dense_level(table, "test_challenge_f1")
     lines = [f"Winning ticket per method: the largest compression whose mean validation challenge F1 is at "
              f"least dense x (1 - {tolerance:g}) = {dense_val * (1 - tolerance):.4f} (dense: validation "
              f"{dense_val:.4f}, test {dense_test:.4f}; {table['seed'].nunique()} seed(s)).", "",
              "| method | control | compression | remaining weights | val F1 | test F1 (mean ± sd) | "
-             "test F1 - dense | test accuracy |",
-             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "test F1 95 % CI | test F1 - dense | test accuracy |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for _, b in best.iterrows():
         remaining = table[(table["method"] == b["method"]) & (table["control"] == b["control"])
                           & (level(table["compression"]) == b["level"])]["remaining"].mean()
         sd = 0.0 if np.isnan(b["sd_test"]) else b["sd_test"]
+        ci = bootstrap_interval(exp, table, b) if exp is not None else None
+        ci_text = f"{ci[0]:.3f}-{ci[1]:.3f}" if ci else "n/a"
         lines.append(f"| {b['method']} | {b['control']} | {b['compression_val']:.1f}x | {remaining:,.0f} | "
-                     f"{b['mean_val']:.4f} | {b['mean_test']:.4f} ± {sd:.4f} | {b['mean_test'] - dense_test:+.4f} | "
-                     f"{b['test_accuracy']:.4f} |")
+                     f"{b['mean_val']:.4f} | {b['mean_test']:.4f} ± {sd:.4f} | {ci_text} | "
+                     f"{b['mean_test'] - dense_test:+.4f} | {b['test_accuracy']:.4f} |")
     missing = set(map(tuple, table[["method", "control"]].drop_duplicates().values)) - set(
         map(tuple, best[["method", "control"]].values))
     for method, control in sorted(missing):
-        lines.append(f"| {method} | {control} | none within tolerance | | | | | |")
+        lines.append(f"| {method} | {control} | none within tolerance | | | | | | |")
     return "\n".join(lines) + "\n"
 
 
@@ -189,7 +218,7 @@ def main(argv: list[str] | None = None) -> None:
     tickets = best[(best["control"] == "none") & (best["round"] > 0)]
     if len(tickets):
         plot_layers(exp, table, tickets.iloc[0], out)
-    text = summary(table, best, args.tolerance)
+    text = summary(table, best, args.tolerance, exp)
     (out / "summary.md").write_text(text)
     cols = ["method", "control", "round", "compression_val", "mean_val", "mean_test", "sd_test"]
     best[cols].rename(columns={"compression_val": "compression", "mean_val": "val_challenge_f1",

@@ -3,10 +3,9 @@
 # Edit the variables below. Every step skips work that is already done, so re-running this
 # script after an interruption (Ctrl-C, kill -9, power cut) continues where it stopped.
 #
-# Default: the built-in synthetic demo: every method and control, 2 seeds (minutes on 2 CPU cores).
-# Real CinC 2017 data: set DATASET=cinc2017 and SOURCE (or DOWNLOAD=1), then choose a scale,
-#   e.g. CPU scale: WIDTH=0.5 CROP=4096 EPOCHS=30 ... (see results/README.md for measured times)
-#   or the full published network on a GPU: WIDTH=1 CROP=0 DEVICE=cuda FRACTION=0.2 TARGET=142.
+# Default: the built-in synthetic demo: every method and control, 2 seeds (4.5 min on 2 CPU cores).
+# Real CinC 2017 data: a shipped configuration (configs/cinc2017-cpu.sh, configs/cinc2017-gpu.sh)
+# as the first argument, or set DATASET=cinc2017 and SOURCE (or DOWNLOAD=1) below.
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -35,6 +34,14 @@ FRACTION=0.5               # share of surviving weights pruned per round
 TARGET=64                  # stop at this compression ratio
 REWIND_TO=1ep              # k for late_reset / lr_rewind ('500it' or '2ep')
 EXP=results/demo           # experiment folder
+
+# a configuration file given as the first argument overrides the variables above, e.g.
+#   bash run.sh configs/cinc2017-cpu.sh     (real data, CPU scale)
+#   bash run.sh configs/cinc2017-gpu.sh     (real data, the full network on a GPU)
+if [ $# -ge 1 ]; then
+    # shellcheck source=/dev/null
+    source "$1"
+fi
 
 if [ "$DATASET" = synthetic ]; then
     python build_datasets.py --synthetic "$SYNTHETIC_RECORDS" --seed "$SPLIT_SEED" --out data/synthetic

@@ -54,6 +54,8 @@ INIT = "init.pt"
 CONFIG = "config.json"
 METRICS = "metrics.json"
 HISTORY = "history.csv"
+PREDICTIONS = "predictions.csv"
+"""Per-record class of the validation and test records: for bootstrap intervals."""
 RESUME_NEUTRAL = {"device", "checkpoint_minutes", "quiet"}
 """Flags that may differ when a run is resumed (they do not change its results)."""
 
@@ -270,7 +272,8 @@ def evaluate(model: torch.nn.Module, batcher: Batcher, ds: ECGDataset, split: st
     both = {how: classification_metrics(ds.labels[idx], out[how]) for how in ("mean", "vote")}
     return {**both[cfg.aggregate], "loss": out["loss"], "records": len(idx),
             "by_aggregate": {how: {k: v for k, v in m.items() if k != "confusion"}
-                             for how, m in both.items()}}
+                             for how, m in both.items()},
+            "predicted": out[cfg.aggregate].tolist()}
 
 
 StepHook = Callable[[torch.nn.Module, int], None]
@@ -464,6 +467,10 @@ def fit_and_report(ctx: Context, model: HannunNet, run_dir: Path, extra: dict, *
     t1 = time.perf_counter()
     results = {split: evaluate(model, ctx.batcher, ctx.ds, split, ctx.cfg, ctx.bf16) for split in ("val", "test")}
     eval_seconds = time.perf_counter() - t1
+    predictions = pd.concat([pd.DataFrame({"record": ctx.ds.names[ctx.ds.indices(split)], "split": split,
+                                           "label": [CLASSES[i] for i in ctx.ds.labels[ctx.ds.indices(split)]],
+                                           "predicted": [CLASSES[i] for i in results[split].pop("predicted")]})
+                             for split in ("val", "test")])
     train_seconds = sum(h["train_seconds"] for h in history)
     results.update({
         "parameters": count_parameters(model), "device": str(ctx.device), "bf16": ctx.bf16,
@@ -474,6 +481,7 @@ def fit_and_report(ctx: Context, model: HannunNet, run_dir: Path, extra: dict, *
         "eval_records_per_second": (results["val"]["records"] + results["test"]["records"]) / eval_seconds,
         "normalizer": asdict(ctx.batcher.norm), "code_version": code_version(), **extra})
     atomic_save(model.state_dict(), run_dir / FINAL)
+    atomic_write_text(predictions.to_csv(index=False), run_dir / PREDICTIONS)
     write_history(history, run_dir / HISTORY)
     atomic_write_text(json.dumps(results, indent=2) + "\n", run_dir / METRICS)
     (run_dir / CHECKPOINT).unlink(missing_ok=True)  # the final weights are in model.pt

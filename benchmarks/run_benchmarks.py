@@ -1,0 +1,206 @@
+"""Speed of the pipeline on this machine, every figure measured side by side in one run.
+
+    python benchmarks/run_benchmarks.py                 # about 5 minutes on 2 CPU cores
+    python benchmarks/run_benchmarks.py --quick         # a smoke run (seconds per row)
+
+Sections (each row: median of repeated timings after warm-up, so one noisy run moves it
+little; ratios are only ever taken between rows of the same run):
+
+  peak        the machine's own matmul throughput (fp32 and bf16, 2048^3), the ceiling
+              against which the training GFLOP/s are read
+  train       records/s and achieved GFLOP/s of one training step (forward, loss,
+              backward, clipping, Adam) of the full and reduced Hannun networks, fp32 vs
+              bf16 autocast. FLOPs are counted from the layers (2 per multiply-add of every
+              conv and the linear layer, x3 for forward + backward)
+  masked      the same step with pruning masks: dense (no masks), this project's masks
+              (gradient hooks + one fused _foreach_mul_ after the step), and
+              torch.nn.utils.prune (what a user would reach for)
+  eval        whole-record evaluation throughput and the time to load the data set
+  inference   latency per 30-s record of a 142x magnitude-pruned network at batch 1:
+              dense kernels, dead inner channels removed, and CSR sparse kernels
+
+Writes benchmarks/results.md (the table) and benchmarks/results.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.utils.prune as torch_prune
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import export_ticket as et  # noqa: E402
+import prune as pm  # noqa: E402
+import train as tr  # noqa: E402
+from build_datasets import load_dataset  # noqa: E402
+from model import HannunConfig, HannunNet  # noqa: E402
+
+
+def timed(fn: Callable[[], object], seconds: float, warmup: int = 2, min_runs: int = 3) -> float:
+    """Median seconds of one call of ``fn``."""
+    for _ in range(warmup):
+        fn()
+    times: list[float] = []
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end or len(times) < min_runs:
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def matmul_peak(dtype: torch.dtype, seconds: float, n: int = 2048) -> float:
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    return 2 * n**3 / timed(lambda: a @ b, seconds) / 1e9
+
+
+def forward_flops(model: HannunNet, length: int) -> int:
+    model_was = model.training
+    model.eval()
+    dense, _ = et.flops_per_record(model, torch.zeros(1, 1, length))
+    model.train(model_was)
+    return dense
+
+
+def train_step_fn(model: HannunNet, batch: int, length: int, bf16: bool,
+                  after: Callable[[], None] | None = None) -> Callable[[], None]:
+    torch.manual_seed(0)
+    x = torch.randn(batch, 1, length)
+    y = torch.randint(0, 4, (batch,))
+    steps = torch.full((batch,), length // model.cfg.stride)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    model.train()
+
+    def step() -> None:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            logits = model(x)
+        loss = tr.masked_step_loss(logits, y, steps)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        if after is not None:
+            after()
+    return step
+
+
+def pruned_masks(model: HannunNet, ratio: float) -> pm.Masks:
+    masks = pm.full_masks(model)
+    while not pm.reached(masks, ratio):
+        masks = pm.magnitude_prune(model, masks, pm.fraction_to_reach(masks, 0.5, ratio))
+    return masks
+
+
+NETS = {  # label: (config, batch, length)
+    "full (w1, 10.47 M)": (HannunConfig(width=1.0), 8, 4096),
+    "CPU scale (w0.5, 2.62 M)": (HannunConfig(width=0.5), 32, 4096),
+    "w0.25 (0.66 M)": (HannunConfig(width=0.25), 32, 2048),
+}
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--seconds", type=float, default=8.0, help="timing budget per row")
+    p.add_argument("--quick", action="store_true", help="1 s per row: a smoke run, not for the table")
+    p.add_argument("--data", type=Path, default=ROOT / "data" / "cinc2017",
+                   help="data set for the eval/loading rows (falls back to data/synthetic)")
+    p.add_argument("--out", type=Path, default=ROOT / "benchmarks")
+    args = p.parse_args(argv)
+    seconds = 1.0 if args.quick else args.seconds
+    rows: list[dict] = []
+
+    def add(section: str, label: str, **values: float | str) -> None:
+        rows.append({"section": section, "label": label, **values})
+        print(f"{section:10s} {label:55s} " + "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                                                        for k, v in values.items()), flush=True)
+
+    peak = {"fp32": matmul_peak(torch.float32, seconds), "bf16": matmul_peak(torch.bfloat16, seconds)}
+    for k, v in peak.items():
+        add("peak", f"matmul 2048^3 {k}", gflops=v)
+
+    for label, (cfg, batch, length) in NETS.items():
+        model = HannunNet(cfg)
+        flops = 3 * forward_flops(model, length)  # per record: forward + backward
+        for amp in ("fp32", "bf16"):
+            t = timed(train_step_fn(model, batch, length, amp == "bf16"), seconds)
+            gf = batch * flops / t / 1e9
+            add("train", f"{label}, batch {batch} x {length} samples, {amp}", records_per_s=batch / t,
+                gflops=gf, share_of_peak=gf / peak[amp])
+
+    cfg, batch, length = NETS["CPU scale (w0.5, 2.62 M)"]
+    base = HannunNet(cfg)
+    masks = pruned_masks(base, 10.0)
+    dense_t = timed(train_step_fn(HannunNet(cfg), batch, length, True), seconds)
+    add("masked", "dense step (bf16, w0.5, no masks)", seconds_per_step=dense_t, vs_dense=1.0)
+    ours = HannunNet(cfg)
+    masked = pm.MaskedModel(ours, masks)
+    t = timed(train_step_fn(ours, batch, length, True, after=masked.apply), seconds)
+    add("masked", "masked step: grad hooks + _foreach_mul_ (this project)", seconds_per_step=t, vs_dense=t / dense_t)
+    theirs = HannunNet(cfg)
+    for name, module in theirs.named_modules():
+        if name in masks:
+            torch_prune.custom_from_mask(module, "weight", masks[name])
+    t = timed(train_step_fn(theirs, batch, length, True), seconds)
+    add("masked", "masked step: torch.nn.utils.prune reparametrisation", seconds_per_step=t, vs_dense=t / dense_t)
+
+    data = args.data if (args.data / "build_info.json").is_file() else ROOT / "data" / "synthetic"
+    t0 = time.perf_counter()
+    ds = load_dataset(data)
+    add("eval", f"load_dataset({data.name}): {len(ds.labels)} records", seconds=time.perf_counter() - t0)
+    idx = ds.indices("val")
+    model = HannunNet(cfg)
+    batcher = tr.Batcher(ds, tr.Normalizer.fit(ds, ds.indices("train")), cfg.stride, torch.device("cpu"))
+    for amp in ("fp32", "bf16"):
+        run = lambda amp=amp: tr.predict(model, batcher, idx, tr.TrainConfig(), amp == "bf16")  # noqa: E731
+        t = timed(run, seconds, warmup=1, min_runs=1)
+        add("eval", f"whole records, w0.5, {data.name} val split, {amp}", records_per_s=len(idx) / t)
+
+    x = et.record_input()
+    for label, width in (("full (w1)", 1.0), ("CPU scale (w0.5)", 0.5)):
+        torch.manual_seed(0)
+        model = HannunNet(HannunConfig(width=width)).eval()
+        m = pruned_masks(model, 142.0)
+        with torch.no_grad():
+            for name, w in pm.prunable_weights(model).items():
+                w.mul_(m[name])
+        dense_flops, sparse_flops = et.flops_per_record(model, x)
+        shrunk = et.shrink(model)
+        variants = {"dense kernels": model, "dead channels removed": shrunk,
+                    "dead channels removed + sparse kernels": et.sparsify(shrunk)}
+        base_ms = {}
+        for threads in (1, 2):
+            for name, net in variants.items():
+                ms = et.latency_ms(net, x, threads, seconds / 2)
+                base_ms.setdefault(threads, ms)
+                add("inference", f"{label} at 142x ({dense_flops / sparse_flops:.0f}x fewer FLOPs), {name}, "
+                    f"{threads} thread{'s' * (threads > 1)}", ms_per_record=ms, speedup=base_ms[threads] / ms)
+
+    info = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+                       f"torch {torch.__version__}, {torch.get_num_threads()} threads",
+            "seconds_per_row": seconds, "rows": rows}
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "results.json").write_text(json.dumps(info, indent=2) + "\n")
+    lines = [f"Measured by `python benchmarks/run_benchmarks.py` on {info['machine']}.", "",
+             "| section | what | figures |", "| --- | --- | --- |"]
+    for r in rows:
+        figures = ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}"
+                            for k, v in r.items() if k not in ("section", "label"))
+        lines.append(f"| {r['section']} | {r['label']} | {figures} |")
+    (args.out / "results.md").write_text("\n".join(lines) + "\n")
+    print(f"wrote {args.out / 'results.md'}")
+
+
+if __name__ == "__main__":
+    main()
