@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -206,3 +207,30 @@ def test_winners_need_every_seed_and_a_pruned_round() -> None:
     assert best[["method", "compression_val"]].values.tolist() == [["weight_rewind", 4.0]]
     text = plot_results.summary(table, best, 0.01)
     assert "| finetune | none | none within tolerance |" in text
+
+
+def test_bootstrap_interval_of_the_test_f1(tmp_path: Path) -> None:
+    """Perfect predictions give [1, 1]; a noisy ticket's interval holds its observed F1 and
+    is wider with one seed's 40 records than nothing at all."""
+    rng = np.random.default_rng(0)
+    labels = rng.choice(list("NAO~"), 40)
+    rows = []
+    for seed, noise in ((0, 0.0), (1, 0.3)):
+        folder = f"seed{seed}/weight_rewind/round_01"
+        (tmp_path / folder).mkdir(parents=True)
+        predicted = np.where(rng.random(40) < noise, rng.choice(list("NAO~"), 40), labels)
+        pd.DataFrame({"record": [f"R{i:03d}" for i in range(40)], "split": "test", "label": labels,
+                      "predicted": predicted}).to_csv(tmp_path / folder / tr.PREDICTIONS, index=False)
+        rows.append({"method": "weight_rewind", "control": "none", "seed": seed, "round": 1,
+                     "compression": 2.0, "folder": folder})
+    table = pd.DataFrame(rows)
+    best = pd.Series({"method": "weight_rewind", "control": "none", "level": plot_results.level(pd.Series([2.0]))[0]})
+    assert plot_results.bootstrap_interval(tmp_path, table[table["seed"] == 0], best) == (1.0, 1.0)
+    low, high = plot_results.bootstrap_interval(tmp_path, table, best)
+    observed = np.mean([tr.classification_metrics(
+        pd.Series(labels).map("NAO~".index).to_numpy(),
+        pd.read_csv(tmp_path / f / tr.PREDICTIONS, keep_default_na=False)["predicted"].map("NAO~".index).to_numpy()
+    )["challenge_f1"] for f in table["folder"]])
+    assert low < observed < high <= 1.0 and high - low > 0.02
+    (tmp_path / table["folder"][1] / tr.PREDICTIONS).unlink()
+    assert plot_results.bootstrap_interval(tmp_path, table, best) is None
