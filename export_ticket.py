@@ -32,10 +32,12 @@ import io
 import json
 import lzma
 import math
+import pickle
 import statistics
 import sys
 import time
 import warnings
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -50,6 +52,7 @@ from build_datasets import DatasetError, atomic_write, code_version, load_datase
 from model import CLASSES, HannunConfig, HannunNet, SameConv1d
 
 DTYPES = ("fp32", "fp16", "int8")
+FORMAT = "ecg-lth ticket 1"
 RECORD_SECONDS = 30
 FS = 200
 
@@ -63,7 +66,8 @@ class TicketError(Exception):
 
 def read_run(run: Path) -> tuple[HannunConfig, dict, pm.Masks | None, dict, dict]:
     """(network config, trained weights, masks or None for a dense run, normaliser, metrics)
-    of a train.py run folder (``<seed>/dense`` or ``<seed>/<method>/round_NN``)."""
+    of a train.py run folder (``<seed>/dense`` or ``<seed>/<method>/round_NN``). The run's
+    flags are in ``metrics["flags"]``."""
     weights = run / train.FINAL
     if not weights.is_file():
         raise TicketError(f"{run} holds no trained network ({weights.name} missing): is the run finished?")
@@ -71,13 +75,14 @@ def read_run(run: Path) -> tuple[HannunConfig, dict, pm.Masks | None, dict, dict
     if config is None:
         raise TicketError(f"no {train.CONFIG} in {run} or {run.parent}: not a train.py run folder")
     try:
-        model_cfg = HannunConfig(**json.loads(config.read_text())["flags"]["model"])
-        metrics = json.loads((run / train.METRICS).read_text())
+        flags = json.loads(config.read_text())["flags"]
+        model_cfg = HannunConfig(**flags["model"])
+        metrics = {**json.loads((run / train.METRICS).read_text()), "flags": flags}
         norm = metrics["normalizer"]
         state = torch.load(weights, map_location="cpu", weights_only=True)
         masks = torch.load(run / train.MASK, map_location="cpu", weights_only=True) \
             if (run / train.MASK).is_file() else None
-    except (OSError, KeyError, ValueError, RuntimeError) as e:
+    except (OSError, KeyError, ValueError, TypeError, RuntimeError, pickle.UnpicklingError) as e:
         raise TicketError(f"{run}: unreadable run files ({type(e).__name__}: {e})") from e
     return model_cfg, state, masks, norm, metrics
 
@@ -151,7 +156,7 @@ def ticket_arrays(cfg: HannunConfig, state: dict, masks: pm.Masks | None, norm: 
         index.append(idx)
         layers.append([len(survivors), kind, len(idx)])
     others = [state[k].detach().float().cpu().numpy().ravel() for k in other_keys(model)]
-    meta = {"format": "ecg-lth ticket 1", "model": vars(cfg), "normalizer": norm, "classes": list(CLASSES),
+    meta = {"format": FORMAT, "model": vars(cfg), "normalizer": norm, "classes": list(CLASSES),
             "fs": FS, "dtype": dtype, "layers": layers, "source": source, "code_version": code_version()}
     return {"values": np.concatenate(values), "scales": np.asarray(scales, dtype=np.float32),
             "index": np.frombuffer(b"".join(index), dtype=np.uint8),
@@ -177,6 +182,8 @@ def load_ticket(path: Path | str) -> tuple[HannunNet, dict]:
         with z:
             arrays = {k: z[k] for k in ("values", "scales", "index", "others", "meta")}
         meta = json.loads(arrays["meta"].tobytes())
+        if meta.get("format") != FORMAT:
+            raise ValueError(f"format {meta.get('format')!r}, expected {FORMAT!r}")
         model = HannunNet(HannunConfig(**meta["model"]))
         state = model.state_dict()
         v = i = o = 0
@@ -197,8 +204,11 @@ def load_ticket(path: Path | str) -> tuple[HannunNet, dict]:
             n = state[key].numel()
             state[key] = torch.from_numpy(arrays["others"][o:o + n].copy()).view(state[key].shape)
             o += n
+        if (v, i, o) != (len(arrays["values"]), len(index), len(arrays["others"])):
+            raise ValueError("the stored arrays do not match the network's layout")
         model.load_state_dict(state)
-    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as e:
+    except (OSError, EOFError, zipfile.BadZipFile, ValueError, KeyError, TypeError, IndexError,
+            RuntimeError) as e:
         raise TicketError(f"{path}: not a readable ticket file ({type(e).__name__}: {e})") from e
     return model.eval(), meta
 
@@ -239,7 +249,7 @@ def parameter_counts(model: nn.Module) -> dict[str, int]:
                  or not n.endswith("weight"))
     return {"parameters": sum(p.numel() for p in model.parameters()),
             "prunable_weights": sum(w.numel() for w in prunable.values()),
-            "nonzero_weights": weights, "nonzero_with_biases_and_bn": weights + others}
+            "nonzero_weights": weights, "with_biases_and_bn": weights + others}
 
 
 def xz_size(data: bytes) -> int:
@@ -331,10 +341,13 @@ def latency_ms(model: nn.Module, x: torch.Tensor, threads: int, seconds: float =
 
 
 def export_onnx(model: nn.Module, x: torch.Tensor, path: Path) -> float:
-    """Write ``model`` as ONNX (any batch size and length) and return the largest absolute
+    """Write ``model`` as ONNX (any batch size, any length that is a multiple of the output
+    stride, as predict.py pads to) and return the largest absolute
     difference between onnxruntime's logits and PyTorch's on ``x``."""
     try:
-        import onnxruntime  # noqa: PLC0415 - optional dependency
+        import onnx  # noqa: F401, PLC0415 - optional dependencies
+        import onnxruntime  # noqa: PLC0415
+        import onnxscript  # noqa: F401, PLC0415
     except ImportError as e:
         raise TicketError("--onnx needs the optional packages in requirements-export.txt "
                           "(pip install -r requirements-export.txt)") from e
@@ -354,12 +367,13 @@ def export_onnx(model: nn.Module, x: torch.Tensor, path: Path) -> float:
 # --------------------------------------------------------------------------- F1 of the exports
 
 
-def evaluate_variants(variants: dict[str, nn.Module], data: Path, norm: dict, stride: int
+def evaluate_variants(variants: dict[str, nn.Module], data: Path, norm: dict, stride: int, flags: dict
                       ) -> dict[str, dict[str, float]]:
-    """Validation and test challenge F1 and accuracy of each network on ``data``."""
+    """Validation and test challenge F1 and accuracy of each network on ``data``, in fp32,
+    with the run's evaluation settings (batch size, aggregation)."""
     ds = load_dataset(data)
     batcher = train.Batcher(ds, train.Normalizer(**norm), stride, torch.device("cpu"))
-    cfg = train.TrainConfig(eval_batch_size=32)
+    cfg = train.TrainConfig(eval_batch_size=flags.get("eval_batch_size", 64), aggregate=flags.get("aggregate", "mean"))
     out = {}
     for label, model in variants.items():
         row = {}
@@ -381,8 +395,9 @@ def report_markdown(r: dict) -> str:
              "| | dense | ticket | reduction |", "| --- | ---: | ---: | ---: |",
              f"| weights of convs + linear | {c['prunable_weights']:,} | {c['nonzero_weights']:,} | "
              f"{c['prunable_weights'] / c['nonzero_weights']:.1f}x |",
-             f"| all parameters (with biases, BatchNorm) | {c['parameters']:,} | {c['nonzero_with_biases_and_bn']:,} | "
-             f"{c['parameters'] / c['nonzero_with_biases_and_bn']:.1f}x |",
+             f"| parameters: surviving weights + all biases and BatchNorm | {c['parameters']:,} | "
+             f"{c['with_biases_and_bn']:,} | "
+             f"{c['parameters'] / c['with_biases_and_bn']:.1f}x |",
              f"| FLOPs per 30-s record | {r['flops']['dense']:,} | {r['flops']['sparse']:,} | "
              f"{r['flops']['dense'] / r['flops']['sparse']:.1f}x |"]
     for dtype in r["dtypes"]:
@@ -401,19 +416,56 @@ def report_markdown(r: dict) -> str:
         for label, m in r["f1"].items():
             lines.append(f"| {label} | {m['val_challenge_f1']:.4f} | {m['test_challenge_f1']:.4f} | "
                          f"{m['val_accuracy']:.4f} | {m['test_accuracy']:.4f} |")
+    if "fp32_roundtrip_exact" in r:
+        lines += ["", f"fp32 ticket loads back bit-exact: {'yes' if r['fp32_roundtrip_exact'] else 'NO'}."]
     if "onnx_max_abs_diff" in r:
         lines += ["", f"ONNX: {r['onnx_bytes']:,} bytes; largest |logit difference| to PyTorch: "
                   f"{r['onnx_max_abs_diff']:.2e}"]
     return "\n".join(lines) + "\n"
 
 
+def resolve_run(p: argparse.ArgumentParser, args: argparse.Namespace) -> Path:
+    """The run folder of --exp with --winner or --method/--round, for --seed: looked up in
+    EXP/results.csv, so a redone round under --goal (round_NN_tryK) and the seed's own
+    round number at the winning compression are found."""
+    results = args.exp / "results.csv"
+    if not results.is_file():
+        p.error(f"{results} not found: run run_experiments.py --exp {args.exp} first")
+    table = pd.read_csv(results)
+    table = table[(table["seed"] == args.seed) & (table["control"] == "none") & table["accepted"]]
+    if args.round == 0:
+        rows = table[table["round"] == 0]
+    elif args.winner:
+        winners = args.exp / "plots" / "winners.csv"
+        if not winners.is_file():
+            p.error(f"{winners} not found: run plot_results.py --exp {args.exp} first")
+        best = pd.read_csv(winners)
+        best = best[(best["control"] == "none") & ((best["method"] == args.method) if args.method else True)]
+        if best.empty:
+            p.error(f"{winners} has no winning ticket{' for ' + args.method if args.method else ''}")
+        args.method, ratio = best.iloc[0]["method"], float(best.iloc[0]["compression"])
+        rows = table[(table["method"] == args.method) & np.isclose(table["compression"], ratio, rtol=1e-3)]
+    elif args.method is None or args.round is None:
+        p.error("--exp needs --method and --round (0 = dense), or --winner")
+    else:
+        rows = table[(table["method"] == args.method) & (table["round"] == args.round)]
+    if rows.empty:
+        p.error(f"{results}: no accepted run for seed {args.seed}, method {args.method}, round {args.round}"
+                + (" at the winning compression" if args.winner else ""))
+    row = rows.iloc[0]
+    print(f"exporting {row['folder']} ({row['compression']:.1f}x)")
+    return args.exp / row["folder"]
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", type=Path, help="a finished run folder: <exp>/seedS/<method>/round_NN or .../dense")
-    p.add_argument("--exp", type=Path, help="or: experiment folder, with --method, --round and --seed, or --winner")
+    p.add_argument("--exp", type=Path,
+                   help="or: experiment folder, with --method and --round, or --winner (and --seed)")
     p.add_argument("--winner", action="store_true",
-                   help="with --exp: the most compressed winning ticket in EXP/plots/winners.csv (plot_results.py)")
+                   help="with --exp: the most compressed winning ticket in EXP/plots/winners.csv (plot_results.py), "
+                   "of --method if given")
     p.add_argument("--method", help="retraining method (with --exp)")
     p.add_argument("--round", type=int, help="pruning round (with --exp; 0 = the dense network)")
     p.add_argument("--seed", type=int, default=0, help="seed (with --exp)")
@@ -426,21 +478,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if (args.run is None) == (args.exp is None):
         p.error("give either --run or --exp with --method and --round")
-    if args.exp is not None and args.winner:
-        table = args.exp / "plots" / "winners.csv"
-        if not table.is_file():
-            p.error(f"{table} not found: run plot_results.py --exp {args.exp} first")
-        rows = pd.read_csv(table)
-        rows = rows[(rows["control"] == "none") & ((rows["method"] == args.method) if args.method else True)]
-        if rows.empty:
-            p.error(f"{table} has no winning ticket{' for ' + args.method if args.method else ''}")
-        args.method, args.round = rows.iloc[0]["method"], int(rows.iloc[0]["round"])
-        print(f"winner: {args.method}, round {args.round}, {rows.iloc[0]['compression']:.1f}x")
+    if args.run is not None and (args.winner or args.method or args.round is not None):
+        p.error("--winner, --method and --round go with --exp, not --run")
     if args.exp is not None:
-        if args.method is None or args.round is None:
-            p.error("--exp needs --method and --round, or --winner")
-        seed_dir = args.exp / f"seed{args.seed}"
-        args.run = seed_dir / "dense" if args.round == 0 else seed_dir / args.method / f"round_{args.round:02d}"
+        args.run = resolve_run(p, args)
     args.dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
     if not args.dtypes or set(args.dtypes) - set(DTYPES):
         p.error(f"--dtypes: choose from {', '.join(DTYPES)}, got {args.dtypes}")
@@ -462,7 +503,8 @@ def main(argv: list[str] | None = None) -> dict:
     trained = build_model(cfg, state)
     if masks is not None:  # the weights are zero where pruned; make sure of it
         for name, w in pm.prunable_weights(trained).items():
-            w.data.mul_(masks[name])
+            if name in masks:  # layers kept dense (--dense-layers) have no mask
+                w.data.mul_(masks[name])
     dense_buf = io.BytesIO()
     torch.save(state, dense_buf)
     report: dict = {"source": str(args.run), "code_version": code_version(), "dtypes": args.dtypes,
@@ -497,12 +539,12 @@ def main(argv: list[str] | None = None) -> dict:
         for label, m in {"dense network": dense_net, **fast}.items()}
     if args.data is not None:
         try:
-            report["f1"] = {"trained ticket (metrics.json)": {
+            report["f1"] = {f"trained ticket (metrics.json{', bf16' if trained_metrics.get('bf16') else ''})": {
                 f"{s}_{k}": trained_metrics[s][k] for s in ("val", "test") for k in ("challenge_f1", "accuracy")}}
             report["f1"].update(evaluate_variants({"trained ticket (fp32)": trained, **variants,
                                                    "dead channels removed + sparse kernels":
                                                    fast["ticket, dead channels removed + sparse kernels"]},
-                                                  args.data, norm, cfg.stride))
+                                                  args.data, norm, cfg.stride, trained_metrics["flags"]))
         except DatasetError as e:
             sys.exit(f"error: {e}")
     if args.onnx:

@@ -5,7 +5,8 @@ header gives the sampling rate) and plain samples: ``.npy`` (a 1-D array) or ``.
 (one column or one row, an optional header line) with ``--fs``. Every record is resampled to
 the network's 200 Hz (polyphase, anti-aliased, as in build_datasets.py) and z-scored with
 the training set's statistics stored in the ticket. Samples are expected in microvolts, as
-the CinC 2017 int16 values are (``--units mV`` multiplies by 1000).
+the CinC 2017 int16 values are (``--units mV`` multiplies by 1000); WFDB files are read as
+CinC 2017 stores them (int16 at 1000 per mV, baseline 0), other gains are not converted.
 
 Prints, per file, the class (from the mean of the per-segment logits, as in training), the
 four class probabilities and the class of every 256-sample segment (1.28 s); ``--json`` for
@@ -68,7 +69,7 @@ def read_samples(path: Path, fs: float | None, units: str) -> tuple[np.ndarray, 
         x = np.asarray(x, dtype=np.float64)
     except PredictError:
         raise
-    except (OSError, ValueError, TypeError, pd.errors.ParserError, pd.errors.EmptyDataError) as e:
+    except (OSError, EOFError, ValueError, TypeError, pd.errors.ParserError, pd.errors.EmptyDataError) as e:
         raise PredictError(f"{path}: unreadable ({type(e).__name__}: {e})") from e
     if x.ndim == 2 and 1 in x.shape:
         x = x.ravel()

@@ -58,6 +58,8 @@ PREDICTIONS = "predictions.csv"
 """Per-record class of the validation and test records: for bootstrap intervals."""
 RESUME_NEUTRAL = {"device", "checkpoint_minutes", "quiet"}
 """Flags that may differ when a run is resumed (they do not change its results)."""
+ADDED_FLAGS = {"max_steps": 0}
+"""Flags added after the first results were made, with the default that older runs had."""
 
 
 # --------------------------------------------------------------------------- metrics
@@ -192,6 +194,7 @@ class TrainConfig:
     aggregate: str = "mean"
     seed: int = 0
     eval_batch_size: int = 64
+    max_steps: int = 0
     model: HannunConfig = field(default_factory=HannunConfig)
 
 
@@ -299,6 +302,8 @@ def train(model: torch.nn.Module, ds: ECGDataset, cfg: TrainConfig, run_dir: Pat
     batcher = batcher or Batcher(ds, Normalizer.fit(ds, train_idx), model.cfg.stride, device)
     steps_per_epoch = math.ceil(len(train_idx) / cfg.batch_size)
     total_steps = total_steps if total_steps is not None else cfg.epochs * steps_per_epoch
+    if cfg.max_steps:
+        total_steps = min(total_steps, cfg.max_steps)
     if lr_fn is None and cfg.schedule == "step":
         lr_fn = lambda step: lr_at(cfg, step, steps_per_epoch)  # noqa: E731
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -739,6 +744,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     r.add_argument("--checkpoint-minutes", type=float, default=5.0,
                    help="also checkpoint within an epoch at this interval")
     r.add_argument("--quiet", action="store_true", help="no progress bars or per-epoch lines")
+    r.add_argument("--max-steps", type=int, default=0,
+                   help="stop every training after this many steps, LR schedule unchanged (a smoke test of a "
+                   "configuration on a few batches; 0 = off)")
     args = p.parse_args(argv)
     try:
         args.milestones = tuple(float(v) for v in args.milestones.split(",") if v.strip())
@@ -758,7 +766,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                      ("layer_fraction", all(0 <= f < 1 for _, f in args.layer_fraction)),
                      ("rounds", args.rounds >= 1), ("target_ratio", args.target_ratio > 1),
                      ("tolerance", 0 <= args.tolerance < 1), ("alpha", args.alpha > 1),
-                     ("min_fraction", 0 < args.min_fraction < 1), ("control_every", args.control_every >= 1)]:
+                     ("min_fraction", 0 < args.min_fraction < 1), ("control_every", args.control_every >= 1),
+                     ("max_steps", args.max_steps >= 0)]:
         if not ok:
             p.error(f"bad value for --{name.replace('_', '-')}: {getattr(args, name)}")
     try:
@@ -791,8 +800,12 @@ def prepare_run(run_dir: Path, flags: dict, data: Path) -> dict:
     path = run_dir / CONFIG
     if path.is_file():
         old = json.loads(path.read_text())
-        keys = (set(flags) | set(old["flags"])) - RESUME_NEUTRAL
-        diff = {k: (old["flags"].get(k), flags.get(k)) for k in sorted(keys) if old["flags"].get(k) != flags.get(k)}
+        # a flag added to train.py after the folder was made counts as its default there
+        # (a flag's default never changes what older runs did)
+        before = {k: ADDED_FLAGS[k] for k in flags if k not in old["flags"] and k in ADDED_FLAGS}
+        before.update(old["flags"])
+        keys = (set(flags) | set(before)) - RESUME_NEUTRAL
+        diff = {k: (before.get(k), flags.get(k)) for k in sorted(keys) if before.get(k) != flags.get(k)}
         if diff:
             raise SystemExit(f"error: {run_dir} was started with other flags: "
                              + ", ".join(f"--{k.replace('_', '-')} {a!r} (now {b!r})" for k, (a, b) in diff.items())

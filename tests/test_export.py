@@ -10,12 +10,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_train_args, write_wfdb
+from conftest import TINY_FLAGS, tiny_train_args, write_wfdb
 from torch import nn
 
 import export_ticket as et
+import plot_results
 import predict
 import prune as pm
+import run_experiments
 import train as tr
 from build_datasets import synthetic_record
 
@@ -97,7 +99,9 @@ def test_size_and_flop_accounting(ticket_run: Path, exported: tuple[Path, dict])
     alive, total = pm.count(masks)
     c = report["counts"]
     assert (c["nonzero_weights"], c["prunable_weights"]) == (alive, total)
-    assert c["parameters"] - c["prunable_weights"] == c["nonzero_with_biases_and_bn"] - c["nonzero_weights"]
+    model = et.build_model(*et.read_run(ticket_run)[:2])
+    biases_and_bn = sum(p.numel() for n, p in model.named_parameters() if n.endswith("bias") or "bn" in n)
+    assert c["with_biases_and_bn"] == alive + biases_and_bn
     b = report["bytes"]
     assert b["ticket_fp32"] == (out / "ticket-fp32.npz").stat().st_size
     assert b["ticket_int8"] < b["ticket_fp16"] < b["ticket_fp32"] < b["dense_fp32"]
@@ -116,6 +120,37 @@ def test_size_and_flop_accounting(ticket_run: Path, exported: tuple[Path, dict])
     assert (out / "report.md").read_text().count("|") > 20
 
 
+def test_damaged_tickets_are_clear_errors(exported: tuple[Path, dict], tmp_path: Path) -> None:
+    data = (exported[0] / "ticket-fp32.npz").read_bytes()
+    (tmp_path / "cut.npz").write_bytes(data[: len(data) // 2])
+    with np.load(exported[0] / "ticket-fp32.npz") as z:
+        arrays = {k: z[k] for k in z.files}
+    bad_index = dict(arrays, index=np.full_like(arrays["index"], 255))  # survivors that do not add up
+    np.savez(tmp_path / "index.npz", **bad_index)
+    short = dict(arrays, others=arrays["others"][:-1])
+    np.savez(tmp_path / "short.npz", **short)
+    for name in ("cut.npz", "index.npz", "short.npz"):
+        with pytest.raises(et.TicketError, match=f"{name}: not a readable ticket"):
+            et.load_ticket(tmp_path / name)
+
+
+def test_export_by_experiment_winner_and_dense_layers(tiny_data: Path, tmp_path: Path) -> None:
+    """--exp --winner finds the seed's folder through results.csv; a run with a layer kept
+    dense exports and loads back exactly."""
+    exp = tmp_path / "exp"
+    run_experiments.main(["--exp", str(exp), "--methods", "finetune", "--seeds", "0", "--controls", "",
+                          "--prune-fraction", "0.5", "--rounds", "1", "--dense-layers", "stem",
+                          "--data", str(tiny_data), *TINY_FLAGS[:-1], "--epochs", "1", "--quiet"])
+    plot_results.main(["--exp", str(exp), "--tolerance", "0.99"])  # any pruned round wins
+    out = tmp_path / "t"
+    et.main(["--exp", str(exp), "--winner", "--out", str(out), "--dtypes", "fp32", "--latency-seconds", "0.01",
+             "--threads", "1"])
+    model, _ = et.load_ticket(out / "ticket-fp32.npz")
+    _, state, masks, _, _ = et.read_run(exp / "seed0" / "finetune" / "round_01")
+    assert "stem" not in masks and torch.equal(model.state_dict()["stem.weight"], state["stem.weight"])
+    assert torch.equal(model.state_dict()["head.weight"], state["head.weight"])
+
+
 def test_fast_inference_paths_match(ticket_run: Path) -> None:
     cfg, state, _, _, _ = et.read_run(ticket_run)
     model = et.build_model(cfg, state)
@@ -130,7 +165,7 @@ def test_fast_inference_paths_match(ticket_run: Path) -> None:
     assert torch.allclose(_logits(sparse), reference, atol=1e-4)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("onnxruntime") is None,
+@pytest.mark.skipif(any(importlib.util.find_spec(m) is None for m in ("onnx", "onnxruntime", "onnxscript")),
                     reason="onnx/onnxruntime not installed (pip install -r requirements-export.txt)")
 def test_onnx_export_matches_pytorch(ticket_run: Path, tmp_path: Path) -> None:
     cfg, state, _, _, _ = et.read_run(ticket_run)
@@ -142,8 +177,10 @@ def test_bad_runs_and_tickets_are_clear_errors(tmp_path: Path) -> None:
     with pytest.raises(SystemExit, match="model.pt missing"):
         et.main(["--run", str(tmp_path), "--out", str(tmp_path / "o")])
     (tmp_path / "junk.npz").write_bytes(b"not a zip")
-    with pytest.raises(et.TicketError, match="junk.npz: not a readable ticket"):
-        et.load_ticket(tmp_path / "junk.npz")
+    (tmp_path / "empty.npz").write_bytes(b"")
+    for name in ("junk.npz", "empty.npz"):
+        with pytest.raises(et.TicketError, match=f"{name}: not a readable ticket"):
+            et.load_ticket(tmp_path / name)
     with pytest.raises(SystemExit):
         et.parse_args(["--out", "x", "--run", "a", "--dtypes", "int4"])
 
@@ -167,7 +204,7 @@ def test_predict_synthetic_records_in_every_format(exported: tuple[Path, dict], 
     code, out, err = _predict_json(capsys, "--ticket", ticket, str(tmp_path / "R1.mat"))
     assert code == 0 and not err
     first = out[0]
-    assert first["class"] in "NAO~" and sum(first["probabilities"].values()) == pytest.approx(1, abs=1e-3)
+    assert first["class"] in ("N", "A", "O", "~") and sum(first["probabilities"].values()) == pytest.approx(1, abs=1e-3)
     assert first["seconds"] == pytest.approx(12, abs=0.01) and len(first["segments"]) == 12 * 200 // 256
     code, out, _ = _predict_json(capsys, "--ticket", ticket, "--fs", "300", str(tmp_path / "r2.npy"))
     assert code == 0 and out[0]["probabilities"] == first["probabilities"]  # the same samples
@@ -184,8 +221,9 @@ def test_predict_errors_name_the_file_and_go_on(exported: tuple[Path, dict], tmp
     np.save(tmp_path / "two.npy", np.zeros((2, 3000)))
     (tmp_path / "bad.npy").write_bytes(b"\x93NUMPY garbage")
     np.save(tmp_path / "nan.npy", np.full(3000, np.nan))
+    (tmp_path / "empty.npy").write_bytes(b"")
     cases = {"short.npy": "2.00 s long; at least 5 s", "two.npy": "shape (2, 3000)", "bad.npy": "unreadable",
-             "nan.npy": "NaN", "gone.npy": "no such file"}
+             "nan.npy": "NaN", "gone.npy": "no such file", "empty.npy": "unreadable"}
     code, out, err = _predict_json(capsys, "--ticket", ticket, "--fs", "300", str(good),
                                    *(str(tmp_path / n) for n in cases))
     assert code == 1 and "class" in out[0]
@@ -201,4 +239,4 @@ def test_predict_errors_name_the_file_and_go_on(exported: tuple[Path, dict], tmp
 def test_predict_a_real_cinc_record(exported: tuple[Path, dict], capsys: pytest.CaptureFixture) -> None:
     code, out, _ = _predict_json(capsys, "--ticket", str(exported[0] / "ticket-fp32.npz"), str(REAL / "A00001.mat"))
     assert code == 0 and out[0]["seconds"] == pytest.approx(30, abs=0.01)
-    assert len(out[0]["segments"]) == 30 * 200 // 256 and out[0]["class"] in "NAO~"
+    assert len(out[0]["segments"]) == 30 * 200 // 256 and out[0]["class"] in ("N", "A", "O", "~")

@@ -171,3 +171,18 @@ def test_bad_flags_are_refused(argv: list[str]) -> None:
 def test_missing_data_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(SystemExit, match="no complete data set"):
         tr.main(["--data", str(tmp_path / "none"), "--out", str(tmp_path / "run")])
+
+
+def test_runs_made_before_a_flag_existed_still_resume(tiny_data: Path, tmp_path: Path) -> None:
+    """A config.json without a later-added flag counts as that flag's default; --max-steps
+    caps a training at a few batches (a smoke test of a configuration)."""
+    out = tmp_path / "run"
+    tr.main(tiny_train_args(tiny_data, out, "--epochs", "1", "--max-steps", "2"))
+    history = pd.read_csv(out / "dense" / tr.HISTORY)
+    assert history["step"].tolist() == [2]
+    config = json.loads((out / "dense" / tr.CONFIG).read_text())
+    del config["flags"]["max_steps"]
+    (out / "dense" / tr.CONFIG).write_text(json.dumps(config))
+    with pytest.raises(SystemExit, match=r"--max-steps 0 \(now 2\)"):
+        tr.main(tiny_train_args(tiny_data, out, "--epochs", "1", "--max-steps", "2"))
+    tr.main(tiny_train_args(tiny_data, out, "--epochs", "1"))  # default: accepted, finished
