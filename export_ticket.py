@@ -218,8 +218,7 @@ def load_ticket(path: Path | str) -> tuple[HannunNet, dict]:
 
 def record_input(samples: int = RECORD_SECONDS * FS, stride: int = 256) -> torch.Tensor:
     """A 30-s record at 200 Hz, zero-padded to the output stride as training does."""
-    torch.manual_seed(0)
-    return torch.randn(1, 1, stride * math.ceil(samples / stride))
+    return torch.randn(1, 1, stride * math.ceil(samples / stride), generator=torch.Generator().manual_seed(0))
 
 
 def flops_per_record(model: nn.Module, x: torch.Tensor) -> tuple[int, int]:
@@ -285,7 +284,9 @@ def shrink(model: HannunNet) -> HannunNet:
 
 
 class SparseConv1d(nn.Module):
-    """Inference-only conv as im2col + a CSR sparse matrix product, for very sparse layers."""
+    """Inference-only conv as im2col + a CSR sparse matrix product, for very sparse layers
+    (CPU, fp32; its tensors are plain attributes, not parameters: build it on the device
+    and in the dtype it will run in)."""
 
     def __init__(self, conv: SameConv1d):
         super().__init__()

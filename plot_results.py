@@ -44,7 +44,7 @@ def load(exp: Path) -> pd.DataFrame:
     if not path.is_file():
         raise SystemExit(f"error: {path} not found; run run_experiments.py --exp {exp} first")
     table = pd.read_csv(path)
-    needed = {"method", "control", "seed", "round", "compression", "accepted", "val_challenge_f1",
+    needed = {"method", "control", "seed", "round", "compression", "accepted", "remaining", "val_challenge_f1",
               "test_challenge_f1", "val_accuracy", "test_accuracy", "folder"}
     missing = needed - set(table.columns)
     if missing:
@@ -101,12 +101,16 @@ def bootstrap_interval(exp: Path, table: pd.DataFrame, best: pd.Series, replicat
     times. None when a seed's predictions.csv is missing."""
     rows = table[(table["method"] == best["method"]) & (table["control"] == best["control"])
                  & (level(table["compression"]) == best["level"])]
-    labels, preds = None, []
+    labels, preds, records = None, [], None
     for folder in rows["folder"]:
         path = exp / folder / PREDICTIONS
         if not path.is_file():
             return None
         test = pd.read_csv(path, keep_default_na=False).query("split == 'test'").sort_values("record")
+        if records is not None and not np.array_equal(records, test["record"].to_numpy()):
+            raise SystemExit(f"error: {path} has other test records than {rows['folder'].iloc[0]}: "
+                             "seeds of one experiment must share the data split")
+        records = test["record"].to_numpy()
         labels = test["label"].map(CLASSES.index).to_numpy()
         preds.append(test["predicted"].map(CLASSES.index).to_numpy())
     if labels is None:

@@ -284,6 +284,21 @@ StepHook = Callable[[torch.nn.Module, int], None]
 its masks and saves rewind points."""
 
 
+def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
+               steps: torch.Tensor, clip: float, bf16: bool) -> torch.Tensor:
+    """One optimizer step: forward (bf16 autocast if asked), masked per-step loss, backward,
+    gradient-norm clipping, update. Returns the loss (not synchronised to the host)."""
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
+        logits = model(x)
+    loss = masked_step_loss(logits, y, steps)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+    opt.step()
+    return loss
+
+
 def train(model: torch.nn.Module, ds: ECGDataset, cfg: TrainConfig, run_dir: Path,
           device: torch.device, bf16: bool, checkpoint_minutes: float = 5.0,
           after_step: StepHook | None = None, quiet: bool = False, total_steps: int | None = None,
@@ -343,14 +358,7 @@ def train(model: torch.nn.Module, ds: ECGDataset, cfg: TrainConfig, run_dir: Pat
             for group in opt.param_groups:
                 group["lr"] = lr
             x, y, steps = batcher(batches[b], cfg.crop, np.random.default_rng([cfg.seed, salt, epoch, b]))
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                logits = model(x)
-            loss = masked_step_loss(logits, y, steps)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
-            opt.step()
+            loss = train_step(model, opt, x, y, steps, cfg.clip, bf16)
             state["step"] += 1
             state["batch"] = b + 1
             if after_step is not None:

@@ -12,8 +12,9 @@ off, the result equals training the K tickets one by one with ``train.train`` on
 batches, within float tolerance (tested); with dropout on, each ticket draws its own
 dropout masks, from a different random stream than a sequential run.
 
-Not yet used by run_experiments.py: this is the building block and its measurement
-(``python train_together.py --help``).
+Not yet used by run_experiments.py: this is the building block and its measurement,
+``python train_together.py`` (K = 1, 2, 4, 6 tickets, together vs one by one with
+train.train's step).
 """
 
 from __future__ import annotations
@@ -109,14 +110,30 @@ def train_together(models: list[HannunNet], masks: list[pm.Masks | None], lr_fns
 # --------------------------------------------------------------------------- measurement
 
 
+def train_one_by_one(model: HannunNet, masks: pm.Masks, ds: ECGDataset, cfg: tr.TrainConfig, steps: int,
+                     bf16: bool, batcher: tr.Batcher) -> None:
+    """The sequential baseline: exactly train.train's step (torch.optim.Adam, clipping,
+    MaskedModel), on the same batches, without its evaluation and checkpoints."""
+    masked = pm.MaskedModel(model, masks)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    train_idx = ds.indices("train")
+    batches = tr.length_buckets(ds.lengths, train_idx, cfg.batch_size, np.random.default_rng([cfg.seed, 0, 0]))
+    model.train()
+    for b, batch in enumerate(batches[:steps]):
+        x, y, n_steps = batcher(batch, cfg.crop, np.random.default_rng([cfg.seed, 0, 0, b]))
+        tr.train_step(model, opt, x, y, n_steps, cfg.clip, bf16)
+        masked.apply()
+    masked.remove()
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description="Measure K tickets trained together vs one by one (records/s).")
-    p.add_argument("--data", default="data/synthetic")
+    p.add_argument("--data", default="data/cinc2017")
     p.add_argument("--width", type=float, default=0.25)
     p.add_argument("--blocks", type=int, default=16)
     p.add_argument("--crop", type=int, default=2048)
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--steps", type=int, default=10, help="timed steps per measurement")
+    p.add_argument("--steps", type=int, default=12, help="timed steps per measurement (at most one epoch)")
     p.add_argument("--ks", default="1,2,4,6")
     p.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp32"])
     args = p.parse_args(argv)
@@ -128,18 +145,22 @@ def main(argv: list[str] | None = None) -> None:
                          model=HannunConfig(width=args.width, blocks=args.blocks))
     batcher = tr.Batcher(ds, tr.Normalizer.fit(ds, ds.indices("train")), cfg.model.stride, device)
     masks = pm.magnitude_prune(HannunNet(cfg.model), pm.full_masks(HannunNet(cfg.model)), 0.9)
+    print(f"width {args.width}, {args.blocks} blocks, batch {args.batch_size} x {args.crop} samples, "
+          f"{'bf16' if bf16 else 'fp32'}, {torch.get_num_threads()} threads, {args.steps} steps per ticket")
     for k in [int(v) for v in args.ks.split(",")]:
         models = [HannunNet(cfg.model) for _ in range(k)]
+        train_one_by_one(models[0], masks, ds, cfg, 2, bf16, batcher)  # warm-up
+        t0 = time.perf_counter()
+        for model in models:
+            train_one_by_one(model, masks, ds, cfg, args.steps, bf16, batcher)
+        alone = time.perf_counter() - t0
         train_together(models, [masks] * k, [lambda s: 1e-3] * k, ds, cfg, 2, device, bf16, batcher)  # warm-up
         t0 = time.perf_counter()
         train_together(models, [masks] * k, [lambda s: 1e-3] * k, ds, cfg, args.steps, device, bf16, batcher)
         together = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        for model in models:
-            train_together([model], [masks], [lambda s: 1e-3], ds, cfg, args.steps, device, bf16, batcher)
-        alone = time.perf_counter() - t0
-        print(f"K={k}: together {k * args.steps * args.batch_size / together:.0f} rec/s, one by one "
-              f"{k * args.steps * args.batch_size / alone:.0f} rec/s, speed-up {alone / together:.2f}x", flush=True)
+        records = k * args.steps * args.batch_size
+        print(f"K={k}: one by one {records / alone:.0f} rec/s, together {records / together:.0f} rec/s, "
+              f"speed-up {alone / together:.2f}x", flush=True)
 
 
 if __name__ == "__main__":

@@ -86,13 +86,7 @@ def train_step_fn(model: HannunNet, batch: int, length: int, bf16: bool,
     model.train()
 
     def step() -> None:
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            logits = model(x)
-        loss = tr.masked_step_loss(logits, y, steps)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
+        tr.train_step(model, opt, x, y, steps, 1.0, bf16)
         if after is not None:
             after()
     return step
