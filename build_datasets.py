@@ -75,7 +75,13 @@ class DatasetError(Exception):
 
 
 def code_version() -> str:
-    """``git describe``-style version of this checkout, '+dirty' when it has local edits."""
+    """``git describe``-style version of this checkout, '+dirty' when it has local edits,
+    as it was when this process imported the code (a long run records the code it runs,
+    not what the checkout holds by the time a folder is written)."""
+    return _CODE_VERSION
+
+
+def _git_version() -> str:
     here = Path(__file__).resolve().parent
     try:
         rev = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=here,
@@ -85,6 +91,9 @@ def code_version() -> str:
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
     return rev + ("+dirty" if dirty.strip() else "")
+
+
+_CODE_VERSION = _git_version()
 
 
 def find_label_file(source: Path, labels: Path | None) -> Path:

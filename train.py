@@ -149,7 +149,7 @@ class Batcher:
         x = self.signals[rows, cols.clamp_(max=self.signals.shape[1] - 1)]
         n = torch.from_numpy(lengths).to(self.device)
         inside = torch.arange(L, device=self.device) < n[:, None]
-        x = torch.where(inside, (x.float() - self.norm.mean) / self.norm.std, 0.0)
+        x = torch.where(inside, (x.to(torch.get_default_dtype()) - self.norm.mean) / self.norm.std, 0.0)
         steps = torch.clamp(n // self.stride, min=1)
         return x[:, None, :], self.labels[rows[:, 0]], steps
 
@@ -167,7 +167,8 @@ def masked_step_loss(logits: torch.Tensor, labels: torch.Tensor, steps: torch.Te
                      ) -> torch.Tensor:
     """Mean cross-entropy over the valid output steps of every record in the batch."""
     B, T, C = logits.shape
-    ce = F.cross_entropy(logits.float().reshape(B * T, C), labels.repeat_interleave(T),
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 -> fp32, fp64 stays
+    ce = F.cross_entropy(logits.reshape(B * T, C), labels.repeat_interleave(T),
                          reduction="none").reshape(B, T)
     valid = torch.arange(T, device=logits.device) < steps[:, None]
     return (ce * valid).sum() / valid.sum()

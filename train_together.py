@@ -81,7 +81,7 @@ def train_together(models: list[HannunNet], masks: list[pm.Masks | None], lr_fns
             for name, m in weight_masks.items():
                 grads[name] = grads[name] * m
             if cfg.clip > 0:  # per model, as clip_grad_norm_ does for one
-                norms = torch.sqrt(sum(g.float().pow(2).flatten(1).sum(1) for g in grads.values()))
+                norms = torch.sqrt(sum(g.pow(2).flatten(1).sum(1) for g in grads.values()))
                 coef = torch.clamp(cfg.clip / (norms + 1e-6), max=1.0)
             lr = torch.tensor([f(step) for f in lr_fns], device=device)
             step += 1
