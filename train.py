@@ -481,10 +481,10 @@ def fit_and_report(ctx: Context, model: HannunNet, run_dir: Path, extra: dict, *
     t1 = time.perf_counter()
     results = {split: evaluate(model, ctx.batcher, ctx.ds, split, ctx.cfg, ctx.bf16) for split in ("val", "test")}
     eval_seconds = time.perf_counter() - t1
-    predictions = pd.concat([pd.DataFrame({"record": ctx.ds.names[ctx.ds.indices(split)], "split": split,
-                                           "label": [CLASSES[i] for i in ctx.ds.labels[ctx.ds.indices(split)]],
+    predictions = pd.concat([pd.DataFrame({"record": ctx.ds.names[idx], "split": split,
+                                           "label": [CLASSES[i] for i in ctx.ds.labels[idx]],
                                            "predicted": [CLASSES[i] for i in results[split].pop("predicted")]})
-                             for split in ("val", "test")])
+                             for split, idx in ((s, ctx.ds.indices(s)) for s in ("val", "test"))])
     train_seconds = sum(h["train_seconds"] for h in history)
     results.update({
         "parameters": count_parameters(model), "device": str(ctx.device), "bf16": ctx.bf16,
@@ -811,8 +811,7 @@ def prepare_run(run_dir: Path, flags: dict, data: Path) -> dict:
         old = json.loads(path.read_text())
         # a flag added to train.py after the folder was made counts as its default there
         # (a flag's default never changes what older runs did)
-        before = {k: ADDED_FLAGS[k] for k in flags if k not in old["flags"] and k in ADDED_FLAGS}
-        before.update(old["flags"])
+        before = {**ADDED_FLAGS, **old["flags"]}
         keys = (set(flags) | set(before)) - RESUME_NEUTRAL
         diff = {k: (before.get(k), flags.get(k)) for k in sorted(keys) if before.get(k) != flags.get(k)}
         if diff:
