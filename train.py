@@ -586,8 +586,15 @@ def run_lottery(ctx: Context, args: argparse.Namespace, flags: dict, data: Path)
         raise SystemExit(f"error: --rewind-to {args.rewind_to} is step {k}, outside the {ctx.total_steps} "
                          "steps of dense training")
     dense_flags = {f: v for f, v in flags.items() if f not in PRUNING_FLAGS}
-    dense = run_dense(ctx, seed_dir / "dense", dense_flags, data, k, need_snapshot=method == "late_reset")
     method_dir = seed_dir / method
+    finished = finished_table(args, method_dir)
+    if finished is not None:  # read back without loading any weights (checkpoints may be gone)
+        prepare_run(seed_dir / "dense", dense_flags, data)
+        prepare_run(method_dir, {f: v for f, v in flags.items() if f not in CONTROL_FLAGS}, data)
+        if args.control:
+            prepare_run(args.out / f"{args.retrain}+{args.control}", flags, data)
+        return finished
+    dense = run_dense(ctx, seed_dir / "dense", dense_flags, data, k, need_snapshot=method == "late_reset")
     prepare_run(method_dir, {f: v for f, v in flags.items() if f not in CONTROL_FLAGS}, data)
     final_lr = ctx.cfg.lr * ctx.cfg.gamma ** len(ctx.cfg.milestones)
     lr_fn = (lambda i: final_lr) if method == "finetune" else (lambda i: lr_at(ctx.cfg, k + i, ctx.steps_per_epoch))
@@ -647,6 +654,32 @@ def run_lottery(ctx: Context, args: argparse.Namespace, flags: dict, data: Path)
     if args.control:
         table = pd.concat([table, run_control(ctx, args, flags, data, history, start_weights, lr_fn,
                                               ctx.total_steps - k, parameters)], ignore_index=True)
+    return table
+
+
+def finished_table(args: argparse.Namespace, method_dir: Path) -> pd.DataFrame | None:
+    """The method's (and its control's) rows when every round is done, else None.
+
+    Done means: the last accepted round reached --target-ratio or --rounds (or a --goal
+    run stopped at --min-fraction), and the control, if asked, has its row for that round.
+    """
+    if not (method_dir / ROUNDS).is_file():
+        return None
+    table = pd.read_csv(method_dir / ROUNDS)
+    accepted = table[table["accepted"]]
+    last = accepted.iloc[-1]
+    rejected_last = not table.iloc[-1]["accepted"] and table.iloc[-1]["fraction"] / args.alpha < args.min_fraction
+    if not (last["compression"] >= args.target_ratio * (1 - 1e-9) or last["round"] >= args.rounds
+            or (args.goal and rejected_last)):
+        return None
+    if args.control:
+        path = args.out / f"{args.retrain}+{args.control}" / ROUNDS
+        if not path.is_file():
+            return None
+        control = pd.read_csv(path)
+        if last["round"] > 0 and last["round"] not in set(control["round"]):
+            return None
+        table = pd.concat([table, control], ignore_index=True)
     return table
 
 

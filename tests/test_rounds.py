@@ -234,3 +234,21 @@ def test_bootstrap_interval_of_the_test_f1(tmp_path: Path) -> None:
     assert low < observed < high <= 1.0 and high - low > 0.02
     (tmp_path / table["folder"][1] / tr.PREDICTIONS).unlink()
     assert plot_results.bootstrap_interval(tmp_path, table, best) is None
+
+
+def test_finished_runs_need_no_checkpoints(tiny_data: Path, tmp_path: Path) -> None:
+    """A finished seed is read back from its tables even when its *.pt files are gone (they
+    are not kept in git), so a later seed can be added to a committed experiment."""
+    exp = tmp_path / "exp"
+    argv = ["--exp", str(exp), "--methods", "late_reset", "--seeds", "0", "--controls", "random_prune",
+            "--control-methods", "late_reset",
+            "--prune-fraction", "0.5", "--rounds", "2", "--rewind-to", "2it", "--data", str(tiny_data), *TINY_FLAGS]
+    run_experiments.main(argv)
+    before = pd.read_csv(exp / "results.csv")
+    for pt in exp.rglob("*.pt"):
+        pt.unlink()
+    run_experiments.main(argv)
+    pd.testing.assert_frame_equal(pd.read_csv(exp / "results.csv"), before)
+    assert not list(exp.rglob("*.pt"))  # nothing was retrained
+    with pytest.raises(SystemExit, match="other flags"):
+        run_experiments.main([*argv, "--lr", "0.01"])
