@@ -70,7 +70,8 @@ def read_run(run: Path) -> tuple[HannunConfig, dict, pm.Masks | None, dict, dict
     flags are in ``metrics["flags"]``."""
     weights = run / train.FINAL
     if not weights.is_file():
-        raise TicketError(f"{run} holds no trained network ({weights.name} missing): is the run finished?")
+        raise TicketError(f"{run} holds no trained network ({weights.name} missing): is the run finished? "
+                          "(checkpoints are not kept in git: export on the machine that trained it)")
     config = next((p / train.CONFIG for p in (run, run.parent) if (p / train.CONFIG).is_file()), None)
     if config is None:
         raise TicketError(f"no {train.CONFIG} in {run} or {run.parent}: not a train.py run folder")

@@ -59,10 +59,11 @@ python run_experiments.py --exp "$EXP" --seeds "$SEEDS" --methods "$METHODS" --c
 
 python plot_results.py --exp "$EXP"
 
-# the most compressed winning ticket (seed 0) as a compact file, with its size, FLOPs,
-# latency and F1 report; then classify records with predict.py --ticket "$EXP/ticket/ticket-fp32.npz"
+# the most compressed winning ticket of the last seed (trained on this machine, so its
+# checkpoint is here) as a compact file, with its size, FLOPs, latency and F1 report; then
+# classify records with predict.py --ticket "$EXP/ticket/ticket-fp32.npz"
 if grep -q "^[a-z_]*,none," "$EXP/plots/winners.csv"; then
-    python export_ticket.py --exp "$EXP" --winner --out "$EXP/ticket" --data "data/$DATASET"
+    python export_ticket.py --exp "$EXP" --winner --seed "${SEEDS##*,}" --out "$EXP/ticket" --data "data/$DATASET"
 else
     echo "no ticket within the tolerance of dense: nothing to export"
 fi
