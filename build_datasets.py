@@ -30,7 +30,6 @@ import math
 import os
 import subprocess
 import sys
-import tempfile
 import urllib.error
 import urllib.request
 import warnings
@@ -445,17 +444,16 @@ def write_dataset(out: Path, names: list[str], labels: list[str], signals: list[
 
 
 def atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to a temporary file beside ``path``, fsync, then ``os.replace``: a
-    crash at any point leaves either the old file or the new one, never a torn one."""
-    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=path.name, suffix=".tmp",
-                                     delete=False) as f:
+    """Write ``data`` to ``<path>.tmp``, fsync, then ``os.replace``: a crash at any point
+    leaves either the old file or the new one, never a torn one. The temporary name is
+    fixed, so the leftover of a write killed half-way is overwritten by the next write of
+    the same file rather than piling up."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(f.name, 0o666 & ~umask)  # NamedTemporaryFile creates 0600
-    os.replace(f.name, path)
+    os.replace(tmp, path)
 
 
 @dataclass

@@ -38,6 +38,7 @@ import sys
 import time
 import warnings
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -320,23 +321,29 @@ def sparsify(model: HannunNet, max_density: float = 0.1) -> HannunNet:
     return model.eval()
 
 
+def median_seconds(fn: Callable[[], object], seconds: float, warmup: int = 2, min_runs: int = 3) -> float:
+    """Median seconds of one call of ``fn``, after ``warmup`` calls, over ``seconds`` of
+    calls (at least ``min_runs``): robust to the odd slow call on a noisy machine."""
+    for _ in range(warmup):
+        fn()
+    times: list[float] = []
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end or len(times) < min_runs:
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
 def latency_ms(model: nn.Module, x: torch.Tensor, threads: int, seconds: float = 2.0) -> float:
     """Median wall time of one forward pass (batch of one record) at ``threads`` threads."""
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         with torch.inference_mode():
-            for _ in range(3):
-                model(x)
-            times: list[float] = []
-            end = time.perf_counter() + seconds
-            while time.perf_counter() < end or len(times) < 5:
-                t0 = time.perf_counter()
-                model(x)
-                times.append(time.perf_counter() - t0)
+            return 1000 * median_seconds(lambda: model(x), seconds, warmup=3, min_runs=5)
     finally:
         torch.set_num_threads(before)
-    return 1000 * statistics.median(times)
 
 
 # --------------------------------------------------------------------------- ONNX
@@ -446,7 +453,7 @@ def resolve_run(p: argparse.ArgumentParser, args: argparse.Namespace) -> Path:
         if best.empty:
             p.error(f"{winners} has no winning ticket{' for ' + args.method if args.method else ''}")
         args.method, ratio = best.iloc[0]["method"], float(best.iloc[0]["compression"])
-        rows = table[(table["method"] == args.method) & np.isclose(table["compression"], ratio, rtol=1e-3)]
+        rows = table[(table["method"] == args.method) & (pm.ratio_key(table["compression"]) == pm.ratio_key(ratio))]
     elif args.method is None or args.round is None:
         p.error("--exp needs --method and --round (0 = dense), or --winner")
     else:

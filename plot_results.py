@@ -28,6 +28,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+import prune as pm  # noqa: E402
 from model import CLASSES  # noqa: E402
 from train import PREDICTIONS, classification_metrics  # noqa: E402
 
@@ -53,9 +54,15 @@ def load(exp: Path) -> pd.DataFrame:
 
 
 def level(compression: pd.Series) -> pd.Series:
-    """A key equal for equal compression ratios (rounds of different seeds line up by
-    ratio, not by round number, which differs under --goal)."""
-    return np.log(compression).round(3)
+    """The compression level of each row: rounds of different seeds line up by ratio, not
+    by round number, which differs under --goal."""
+    return pm.ratio_key(compression)
+
+
+def ticket_rows(table: pd.DataFrame, best: pd.Series) -> pd.DataFrame:
+    """Every seed's row of one ticket (method, control and compression level of ``best``)."""
+    return table[(table["method"] == best["method"]) & (table["control"] == best["control"])
+                 & (level(table["compression"]) == best["level"])]
 
 
 def curves(table: pd.DataFrame, metric: str) -> pd.DataFrame:
@@ -99,8 +106,7 @@ def bootstrap_interval(exp: Path, table: pd.DataFrame, best: pd.Series, replicat
     """95 % percentile-bootstrap interval of a ticket's test challenge F1 (mean over seeds):
     test records are resampled with replacement, the same records for every seed, 1000
     times. None when a seed's predictions.csv is missing."""
-    rows = table[(table["method"] == best["method"]) & (table["control"] == best["control"])
-                 & (level(table["compression"]) == best["level"])]
+    rows = ticket_rows(table, best)
     labels, preds, records = None, [], None
     for folder in rows["folder"]:
         path = exp / folder / PREDICTIONS
@@ -161,8 +167,7 @@ def plot_compression(table: pd.DataFrame, split: str, out: Path) -> None:
 
 def plot_layers(exp: Path, table: pd.DataFrame, best: pd.Series, out: Path) -> None:
     """Remaining share of weights per layer of one seed's copy of the best ticket."""
-    row = table[(table["method"] == best["method"]) & (table["control"] == best["control"])
-                & (level(table["compression"]) == best["level"])].iloc[0]
+    row = ticket_rows(table, best).iloc[0]
     sparsity = pd.read_csv(exp / row["folder"] / "sparsity.csv")
     fig, ax = plt.subplots(figsize=(12, 4))
     x = np.arange(len(sparsity))
@@ -188,8 +193,7 @@ def summary(table: pd.DataFrame, best: pd.DataFrame, tolerance: float, exp: Path
              "test F1 95 % CI | test F1 - dense | test accuracy |",
              "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for _, b in best.iterrows():
-        remaining = table[(table["method"] == b["method"]) & (table["control"] == b["control"])
-                          & (level(table["compression"]) == b["level"])]["remaining"].mean()
+        remaining = ticket_rows(table, b)["remaining"].mean()
         sd = 0.0 if np.isnan(b["sd_test"]) else b["sd_test"]
         ci = bootstrap_interval(exp, table, b) if exp is not None else None
         ci_text = f"{ci[0]:.3f}-{ci[1]:.3f}" if ci else "n/a"

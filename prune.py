@@ -143,6 +143,12 @@ def sparsity_report(masks: Masks) -> pd.DataFrame:
     return table
 
 
+def ratio_key(compression: float | np.ndarray | pd.Series) -> float | np.ndarray | pd.Series:
+    """A key equal for equal compression ratios as tables store them (log, 3 decimals):
+    rounds of different seeds, or a ratio read back from a CSV, line up by it."""
+    return np.round(np.log(compression), 3)
+
+
 def target_alive(masks: Masks, target_ratio: float) -> int:
     """Survivors at ``target_ratio``: rounded down, so reaching it means at least that ratio."""
     return max(1, math.floor(count(masks)[1] / target_ratio))

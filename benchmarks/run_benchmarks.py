@@ -30,7 +30,6 @@ import json
 import math
 import os
 import platform
-import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -50,22 +49,9 @@ from build_datasets import load_dataset  # noqa: E402
 from model import HannunConfig, HannunNet  # noqa: E402
 
 
-def timed(fn: Callable[[], object], seconds: float, warmup: int = 2, min_runs: int = 3) -> float:
-    """Median seconds of one call of ``fn``."""
-    for _ in range(warmup):
-        fn()
-    times: list[float] = []
-    end = time.perf_counter() + seconds
-    while time.perf_counter() < end or len(times) < min_runs:
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
 def matmul_peak(dtype: torch.dtype, seconds: float, n: int = 2048) -> float:
     a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    return 2 * n**3 / timed(lambda: a @ b, seconds) / 1e9
+    return 2 * n**3 / et.median_seconds(lambda: a @ b, seconds) / 1e9
 
 
 def forward_flops(model: HannunNet, length: int) -> int:
@@ -131,7 +117,7 @@ def main(argv: list[str] | None = None) -> None:
         model = HannunNet(cfg)
         flops = 3 * forward_flops(model, length)  # per record: forward + backward
         for amp in ("fp32", "bf16"):
-            t = timed(train_step_fn(model, batch, length, amp == "bf16"), seconds)
+            t = et.median_seconds(train_step_fn(model, batch, length, amp == "bf16"), seconds)
             gf = batch * flops / t / 1e9
             add("train", f"{label}, batch {batch} x {length} samples, {amp}", records_per_s=batch / t,
                 gflops=gf, share_of_peak=gf / peak[amp])
@@ -139,17 +125,17 @@ def main(argv: list[str] | None = None) -> None:
     cfg, batch, length = NETS["CPU scale (w0.5, 2.62 M)"]
     base = HannunNet(cfg)
     masks = pruned_masks(base, 10.0)
-    dense_t = timed(train_step_fn(HannunNet(cfg), batch, length, True), seconds)
+    dense_t = et.median_seconds(train_step_fn(HannunNet(cfg), batch, length, True), seconds)
     add("masked", "dense step (bf16, w0.5, no masks)", seconds_per_step=dense_t, vs_dense=1.0)
     ours = HannunNet(cfg)
     masked = pm.MaskedModel(ours, masks)
-    t = timed(train_step_fn(ours, batch, length, True, after=masked.apply), seconds)
+    t = et.median_seconds(train_step_fn(ours, batch, length, True, after=masked.apply), seconds)
     add("masked", "masked step: grad hooks + _foreach_mul_ (this project)", seconds_per_step=t, vs_dense=t / dense_t)
     theirs = HannunNet(cfg)
     for name, module in theirs.named_modules():
         if name in masks:
             torch_prune.custom_from_mask(module, "weight", masks[name])
-    t = timed(train_step_fn(theirs, batch, length, True), seconds)
+    t = et.median_seconds(train_step_fn(theirs, batch, length, True), seconds)
     add("masked", "masked step: torch.nn.utils.prune reparametrisation", seconds_per_step=t, vs_dense=t / dense_t)
 
     data = args.data if (args.data / "build_info.json").is_file() else ROOT / "data" / "synthetic"
@@ -173,7 +159,7 @@ def main(argv: list[str] | None = None) -> None:
     batcher = tr.Batcher(ds, tr.Normalizer.fit(ds, ds.indices("train")), cfg.stride, torch.device("cpu"))
     for amp in ("fp32", "bf16"):
         run = lambda amp=amp: tr.predict(model, batcher, idx, tr.TrainConfig(), amp == "bf16")  # noqa: E731
-        t = timed(run, seconds, warmup=1, min_runs=1)
+        t = et.median_seconds(run, seconds, warmup=1, min_runs=1)
         add("eval", f"whole records, w0.5, {data.name} val split, {amp}", records_per_s=len(idx) / t)
 
     x = et.record_input()

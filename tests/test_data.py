@@ -285,3 +285,10 @@ def test_bad_flags_are_refused(argv: list[str]) -> None:
     with pytest.raises(SystemExit) as exc:
         bd.parse_args(argv)
     assert exc.value.code == 2
+
+
+def test_atomic_write_replaces_the_leftover_of_a_killed_write(tmp_path: Path) -> None:
+    target = tmp_path / "checkpoint.pt"
+    (tmp_path / "checkpoint.pt.tmp").write_bytes(b"half a file from a kill -9")
+    bd.atomic_write(target, b"new")
+    assert target.read_bytes() == b"new" and sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt"]
