@@ -10,7 +10,9 @@ Reads ``EXP/results.csv`` (from run_experiments.py) and writes into ``EXP/plots/
   summary.md            the winning ticket of each method: the largest compression whose
                         mean validation challenge F1 stays within --tolerance of the dense
                         network's, with its test F1 (mean +- sd over seeds) and a 95 %
-                        bootstrap interval over the test records
+                        bootstrap interval over the test records; validation and test F1
+                        per compression level and method; each ticket against its random
+                        controls with a paired bootstrap interval of the difference
   winners.csv           the same table, best first, for export_ticket.py --winner
 
 Tickets are chosen on the validation split; the test split is only reported.
@@ -30,7 +32,7 @@ import pandas as pd  # noqa: E402
 
 import prune as pm  # noqa: E402
 from model import CLASSES  # noqa: E402
-from train import PREDICTIONS, classification_metrics  # noqa: E402
+from train import PREDICTIONS, class_f1, confusion  # noqa: E402
 
 LTH_ECG_RATIO = 142.0
 """Sahu et al. 2022 (LTH-ECG): a 142x smaller network with < 1 % loss of test F1."""
@@ -101,12 +103,9 @@ def winners(table: pd.DataFrame, tolerance: float) -> pd.DataFrame:
     return best.sort_values("compression_val", ascending=False)
 
 
-def bootstrap_interval(exp: Path, table: pd.DataFrame, best: pd.Series, replicates: int = 1000,
-                       seed: int = 0) -> tuple[float, float] | None:
-    """95 % percentile-bootstrap interval of a ticket's test challenge F1 (mean over seeds):
-    test records are resampled with replacement, the same records for every seed, 1000
-    times. None when a seed's predictions.csv is missing."""
-    rows = ticket_rows(table, best)
+def test_predictions(exp: Path, rows: pd.DataFrame) -> tuple[np.ndarray, list[np.ndarray]] | None:
+    """Test labels and every row's predicted classes (as class indices), records in one
+    order. None when a run's predictions.csv is missing (e.g. a run made before it existed)."""
     labels, preds, records = None, [], None
     for folder in rows["folder"]:
         path = exp / folder / PREDICTIONS
@@ -119,12 +118,72 @@ def bootstrap_interval(exp: Path, table: pd.DataFrame, best: pd.Series, replicat
         records = test["record"].to_numpy()
         labels = test["label"].map(CLASSES.index).to_numpy()
         preds.append(test["predicted"].map(CLASSES.index).to_numpy())
-    if labels is None:
-        return None
+    return None if labels is None else (labels, preds)
+
+
+def bootstrap(labels: np.ndarray, preds: list[np.ndarray], minus: list[np.ndarray] | None = None,
+              replicates: int = 1000, seed: int = 0) -> tuple[float, float]:
+    """95 % percentile-bootstrap interval of the mean challenge F1 of ``preds`` (over seeds),
+    less that of ``minus`` when given: test records are resampled with replacement, the same
+    records for every seed and both sides, so a difference is paired record by record."""
     picks = np.random.default_rng(seed).integers(0, len(labels), (replicates, len(labels)))
-    scores = [np.mean([classification_metrics(labels[i], p[i])["challenge_f1"] for p in preds]) for i in picks]
+
+    def f1(group: list[np.ndarray]) -> np.ndarray:
+        return np.mean([class_f1(confusion(labels[picks], p[picks]))[:, :3].mean(1) for p in group], axis=0)
+
+    scores = f1(preds) - (f1(minus) if minus else 0.0)
     low, high = np.percentile(scores, [2.5, 97.5])
     return float(low), float(high)
+
+
+def bootstrap_interval(exp: Path, table: pd.DataFrame, best: pd.Series) -> tuple[float, float] | None:
+    """95 % bootstrap interval of a ticket's test challenge F1 (mean over seeds); None when
+    a seed's predictions are missing."""
+    found = test_predictions(exp, ticket_rows(table, best))
+    return None if found is None else bootstrap(*found)
+
+
+def compression_table(table: pd.DataFrame, metric: str) -> list[str]:
+    """Markdown table of ``metric`` (mean ± sd over seeds) per compression level, one column
+    per method and control: the numbers behind compression.png."""
+    c = curves(table, metric)
+    c["name"] = c["method"] + np.where(c["control"] == "none", "", " + " + c["control"])
+    names = list(dict.fromkeys(c.assign(is_control=c["control"] != "none")
+                               .sort_values(["is_control", "method", "control"])["name"]))
+    cells = c.assign(text=[f"{m:.3f}" + ("" if np.isnan(sd) else f" ± {sd:.3f}")
+                           for m, sd in zip(c["mean"], c["sd"], strict=True)])
+    wide = cells.pivot_table(index="level", columns="name", values="text", aggfunc="first")
+    ratio = cells.groupby("level")["compression"].mean()
+    lines = ["| compression | " + " | ".join(names) + " |", "| ---: |" + " ---: |" * len(names)]
+    for lv in sorted(wide.index):
+        row = [wide.at[lv, n] if n in wide.columns and isinstance(wide.at[lv, n], str) else "" for n in names]
+        lines.append(f"| {ratio[lv]:.1f}x | " + " | ".join(row) + " |")
+    return lines
+
+
+def controls_table(exp: Path, table: pd.DataFrame) -> list[str]:
+    """Markdown table: at each level where a control ran, the ticket's and the control's
+    test challenge F1 (mean over seeds) and the difference with its paired 95 % bootstrap
+    interval. A ticket claim needs the interval above 0."""
+    test = curves(table, "test_challenge_f1")
+    lines = ["| method | control | compression | ticket test F1 | control test F1 | ticket - control (95 % CI) |",
+             "| --- | --- | ---: | ---: | ---: | ---: |"]
+    controls = test[(test["control"] != "none") & (test["round"] > 0)]
+    for _, c in controls.iterrows():
+        theirs = ticket_rows(table, c)
+        mine = ticket_rows(table, pd.Series({**c, "control": "none"}))
+        mine = mine[mine["seed"].isin(theirs["seed"])]
+        if mine.empty:
+            continue
+        ticket_f1, control_f1 = mine["test_challenge_f1"].mean(), theirs["test_challenge_f1"].mean()
+        a, b = test_predictions(exp, mine), test_predictions(exp, theirs)
+        ci = ""
+        if a is not None and b is not None:
+            low, high = bootstrap(a[0], a[1], b[1])
+            ci = f" ({low:+.3f} to {high:+.3f})"
+        lines.append(f"| {c['method']} | {c['control']} | {c['compression']:.1f}x | {ticket_f1:.3f} | "
+                     f"{control_f1:.3f} | {ticket_f1 - control_f1:+.3f}{ci} |")
+    return lines if len(lines) > 2 else []
 
 
 def plot_compression(table: pd.DataFrame, split: str, out: Path) -> None:
@@ -204,6 +263,14 @@ def summary(table: pd.DataFrame, best: pd.DataFrame, tolerance: float, exp: Path
         map(tuple, best[["method", "control"]].values))
     for method, control in sorted(missing):
         lines.append(f"| {method} | {control} | none within tolerance | | | | | | |")
+    seeds = table["seed"].nunique()
+    for split, name in (("val", "Validation"), ("test", "Test")):
+        lines += ["", f"{name} challenge F1 against compression (mean ± sd over {seeds} seed(s); the numbers "
+                  "behind compression.png):", "", *compression_table(table, f"{split}_challenge_f1")]
+    if exp is not None and (controls := controls_table(exp, table)):
+        lines += ["", "Tickets against the random controls (test challenge F1, mean over seeds; the interval is a "
+                  "paired bootstrap over the test records: above 0 means the ticket beats the control):", "",
+                  *controls]
     return "\n".join(lines) + "\n"
 
 

@@ -65,6 +65,24 @@ ADDED_FLAGS = {"max_steps": 0}
 # --------------------------------------------------------------------------- metrics
 
 
+def confusion(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int = len(CLASSES)) -> np.ndarray:
+    """Confusion matrices ``[..., true, predicted]`` of label arrays ``[..., n]``: one
+    ``bincount`` for any number of leading dimensions (e.g. 1000 bootstrap resamples)."""
+    y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
+    batch = int(np.prod(y_true.shape[:-1], dtype=int))
+    offset = (num_classes ** 2) * np.arange(batch).reshape(*y_true.shape[:-1], 1)
+    counts = np.bincount((offset + num_classes * y_true + y_pred).ravel(), minlength=batch * num_classes ** 2)
+    return counts.reshape(*y_true.shape[:-1], num_classes, num_classes)
+
+
+def class_f1(cm: np.ndarray) -> np.ndarray:
+    """Per-class F1 ``2 TP / (true count + predicted count)`` of confusion matrices
+    ``[..., C, C]``, 0 when both counts are 0."""
+    tp = np.diagonal(cm, axis1=-2, axis2=-1).astype(float)
+    denom = cm.sum(-1) + cm.sum(-2)
+    return np.divide(2 * tp, denom, out=np.zeros(tp.shape), where=denom > 0)
+
+
 def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray,
                            num_classes: int = len(CLASSES)) -> dict:
     """Challenge F1 (mean F1 of N, A, O as scored in CinC 2017), per-class F1, macro F1,
@@ -72,14 +90,10 @@ def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray,
 
     A class's F1 is ``2 TP / (true count + predicted count)``, 0 when both are 0.
     """
-    y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
-    cm = np.bincount(num_classes * y_true + y_pred,
-                     minlength=num_classes ** 2).reshape(num_classes, num_classes)
-    tp = np.diag(cm).astype(float)
-    denom = cm.sum(0) + cm.sum(1)
-    f1 = np.divide(2 * tp, denom, out=np.zeros(num_classes), where=denom > 0)
+    cm = confusion(y_true, y_pred, num_classes)
+    f1 = class_f1(cm)
     out = {"challenge_f1": float(f1[:3].mean()), "macro_f1": float(f1.mean()),
-           "accuracy": float(tp.sum() / max(cm.sum(), 1))}
+           "accuracy": float(np.trace(cm) / max(cm.sum(), 1))}
     out.update({f"f1_{c}": float(v) for c, v in zip(CLASSES, f1, strict=False)})
     out["confusion"] = cm.tolist()
     return out

@@ -34,6 +34,19 @@ def test_metrics_match_a_hand_computed_confusion_matrix() -> None:
     assert m["accuracy"] == pytest.approx(10 / 15)
 
 
+def test_batched_confusion_matches_one_at_a_time() -> None:
+    """The bootstrap scores 1000 resamples in one bincount; each must equal its own matrix."""
+    rng = np.random.default_rng(1)
+    y_true, y_pred = rng.integers(0, 4, (3, 5, 50)), rng.integers(0, 4, (3, 5, 50))
+    batched = tr.confusion(y_true, y_pred)
+    assert batched.shape == (3, 5, 4, 4)
+    for i in range(3):
+        for j in range(5):
+            m = tr.classification_metrics(y_true[i, j], y_pred[i, j])
+            assert batched[i, j].tolist() == m["confusion"]
+            assert tr.class_f1(batched)[i, j, :3].mean() == pytest.approx(m["challenge_f1"])
+
+
 def test_mean_and_vote_aggregation_differ_as_designed() -> None:
     # 3 valid steps: two weak votes for A, one confident N; the 4th step is padding.
     logits = torch.tensor([[[0.0, 0.1, 0, 0], [0.0, 0.1, 0, 0], [5.0, 0, 0, 0], [0, 0, 0, 9.0]]])
