@@ -104,8 +104,9 @@ def winners(table: pd.DataFrame, tolerance: float) -> pd.DataFrame:
 
 
 def test_predictions(exp: Path, rows: pd.DataFrame) -> tuple[np.ndarray, list[np.ndarray]] | None:
-    """Test labels and every row's predicted classes (as class indices), records in one
-    order. None when a run's predictions.csv is missing (e.g. a run made before it existed)."""
+    """Test labels and every row's predicted classes (as class indices), records sorted by
+    name. None when a run's predictions.csv is missing (e.g. a run made before it existed);
+    an error when two runs were tested on different records."""
     labels, preds, records = None, [], None
     for folder in rows["folder"]:
         path = exp / folder / PREDICTIONS
@@ -114,7 +115,7 @@ def test_predictions(exp: Path, rows: pd.DataFrame) -> tuple[np.ndarray, list[np
         test = pd.read_csv(path, keep_default_na=False).query("split == 'test'").sort_values("record")
         if records is not None and not np.array_equal(records, test["record"].to_numpy()):
             raise SystemExit(f"error: {path} has other test records than {rows['folder'].iloc[0]}: "
-                             "seeds of one experiment must share the data split")
+                             "the runs of one experiment must share the data split")
         records = test["record"].to_numpy()
         labels = test["label"].map(CLASSES.index).to_numpy()
         preds.append(test["predicted"].map(CLASSES.index).to_numpy())
@@ -145,44 +146,47 @@ def bootstrap_interval(exp: Path, table: pd.DataFrame, best: pd.Series) -> tuple
 
 def compression_table(table: pd.DataFrame, metric: str) -> list[str]:
     """Markdown table of ``metric`` (mean ± sd over seeds) per compression level, one column
-    per method and control: the numbers behind compression.png."""
+    per method and control: the numbers behind compression.png. A cell that averages fewer
+    seeds than the experiment has (a run still going, or --goal levels) says how many."""
     c = curves(table, metric)
     c["name"] = c["method"] + np.where(c["control"] == "none", "", " + " + c["control"])
     names = list(dict.fromkeys(c.assign(is_control=c["control"] != "none")
                                .sort_values(["is_control", "method", "control"])["name"]))
-    cells = c.assign(text=[f"{m:.3f}" + ("" if np.isnan(sd) else f" ± {sd:.3f}")
-                           for m, sd in zip(c["mean"], c["sd"], strict=True)])
-    wide = cells.pivot_table(index="level", columns="name", values="text", aggfunc="first")
-    ratio = cells.groupby("level")["compression"].mean()
+    total = table["seed"].nunique()
+    text = {(lv, n): f"{m:.3f}" + ("" if np.isnan(sd) else f" ± {sd:.3f}") + (f" (n={k})" if k < total else "")
+            for lv, n, m, sd, k in zip(c["level"], c["name"], c["mean"], c["sd"], c["seeds"], strict=True)}
+    ratio = c.groupby("level")["compression"].mean()
     lines = ["| compression | " + " | ".join(names) + " |", "| ---: |" + " ---: |" * len(names)]
-    for lv in sorted(wide.index):
-        row = [wide.at[lv, n] if n in wide.columns and isinstance(wide.at[lv, n], str) else "" for n in names]
-        lines.append(f"| {ratio[lv]:.1f}x | " + " | ".join(row) + " |")
+    for lv in sorted(ratio.index):
+        lines.append(f"| {ratio[lv]:.1f}x | " + " | ".join(text.get((lv, n), "") for n in names) + " |")
     return lines
 
 
 def controls_table(exp: Path, table: pd.DataFrame) -> list[str]:
     """Markdown table: at each level where a control ran, the ticket's and the control's
-    test challenge F1 (mean over seeds) and the difference with its paired 95 % bootstrap
-    interval. A ticket claim needs the interval above 0."""
+    test challenge F1 (mean over the seeds both have) and the difference with its paired
+    95 % bootstrap interval over the test records."""
     test = curves(table, "test_challenge_f1")
-    lines = ["| method | control | compression | ticket test F1 | control test F1 | ticket - control (95 % CI) |",
-             "| --- | --- | ---: | ---: | ---: | ---: |"]
+    lines = ["| method | control | compression | seeds | ticket test F1 | control test F1 | "
+             "ticket - control (95 % CI) |", "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
     controls = test[(test["control"] != "none") & (test["round"] > 0)]
     for _, c in controls.iterrows():
         theirs = ticket_rows(table, c)
         mine = ticket_rows(table, pd.Series({**c, "control": "none"}))
-        mine = mine[mine["seed"].isin(theirs["seed"])]
-        if mine.empty:
+        seeds = set(mine["seed"]) & set(theirs["seed"])  # under --goal a level may lack some seeds
+        head = f"| {c['method']} | {c['control']} | {c['compression']:.1f}x | {len(seeds)} |"
+        if not seeds:
+            lines.append(f"{head} no ticket at this level | {theirs['test_challenge_f1'].mean():.3f} | |")
             continue
+        mine, theirs = mine[mine["seed"].isin(seeds)], theirs[theirs["seed"].isin(seeds)]
         ticket_f1, control_f1 = mine["test_challenge_f1"].mean(), theirs["test_challenge_f1"].mean()
-        a, b = test_predictions(exp, mine), test_predictions(exp, theirs)
-        ci = ""
-        if a is not None and b is not None:
-            low, high = bootstrap(a[0], a[1], b[1])
+        found = test_predictions(exp, pd.concat([mine, theirs]))  # also checks they share the records
+        ci = " (no predictions.csv)"
+        if found is not None:
+            labels, preds = found
+            low, high = bootstrap(labels, preds[:len(mine)], preds[len(mine):])
             ci = f" ({low:+.3f} to {high:+.3f})"
-        lines.append(f"| {c['method']} | {c['control']} | {c['compression']:.1f}x | {ticket_f1:.3f} | "
-                     f"{control_f1:.3f} | {ticket_f1 - control_f1:+.3f}{ci} |")
+        lines.append(f"{head} {ticket_f1:.3f} | {control_f1:.3f} | {ticket_f1 - control_f1:+.3f}{ci} |")
     return lines if len(lines) > 2 else []
 
 
@@ -268,9 +272,10 @@ def summary(table: pd.DataFrame, best: pd.DataFrame, tolerance: float, exp: Path
         lines += ["", f"{name} challenge F1 against compression (mean ± sd over {seeds} seed(s); the numbers "
                   "behind compression.png):", "", *compression_table(table, f"{split}_challenge_f1")]
     if exp is not None and (controls := controls_table(exp, table)):
-        lines += ["", "Tickets against the random controls (test challenge F1, mean over seeds; the interval is a "
-                  "paired bootstrap over the test records: above 0 means the ticket beats the control):", "",
-                  *controls]
+        lines += ["", "Tickets against the random controls (test challenge F1, mean over seeds). The interval "
+                  "resamples the test records (the same records on both sides), so it covers the test sample "
+                  "for these trained networks, not the spread between seeds: above 0 means these tickets beat "
+                  "these controls on records like these.", "", *controls]
     return "\n".join(lines) + "\n"
 
 

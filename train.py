@@ -69,6 +69,10 @@ def confusion(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int = len(CLA
     """Confusion matrices ``[..., true, predicted]`` of label arrays ``[..., n]``: one
     ``bincount`` for any number of leading dimensions (e.g. 1000 bootstrap resamples)."""
     y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
+    if y_true.shape != y_pred.shape:
+        raise ValueError(f"labels {y_true.shape} and predictions {y_pred.shape} differ in shape")
+    if y_true.size and (min(y_true.min(), y_pred.min()) < 0 or max(y_true.max(), y_pred.max()) >= num_classes):
+        raise ValueError(f"class indices must lie in [0, {num_classes})")
     batch = int(np.prod(y_true.shape[:-1], dtype=int))
     offset = (num_classes ** 2) * np.arange(batch).reshape(*y_true.shape[:-1], 1)
     counts = np.bincount((offset + num_classes * y_true + y_pred).ravel(), minlength=batch * num_classes ** 2)

@@ -2,6 +2,7 @@
 
     python benchmarks/run_benchmarks.py                 # about 5 minutes on 2 CPU cores
     python benchmarks/run_benchmarks.py --quick         # a smoke run (seconds per row)
+    python benchmarks/run_benchmarks.py --only compile  # re-measure some sections, keep the rest
 
 Sections (each row: median of repeated timings after warm-up, so one noisy run moves it
 little; ratios are only ever taken between rows of the same run):
@@ -19,6 +20,9 @@ little; ratios are only ever taken between rows of the same run):
               padding that length buckets save
   inference   latency per 30-s record of a 142x magnitude-pruned network at batch 1:
               dense kernels, dead inner channels removed, and CSR sparse kernels
+  compile     the CPU-scale lottery step (w0.25, masks on, as in every pruning round)
+              eager vs torch.compile of the model (default inductor; optimizer and mask
+              step eager), fp32 and bf16, with the time the first (compiling) call takes
 
 Writes benchmarks/results.md (the table) and benchmarks/results.json.
 """
@@ -85,6 +89,8 @@ def pruned_masks(model: HannunNet, ratio: float) -> pm.Masks:
     return masks
 
 
+SECTIONS = ("peak", "train", "masked", "eval", "inference", "compile")
+
 NETS = {  # label: (config, batch, length)
     "full (w1, 10.47 M)": (HannunConfig(width=1.0), 8, 4096),
     "CPU scale (w0.5, 2.62 M)": (HannunConfig(width=0.5), 32, 4096),
@@ -100,19 +106,45 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--data", type=Path, default=ROOT / "data" / "cinc2017",
                    help="data set for the eval/loading rows (falls back to data/synthetic)")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks")
+    p.add_argument("--only", default=",".join(SECTIONS),
+                   help=f"comma-separated sections to measure ({', '.join(SECTIONS)}); the rows of the "
+                        "others are kept from OUT/results.json")
     args = p.parse_args(argv)
+    only = [x for x in args.only.split(",") if x]
+    if not only or set(only) - set(SECTIONS):
+        p.error(f"--only takes sections from {', '.join(SECTIONS)}, got {args.only!r}")
+    if {"peak", "train"} & set(only):  # the train rows are read against this run's peak
+        only = sorted(set(only) | {"peak", "train"}, key=SECTIONS.index)
     seconds = 1.0 if args.quick else args.seconds
     rows: list[dict] = []
+    stamp = time.strftime("%Y-%m-%d") + (" (--quick)" if args.quick else "")
 
     def add(section: str, label: str, **values: float | str) -> None:
-        rows.append({"section": section, "label": label, **values})
+        rows.append({"section": section, "label": label, **values, "measured": stamp})
         print(f"{section:10s} {label:55s} " + "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                                                         for k, v in values.items()), flush=True)
 
+    sections: dict[str, Callable[[], None]] = {
+        "train": lambda: train_rows(add, seconds, peak_rows(add, seconds)),
+        "masked": lambda: masked_rows(add, seconds),
+        "eval": lambda: eval_rows(add, seconds, args.data),
+        "inference": lambda: inference_rows(add, seconds),
+        "compile": lambda: compile_rows(add, seconds),
+    }
+    for name in only:
+        if name in sections:
+            sections[name]()
+            write(args.out, rows)  # after every section, so a failure later keeps these rows
+
+
+def peak_rows(add: Callable[..., None], seconds: float) -> dict[str, float]:
     peak = {"fp32": matmul_peak(torch.float32, seconds), "bf16": matmul_peak(torch.bfloat16, seconds)}
     for k, v in peak.items():
         add("peak", f"matmul 2048^3 {k}", gflops=v)
+    return peak
 
+
+def train_rows(add: Callable[..., None], seconds: float, peak: dict[str, float]) -> None:
     for label, (cfg, batch, length) in NETS.items():
         model = HannunNet(cfg)
         flops = 3 * forward_flops(model, length)  # per record: forward + backward
@@ -122,6 +154,9 @@ def main(argv: list[str] | None = None) -> None:
             add("train", f"{label}, batch {batch} x {length} samples, {amp}", records_per_s=batch / t,
                 gflops=gf, share_of_peak=gf / peak[amp])
 
+
+
+def masked_rows(add: Callable[..., None], seconds: float) -> None:
     cfg, batch, length = NETS["CPU scale (w0.5, 2.62 M)"]
     base = HannunNet(cfg)
     masks = pruned_masks(base, 10.0)
@@ -138,7 +173,11 @@ def main(argv: list[str] | None = None) -> None:
     t = et.median_seconds(train_step_fn(theirs, batch, length, True), seconds)
     add("masked", "masked step: torch.nn.utils.prune reparametrisation", seconds_per_step=t, vs_dense=t / dense_t)
 
-    data = args.data if (args.data / "build_info.json").is_file() else ROOT / "data" / "synthetic"
+
+
+def eval_rows(add: Callable[..., None], seconds: float, data: Path) -> None:
+    cfg = NETS["CPU scale (w0.5, 2.62 M)"][0]
+    data = data if (data / "build_info.json").is_file() else ROOT / "data" / "synthetic"
     t0 = time.perf_counter()
     ds = load_dataset(data)
     add("eval", f"load_dataset({data.name}): {len(ds.labels)} records", seconds=time.perf_counter() - t0)
@@ -162,6 +201,9 @@ def main(argv: list[str] | None = None) -> None:
         t = et.median_seconds(run, seconds, warmup=1, min_runs=1)
         add("eval", f"whole records, w0.5, {data.name} val split, {amp}", records_per_s=len(idx) / t)
 
+
+
+def inference_rows(add: Callable[..., None], seconds: float) -> None:
     x = et.record_input()
     for label, width in (("full (w1)", 1.0), ("CPU scale (w0.5)", 0.5)):
         torch.manual_seed(0)
@@ -182,19 +224,50 @@ def main(argv: list[str] | None = None) -> None:
                 add("inference", f"{label} at 142x ({dense_flops / sparse_flops:.0f}x fewer FLOPs), {name}, "
                     f"{threads} thread{'s' * (threads > 1)}", ms_per_record=ms, speedup=base_ms[threads] / ms)
 
-    info = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-                       f"torch {torch.__version__}, {torch.get_num_threads()} threads",
-            "seconds_per_row": seconds, "rows": rows}
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.json").write_text(json.dumps(info, indent=2) + "\n")
-    lines = [f"Measured by `python benchmarks/run_benchmarks.py` on {info['machine']}.", "",
-             "| section | what | figures |", "| --- | --- | --- |"]
+
+
+def compile_rows(add: Callable[..., None], seconds: float) -> None:
+    """Masked w0.25 training step, eager vs torch.compile of the model (its forward and, through
+    AOTAutograd, its backward; the optimizer and the mask step stay eager): does it pay here?"""
+    cfg, batch, length = NETS["w0.25 (0.66 M)"]
+    for amp in ("fp32", "bf16"):
+        times = {}
+        for how in ("eager", "torch.compile"):
+            torch.manual_seed(0)
+            model = HannunNet(cfg)
+            masked = pm.MaskedModel(model, pruned_masks(model, 16.0))
+            net = torch.compile(model) if how == "torch.compile" else model
+            step = train_step_fn(net, batch, length, amp == "bf16", after=masked.apply)
+            t0 = time.perf_counter()
+            step()
+            first = time.perf_counter() - t0
+            times[how] = et.median_seconds(step, seconds)
+            add("compile", f"w0.25 masked step, batch {batch} x {length}, {amp}, {how}",
+                records_per_s=batch / times[how], speedup=times["eager"] / times[how], first_call_s=first)
+
+
+def write(out: Path, rows: list[dict]) -> None:
+    """results.json/.md: this run's rows, plus the rows of the sections it has not (yet)
+    measured, kept from the previous results.json; every row carries the date of the run
+    that made it (and "(--quick)" for a smoke run), so ratios are only taken within one
+    section."""
+    machine = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+               f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    old = out / "results.json"
+    if old.is_file():
+        fresh = {r["section"] for r in rows}
+        kept = [r for r in json.loads(old.read_text())["rows"] if r["section"] not in fresh]
+        rows = sorted(kept + rows, key=lambda r: SECTIONS.index(r["section"]))
+    out.mkdir(parents=True, exist_ok=True)
+    old.write_text(json.dumps({"machine": machine, "rows": rows}, indent=2) + "\n")
+    lines = [f"Measured by `python benchmarks/run_benchmarks.py` on {machine}; ratios only within one "
+             "section of one run (see the date of each row).", "",
+             "| section | what | figures | measured |", "| --- | --- | --- | --- |"]
     for r in rows:
         figures = ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}"
-                            for k, v in r.items() if k not in ("section", "label"))
-        lines.append(f"| {r['section']} | {r['label']} | {figures} |")
-    (args.out / "results.md").write_text("\n".join(lines) + "\n")
-    print(f"wrote {args.out / 'results.md'}")
+                            for k, v in r.items() if k not in ("section", "label", "measured"))
+        lines.append(f"| {r['section']} | {r['label']} | {figures} | {r.get('measured', '')} |")
+    (out / "results.md").write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

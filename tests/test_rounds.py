@@ -236,41 +236,61 @@ def test_bootstrap_interval_of_the_test_f1(tmp_path: Path) -> None:
     assert plot_results.bootstrap_interval(tmp_path, table, best) is None
 
 
+def _run_with_predictions(exp: Path, folder: str, labels: np.ndarray, predicted: np.ndarray, **row) -> dict:
+    """Write one run's predictions.csv and return its results.csv row."""
+    (exp / folder).mkdir(parents=True)
+    pd.DataFrame({"record": [f"R{i:03d}" for i in range(len(labels))], "split": "test", "label": labels,
+                  "predicted": predicted}).to_csv(exp / folder / tr.PREDICTIONS, index=False)
+    f1 = tr.classification_metrics(pd.Series(labels).map("NAO~".index).to_numpy(),
+                                   pd.Series(predicted).map("NAO~".index).to_numpy())["challenge_f1"]
+    return {"folder": folder, "test_challenge_f1": f1, **row}
+
+
 def test_controls_table_pairs_tickets_with_their_controls(tmp_path: Path) -> None:
     """A ticket that predicts every record right beats a control that guesses: the paired
-    interval lies above 0. A control identical to the ticket gives exactly 0."""
+    interval lies above 0. A control identical to the ticket gives exactly 0. A control at a
+    level the ticket lacks is listed as such; a missing predictions.csv drops the interval."""
     rng = np.random.default_rng(0)
     labels = rng.choice(list("NAO~"), 60)
     rows = []
     for seed in (0, 1):
         for control, predicted in (("none", labels), ("random_prune", rng.choice(list("NAO~"), 60)),
                                    ("random_reinit", labels)):
-            folder = f"seed{seed}/weight_rewind{'' if control == 'none' else '-' + control}/round_02"
-            (tmp_path / folder).mkdir(parents=True)
-            pd.DataFrame({"record": [f"R{i:03d}" for i in range(60)], "split": "test", "label": labels,
-                          "predicted": predicted}).to_csv(tmp_path / folder / tr.PREDICTIONS, index=False)
-            f1 = tr.classification_metrics(pd.Series(labels).map("NAO~".index).to_numpy(),
-                                           pd.Series(predicted).map("NAO~".index).to_numpy())["challenge_f1"]
-            rows.append({"method": "weight_rewind", "control": control, "seed": seed, "round": 2,
-                         "compression": 4.0, "folder": folder, "test_challenge_f1": f1})
+            rows.append(_run_with_predictions(
+                tmp_path, f"seed{seed}/weight_rewind{'' if control == 'none' else '+' + control}/round_02", labels,
+                predicted, method="weight_rewind", control=control, seed=seed, round=2, compression=4.0))
         rows.append({"method": "weight_rewind", "control": "none", "seed": seed, "round": 0, "compression": 1.0,
                      "folder": f"seed{seed}/dense", "test_challenge_f1": 0.5})
+    rows.append(_run_with_predictions(tmp_path, "seed0/weight_rewind+random_prune/round_03", labels, labels,
+                                      method="weight_rewind", control="random_prune", seed=0, round=3,
+                                      compression=8.0))
     lines = plot_results.controls_table(tmp_path, pd.DataFrame(rows))
-    prune_row = next(line for line in lines if "random_prune" in line)
-    reinit_row = next(line for line in lines if "random_reinit" in line)
+    prune_row = next(line for line in lines if "random_prune | 4.0x" in line)
+    reinit_row = next(line for line in lines if "random_reinit | 4.0x" in line)
     low, high = (float(x) for x in prune_row.split("(")[1].rstrip(") |").split(" to "))
-    assert 0 < low < high and "| 1.000 |" in prune_row
+    assert 0 < low < high and "| 2 | 1.000 |" in prune_row
     assert reinit_row.endswith("| +0.000 (+0.000 to +0.000) |")
+    assert any("random_prune | 8.0x | 0 | no ticket at this level | 1.000" in line for line in lines)
+    (tmp_path / "seed1/weight_rewind+random_reinit/round_02" / tr.PREDICTIONS).unlink()
+    lines = plot_results.controls_table(tmp_path, pd.DataFrame(rows))
+    assert next(line for line in lines if "random_reinit | 4.0x" in line).endswith("+0.000 (no predictions.csv) |")
 
 
 def test_compression_table_has_one_column_per_curve() -> None:
+    """Mean ± sd over seeds; one seed has no sd; a cell with fewer seeds says so; a level a
+    curve never reached stays empty."""
     rows = [{"method": m, "control": "none", "seed": s, "round": r, "compression": c, "val_challenge_f1": f + s / 10}
             for m in ("finetune", "lr_rewind") for s in (0, 1)
             for r, (c, f) in enumerate([(1.0, 0.5), (2.0, 0.6 if m == "lr_rewind" else 0.4)])]
+    rows.append({"method": "lr_rewind", "control": "none", "seed": 0, "round": 2, "compression": 4.0,
+                 "val_challenge_f1": 0.3})
     lines = plot_results.compression_table(pd.DataFrame(rows), "val_challenge_f1")
     assert lines[0] == "| compression | finetune | lr_rewind |"
     assert lines[2] == "| 1.0x | 0.550 ± 0.071 | 0.550 ± 0.071 |"
     assert lines[3] == "| 2.0x | 0.450 ± 0.071 | 0.650 ± 0.071 |"
+    assert lines[4] == "| 4.0x |  | 0.300 (n=1) |"
+    one_seed = pd.DataFrame(rows).query("seed == 0")
+    assert plot_results.compression_table(one_seed, "val_challenge_f1")[3] == "| 2.0x | 0.400 | 0.600 |"
 
 
 def test_finished_runs_need_no_checkpoints(tiny_data: Path, tmp_path: Path) -> None:

@@ -34,17 +34,25 @@ def test_metrics_match_a_hand_computed_confusion_matrix() -> None:
     assert m["accuracy"] == pytest.approx(10 / 15)
 
 
-def test_batched_confusion_matches_one_at_a_time() -> None:
-    """The bootstrap scores 1000 resamples in one bincount; each must equal its own matrix."""
+def test_batched_confusion_matches_a_plain_count() -> None:
+    """The bootstrap scores 1000 resamples in one bincount; each matrix must equal a plain
+    count of its own (true, predicted) pairs, and mismatched inputs are refused."""
     rng = np.random.default_rng(1)
     y_true, y_pred = rng.integers(0, 4, (3, 5, 50)), rng.integers(0, 4, (3, 5, 50))
     batched = tr.confusion(y_true, y_pred)
     assert batched.shape == (3, 5, 4, 4)
     for i in range(3):
         for j in range(5):
-            m = tr.classification_metrics(y_true[i, j], y_pred[i, j])
-            assert batched[i, j].tolist() == m["confusion"]
-            assert tr.class_f1(batched)[i, j, :3].mean() == pytest.approx(m["challenge_f1"])
+            plain = np.zeros((4, 4), int)
+            for t, q in zip(y_true[i, j], y_pred[i, j], strict=True):
+                plain[t, q] += 1
+            assert (batched[i, j] == plain).all()
+            tp, denom = np.diag(plain), plain.sum(0) + plain.sum(1)
+            assert tr.class_f1(batched)[i, j] == pytest.approx(np.where(denom > 0, 2 * tp / np.maximum(denom, 1), 0))
+    with pytest.raises(ValueError, match="differ in shape"):
+        tr.confusion(y_true[0, 0], y_pred[0])
+    with pytest.raises(ValueError, match="class indices"):
+        tr.confusion(np.array([0, 4]), np.array([0, 1]))
 
 
 def test_mean_and_vote_aggregation_differ_as_designed() -> None:
