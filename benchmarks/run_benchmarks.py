@@ -253,13 +253,14 @@ def write(out: Path, rows: list[dict]) -> None:
     section."""
     machine = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
                f"torch {torch.__version__}, {torch.get_num_threads()} threads")
-    old = out / "results.json"
-    if old.is_file():
+    path = out / "results.json"
+    if path.is_file():
         fresh = {r["section"] for r in rows}
-        kept = [r for r in json.loads(old.read_text())["rows"] if r["section"] not in fresh]
+        kept = [r for r in json.loads(path.read_text())["rows"] if r["section"] not in fresh]
         rows = sorted(kept + rows, key=lambda r: SECTIONS.index(r["section"]))
     out.mkdir(parents=True, exist_ok=True)
-    old.write_text(json.dumps({"machine": machine, "rows": rows}, indent=2) + "\n")
+    # atomic: a run killed while writing must not lose the rows of the sections it keeps
+    tr.atomic_write_text(json.dumps({"machine": machine, "rows": rows}, indent=2) + "\n", path)
     lines = [f"Measured by `python benchmarks/run_benchmarks.py` on {machine}; ratios only within one "
              "section of one run (see the date of each row).", "",
              "| section | what | figures | measured |", "| --- | --- | --- | --- |"]
@@ -267,7 +268,8 @@ def write(out: Path, rows: list[dict]) -> None:
         figures = ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}"
                             for k, v in r.items() if k not in ("section", "label", "measured"))
         lines.append(f"| {r['section']} | {r['label']} | {figures} | {r.get('measured', '')} |")
-    (out / "results.md").write_text("\n".join(lines) + "\n")
+    tr.atomic_write_text("\n".join(lines) + "\n", out / "results.md")
+    print(f"wrote {out / 'results.md'}")
 
 
 if __name__ == "__main__":
