@@ -64,6 +64,9 @@ RECORDS_FILE = "records.csv"
 INFO_FILE = "build_info.json"
 INT16 = np.iinfo(np.int16)
 XZ_CHUNKS = 16
+BUILD_FORMAT = 2
+"""Version of what a build holds for the same flags: 2 = duplicate records kept in one split.
+A folder of an older format is rebuilt (its split may put duplicates on both sides)."""
 
 
 class DatasetError(Exception):
@@ -402,12 +405,26 @@ def synthesize(n: int, seed: int, fs: int = 300, class_weights: tuple[float, ...
 # --------------------------------------------------------------------------- split and storage
 
 
-def stratified_split(labels: list[str], seed: int, val_fraction: float, test_fraction: float
-                     ) -> np.ndarray:
+def duplicate_groups(signals: list[np.ndarray]) -> list[list[int]]:
+    """Groups (indices, in record order) of records whose samples are identical.
+
+    CinC 2017 holds two such pairs (A00227 = A01176, A02656 = A03123): a split that put
+    them on both sides would test on training data. Found by the sha256 of the samples.
+    """
+    seen: dict[str, list[int]] = {}
+    for i, x in enumerate(signals):
+        seen.setdefault(hashlib.sha256(np.ascontiguousarray(x, dtype="<i2").tobytes()).hexdigest(), []).append(i)
+    return [g for g in seen.values() if len(g) > 1]
+
+
+def stratified_split(labels: list[str], seed: int, val_fraction: float, test_fraction: float,
+                     groups: list[list[int]] = ()) -> np.ndarray:
     """'train'/'val'/'test' per record: within each class, a seeded permutation cut into
     the requested fractions (rounded), so every split has each class's share of records.
+    Each of ``groups`` (e.g. duplicate records) then goes whole into the split of its first
+    member, so no group crosses splits (only the other members move).
 
-    The result depends only on the labels in their given order and the seed.
+    The result depends only on the labels in their given order, the groups and the seed.
     """
     if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
         raise ValueError(f"bad split fractions: val {val_fraction}, test {test_fraction}")
@@ -419,6 +436,8 @@ def stratified_split(labels: list[str], seed: int, val_fraction: float, test_fra
         n_val, n_test = round(len(idx) * val_fraction), round(len(idx) * test_fraction)
         split[idx[:n_val]] = "val"
         split[idx[n_val:n_val + n_test]] = "test"
+    for group in groups:
+        split[list(group)] = split[group[0]]
     return split.astype(str)
 
 
@@ -525,11 +544,15 @@ def build(args: argparse.Namespace) -> Path:
     flags = {k: v for k, v in sorted(vars(args).items()) if k not in ("overwrite",)}
     flags["out"] = str(out)
     if (out / INFO_FILE).is_file():
-        old = json.loads((out / INFO_FILE).read_text()).get("flags")
-        if old == flags:
+        old_info = json.loads((out / INFO_FILE).read_text())
+        old = old_info.get("flags")
+        if old == flags and old_info.get("format", 1) == BUILD_FORMAT:
             print(f"{out} is already built with these flags; nothing to do")
             return out
-        if not args.overwrite:
+        if old == flags:
+            print(f"{out} was made by an older build_datasets.py (format {old_info.get('format', 1)}, now "
+                  f"{BUILD_FORMAT}: duplicate records kept in one split); rebuilding it")
+        elif not args.overwrite:
             old = old or {}
             diff = ", ".join(f"--{k.replace('_', '-')} {old.get(k)} (now {v})"
                              for k, v in flags.items() if old.get(k) != v)
@@ -546,11 +569,13 @@ def build(args: argparse.Namespace) -> Path:
             source = download_cinc(Path(args.download_dir), args.url, args.sha256)
         names, labels, signals, bad, facts = read_cinc(source, Path(args.labels) if args.labels
                                                        else None, args.skip_bad)
-    split = stratified_split(labels, args.seed, args.val_fraction, args.test_fraction)
+    duplicates = duplicate_groups(signals)
+    split = stratified_split(labels, args.seed, args.val_fraction, args.test_fraction, duplicates)
     table = pd.DataFrame({"record": names, "label": labels,
                           "length": [len(s) for s in signals], "split": split})
-    info = {"flags": flags, "code_version": code_version(), "fs": FS, "records": len(names),
+    info = {"flags": flags, "format": BUILD_FORMAT, "code_version": code_version(), "fs": FS, "records": len(names),
             "skipped": [{"record": n, "reason": r} for n, r in bad], **facts,
+            "duplicate_groups": [[names[i] for i in g] for g in duplicates],
             "counts": {s: table[table["split"] == s]["label"].value_counts().to_dict()
                        for s in SPLITS}}
     write_dataset(out, names, labels, signals, split, info)
@@ -559,6 +584,8 @@ def build(args: argparse.Namespace) -> Path:
         print(f"\nskipped {len(bad)} bad record(s):")
         for name, reason in bad:
             print(f"  {name}: {reason}")
+    print(f"\n{len(duplicates)} group(s) of records with identical samples, each kept in one split"
+          + (": " + "; ".join(" = ".join(names[i] for i in g) for g in duplicates) if duplicates else ""))
     if "matches_official_cinc2017" in facts:
         print(f"\nraw samples sha256 {facts['raw_samples_sha256']}"
               + (" (the official 8,528-record set)" if facts["matches_official_cinc2017"] else ""))

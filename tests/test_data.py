@@ -242,6 +242,41 @@ def test_split_is_stratified_and_stable() -> None:
     assert not np.array_equal(split, bd.stratified_split(labels, 2, 0.1, 0.1))
 
 
+def test_duplicate_records_stay_in_one_split(cinc_folder: Path, tmp_path: Path) -> None:
+    """Identical samples under two names (as A00227/A01176 in CinC 2017) land in one split,
+    whatever split their own class's permutation gave the second; the rest is unchanged."""
+    labels = ["N"] * 50 + ["A"] * 50
+    plain = bd.stratified_split(labels, 0, 0.2, 0.2)
+    first, second = 0, next(i for i in range(50, 100) if plain[i] != plain[0])  # across classes too
+    grouped = bd.stratified_split(labels, 0, 0.2, 0.2, [[first, second]])
+    assert grouped[second] == grouped[first] == plain[first]
+    assert np.array_equal(np.delete(grouped, second), np.delete(plain, second))
+    x = np.arange(900, dtype=np.int16)
+    assert bd.duplicate_groups([x, x[::-1], x.copy(), x[:-1], x.copy()]) == [[0, 2, 4]]
+    # the build finds them in real files and records them
+    names = sorted(p.stem for p in cinc_folder.glob("*.mat"))
+    (cinc_folder / f"{names[5]}.mat").write_bytes((cinc_folder / f"{names[0]}.mat").read_bytes())
+    (cinc_folder / f"{names[5]}.hea").write_text((cinc_folder / f"{names[0]}.hea").read_text()
+                                                 .replace(names[0], names[5]))
+    out = tmp_path / "built"
+    bd.main(["--source", str(cinc_folder), "--out", str(out), "--val-fraction", "0.3", "--test-fraction", "0.3"])
+    ds = bd.load_dataset(out)
+    assert ds.info["duplicate_groups"] == [[names[0], names[5]]]
+    assert ds.split[list(ds.names).index(names[0])] == ds.split[list(ds.names).index(names[5])]
+
+
+def test_a_build_of_an_older_format_is_rebuilt(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "syn"
+    bd.main(["--synthetic", "8", "--out", str(out)])
+    info = json.loads((out / bd.INFO_FILE).read_text())
+    del info["format"]  # as build_datasets.py wrote it before duplicates were grouped
+    (out / bd.INFO_FILE).write_text(json.dumps(info))
+    capsys.readouterr()
+    bd.main(["--synthetic", "8", "--out", str(out)])
+    assert "older build_datasets.py" in capsys.readouterr().out
+    assert json.loads((out / bd.INFO_FILE).read_text())["format"] == bd.BUILD_FORMAT
+
+
 def test_write_and_load_round_trip(tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
     signals = [rng.integers(-32768, 32767, size=n, dtype=np.int16) for n in (300, 1000, 257)]
