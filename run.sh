@@ -26,13 +26,18 @@ MILESTONES=0.7             # fractions of T where the LR drops x0.1 (published r
 DEVICE=auto                # auto | cpu | cuda
 # --- pruning rounds (run_experiments.py -> train.py --retrain)
 METHODS=finetune,weight_rewind,lr_rewind,late_reset
+BASELINES=dense_equal_steps # the dense network retrained like lr_rewind's tickets (same cumulative steps); '' for none
 CONTROLS=random_reinit,random_prune
 CONTROL_METHODS=weight_rewind   # whose tickets the controls test ('all' for every method)
 CONTROL_EVERY=3            # run the controls at every n-th round (and the last)
 SEEDS=0,1
 FRACTION=0.5               # share of surviving weights pruned per round
 TARGET=64                  # stop at this compression ratio
-REWIND_TO=1ep              # k for late_reset / lr_rewind ('500it' or '2ep')
+REWIND_TO=1ep              # k for late_reset / lr_rewind / finetune ('500it' or '2ep'); weight_rewind uses 0
+GOAL=0                     # 1: over-pruning guard: redo a round at FRACTION/ALPHA when val F1 < dense x (1 - TOLERANCE)
+ALPHA=2
+TOLERANCE=0.01
+MIN_FRACTION=0.01          # GOAL: stop when the fraction would fall below this
 EXP=results/demo           # experiment folder
 
 # a configuration file given as the first argument overrides the variables above, e.g.
@@ -51,13 +56,15 @@ else
     python build_datasets.py --source "$SOURCE" --seed "$SPLIT_SEED" --out data/cinc2017 "${extra[@]}"
 fi
 
-python run_experiments.py --exp "$EXP" --seeds "$SEEDS" --methods "$METHODS" --controls "$CONTROLS" \
-    --control-methods "$CONTROL_METHODS" --control-every "$CONTROL_EVERY" \
+goal=()
+if [ "$GOAL" = 1 ]; then goal=(--goal --alpha "$ALPHA" --tolerance "$TOLERANCE" --min-fraction "$MIN_FRACTION"); fi
+python run_experiments.py --exp "$EXP" --seeds "$SEEDS" --methods "$METHODS" --baselines "$BASELINES" \
+    --controls "$CONTROLS" --control-methods "$CONTROL_METHODS" --control-every "$CONTROL_EVERY" "${goal[@]}" \
     --data "data/$DATASET" --width "$WIDTH" --blocks "$BLOCKS" --crop "$CROP" --epochs "$EPOCHS" --batch-size "$BATCH" \
     --lr "$LR" --milestones "$MILESTONES" --device "$DEVICE" \
     --prune-fraction "$FRACTION" --target-ratio "$TARGET" --rewind-to "$REWIND_TO" --quiet
 
-python plot_results.py --exp "$EXP"
+python plot_results.py --exp "$EXP" --tolerance "$TOLERANCE"
 
 # the most compressed winning ticket of the last seed (trained on this machine, so its
 # checkpoint is here) as a compact file, with its size, FLOPs, latency and F1 report; then

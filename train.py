@@ -58,7 +58,7 @@ PREDICTIONS = "predictions.csv"
 """Per-record class of the validation and test records: for bootstrap intervals."""
 RESUME_NEUTRAL = {"device", "checkpoint_minutes", "quiet"}
 """Flags that may differ when a run is resumed (they do not change its results)."""
-ADDED_FLAGS = {"max_steps": 0}
+ADDED_FLAGS = {"max_steps": 0, "definitions_version": 1}
 """Flags added after the first results were made, with the default that older runs had."""
 
 
@@ -431,10 +431,19 @@ def train(model: torch.nn.Module, ds: ECGDataset, cfg: TrainConfig, run_dir: Pat
 # --------------------------------------------------------------------------- pruning rounds
 
 METHODS = ("finetune", "weight_rewind", "lr_rewind", "late_reset")
+BASELINES = ("dense_equal_steps",)
+"""Unpruned references run like a method: 'dense_equal_steps' retrains the dense network
+round after round exactly as lr_rewind retrains its tickets (same start, LR and steps), so
+at round r it has had the same cumulative steps as lr_rewind's round-r ticket."""
 CONTROLS = ("random_reinit", "random_prune")
+DEFINITIONS_VERSION = 2
+"""What the methods mean (stored in every method folder's flags; a folder made under other
+definitions is refused, not resumed): 2 = weight_rewind from the initial weights over the
+whole schedule (k plays no part), late_reset/lr_rewind/finetune over steps [k, T).
+Version 1 (runs before 2026-11-27) trained weight_rewind over [k, T) only."""
 PRUNING_FLAGS = {"retrain", "control", "rewind_to", "prune_fraction", "prune_scope", "layer_fraction",
                  "dense_layers", "rounds", "target_ratio", "goal", "tolerance", "alpha", "min_fraction",
-                 "control_every"}
+                 "control_every", "definitions_version"}
 """Flags that do not change the dense run (which every method of a seed shares)."""
 CONTROL_FLAGS = {"control", "control_every"}
 """Flags that do not change a method's own rounds (only its controls)."""
@@ -571,38 +580,62 @@ def row_for(folder: Path, seed: int, method: str, control: str, r: int, attempt:
             masks: pm.Masks, metrics: dict, accepted: bool, parameters: int) -> dict:
     """One line of the results table; ``folder`` is the run's path from the experiment folder."""
     alive, total = pm.count(masks)
+    nonzero = parameters - total + alive
     row = {"folder": folder.as_posix(), "seed": seed, "method": method, "control": control, "round": r,
            "attempt": attempt,
            "fraction": fraction, "accepted": accepted, "remaining": alive, "prunable": total,
            "compression": total / alive, "sparsity": 1 - alive / total,
-           "nonzero_parameters": parameters - total + alive}
+           "nonzero_parameters": nonzero, "compression_all": parameters / nonzero}
     for split in ("val", "test"):
         for key in ("challenge_f1", "macro_f1", "accuracy", *(f"f1_{c}" for c in CLASSES)):
             row[f"{split}_{key}"] = metrics[split][key]
+        cm = np.asarray(metrics[split]["confusion"], dtype=float)
+        af = CLASSES.index("A")  # what a cardiologist asks first: AF found, and AF alarms right
+        with np.errstate(invalid="ignore", divide="ignore"):
+            row[f"{split}_sensitivity_A"] = cm[af, af] / cm[af].sum()
+            row[f"{split}_ppv_A"] = cm[af, af] / cm[:, af].sum()
     row.update(epochs=metrics["epochs_run"], steps=metrics.get("steps", float("nan")),
                train_seconds=metrics["train_seconds"])
     return row
 
 
+def replay_start(method: str, k: int) -> int:
+    """The step of the dense schedule a method's retraining starts from: it trains the
+    steps [start, T). Frankle & Carbin's weight rewinding replays the whole schedule from
+    the initial weights (start 0, T steps); late resetting starts from the weights at step
+    k and replays [k, T) (Frankle et al. 2020); lr_rewind, finetune and the dense baseline
+    retrain [k, T) too (Renda et al. 2020 rewind the LR to k)."""
+    return 0 if method == "weight_rewind" else k
+
+
+def baseline_rounds(args: argparse.Namespace) -> int:
+    """Rounds of the dense_equal_steps baseline: as many as a fixed-fraction schedule needs
+    to reach --target-ratio (or --rounds if fewer)."""
+    return min(args.rounds, pm.rounds_to_reach(args.target_ratio, args.prune_fraction))
+
+
 def run_lottery(ctx: Context, args: argparse.Namespace, flags: dict, data: Path) -> pd.DataFrame:
     """Dense training, then pruning rounds of ``args.retrain`` (and its ``args.control``).
 
-    Every method retrains for the steps [k, T) of the dense schedule (k = --rewind-to,
-    T = --epochs), so all are compared at the same budget; they differ in where they start:
+    Each round retrains the surviving weights for the steps [start, T) of the dense
+    schedule (T = --epochs, k = --rewind-to); the methods differ in where they start:
 
-      finetune       trained weights of the last round, at the schedule's final LR
-      lr_rewind      trained weights of the last round, LR schedule replayed from step k
-      late_reset     the dense run's weights at step k, LR schedule replayed from step k
-      weight_rewind  the initial weights, LR schedule replayed from step k (with k = 0,
-                     Frankle & Carbin's lottery ticket exactly)
+      finetune       trained weights of the last round, the schedule's final LR, T - k steps
+      lr_rewind      trained weights of the last round, LR replayed from step k, T - k steps
+      late_reset     the dense run's weights at step k, LR replayed from step k, T - k steps
+      weight_rewind  the initial weights, the whole LR schedule, T steps (Frankle & Carbin)
 
-    Finished rounds are read back, not redone; an unfinished round resumes.
+    The baseline dense_equal_steps prunes nothing and retrains as lr_rewind does. Finished
+    rounds are read back, not redone; an unfinished round resumes.
     """
     seed_dir, method = args.out, args.retrain
     k = parse_rewind(args.rewind_to, ctx.steps_per_epoch)
     if not 0 <= k < ctx.total_steps:
         raise SystemExit(f"error: --rewind-to {args.rewind_to} is step {k}, outside the {ctx.total_steps} "
                          "steps of dense training")
+    start_step = replay_start(method, k)
+    steps = ctx.total_steps - start_step
+    baseline = method in BASELINES
     dense_flags = {f: v for f, v in flags.items() if f not in PRUNING_FLAGS}
     method_dir = seed_dir / method
     finished = finished_table(args, method_dir)
@@ -615,7 +648,8 @@ def run_lottery(ctx: Context, args: argparse.Namespace, flags: dict, data: Path)
     dense = run_dense(ctx, seed_dir / "dense", dense_flags, data, k, need_snapshot=method == "late_reset")
     prepare_run(method_dir, {f: v for f, v in flags.items() if f not in CONTROL_FLAGS}, data)
     final_lr = ctx.cfg.lr * ctx.cfg.gamma ** len(ctx.cfg.milestones)
-    lr_fn = (lambda i: final_lr) if method == "finetune" else (lambda i: lr_at(ctx.cfg, k + i, ctx.steps_per_epoch))
+    lr_fn = ((lambda i: final_lr) if method == "finetune"
+             else (lambda i: lr_at(ctx.cfg, start_step + i, ctx.steps_per_epoch)))
     init = ctx.load(seed_dir / "dense" / INIT)
     early = ctx.load(seed_dir / "dense" / f"rewind_{k}.pt") if k and method == "late_reset" else init
 
@@ -632,10 +666,14 @@ def run_lottery(ctx: Context, args: argparse.Namespace, flags: dict, data: Path)
                     True, parameters)]
     history = [(0, masks, trained)]  # accepted rounds: (round, masks, trained weights)
     fraction, r, attempt = args.prune_fraction, 1, 0
-    while r <= args.rounds and not pm.reached(masks, args.target_ratio):
-        f = pm.fraction_to_reach(masks, fraction, args.target_ratio)
+    while (r <= baseline_rounds(args) if baseline
+           else r <= args.rounds and not pm.reached(masks, args.target_ratio)):
+        f = 0.0 if baseline else pm.fraction_to_reach(masks, fraction, args.target_ratio)
         d = round_dir(method_dir, r, attempt)
-        if (d / MASK).is_file():
+        if baseline:
+            new_masks = masks
+            d.mkdir(parents=True, exist_ok=True)
+        elif (d / MASK).is_file():
             new_masks = ctx.load(d / MASK)
         else:
             model.load_state_dict(trained)
@@ -651,12 +689,12 @@ def run_lottery(ctx: Context, args: argparse.Namespace, flags: dict, data: Path)
         if (d / METRICS).is_file():
             metrics = json.loads((d / METRICS).read_text())
         else:
-            metrics = retrain(ctx, d, start_weights(trained), new_masks, lr_fn, ctx.total_steps - k,
+            metrics = retrain(ctx, d, start_weights(trained), new_masks, lr_fn, steps,
                               {"round": r, "attempt": attempt, "fraction": f,
                                "compression": pm.compression_ratio(new_masks)})
         accepted, fraction = (pm.next_fraction(f, metrics["val"]["challenge_f1"], dense["val"]["challenge_f1"],
                                                args.tolerance, args.alpha, args.min_fraction)
-                              if args.goal else (True, fraction))
+                              if args.goal and not baseline else (True, fraction))
         rows.append(row_for(d.relative_to(exp), args.seed, method, "none", r, attempt, f, new_masks, metrics,
                             accepted, parameters))
         write_rounds(rows, method_dir / ROUNDS)
@@ -671,7 +709,7 @@ def run_lottery(ctx: Context, args: argparse.Namespace, flags: dict, data: Path)
     table = pd.DataFrame(rows)
     if args.control:
         table = pd.concat([table, run_control(ctx, args, flags, data, history, start_weights, lr_fn,
-                                              ctx.total_steps - k, parameters)], ignore_index=True)
+                                              steps, parameters)], ignore_index=True)
     return table
 
 
@@ -687,6 +725,8 @@ def finished_table(args: argparse.Namespace, method_dir: Path) -> pd.DataFrame |
     accepted = table[table["accepted"]]
     last = accepted.iloc[-1]
     rejected_last = not table.iloc[-1]["accepted"] and table.iloc[-1]["fraction"] / args.alpha < args.min_fraction
+    if args.retrain in BASELINES:
+        return table if last["round"] >= baseline_rounds(args) else None
     if not (last["compression"] >= args.target_ratio * (1 - 1e-9) or last["round"] >= args.rounds
             or (args.goal and rejected_last)):
         return None
@@ -781,13 +821,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="record class from the mean of per-step logits, or a per-step vote")
     e.add_argument("--eval-batch-size", type=int, default=64)
     q = p.add_argument_group("pruning rounds (prune.py); without --retrain only the dense run")
-    q.add_argument("--retrain", choices=METHODS, default=None, help="how survivors are retrained each round")
+    q.add_argument("--retrain", choices=METHODS + BASELINES, default=None,
+                   help="how survivors are retrained each round (dense_equal_steps: the unpruned network "
+                   "retrained like lr_rewind, a budget-matched reference)")
     q.add_argument("--control", choices=CONTROLS, default=None,
                    help="also run this control on the method's masks")
     q.add_argument("--control-every", type=int, default=1, help="control at every n-th round (and the last)")
     q.add_argument("--rewind-to", default="0",
-                   help="k: '500it' or '2ep'. All methods retrain steps [k, T); late_reset starts from the "
-                   "dense weights at k")
+                   help="k: '500it' or '2ep'. late_reset starts from the dense weights at step k; it, lr_rewind "
+                   "and finetune retrain steps [k, T); weight_rewind always retrains [0, T)")
     q.add_argument("--prune-fraction", type=float, default=0.2, help="share of surviving weights pruned per round")
     q.add_argument("--prune-scope", default="global", choices=["global", "layerwise"])
     q.add_argument("--layer-fraction", action="append", default=[], metavar="LAYER=F",
@@ -839,6 +881,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--crop must be a multiple of the output stride {args.model.stride}")
     if args.control and not args.retrain:
         p.error("--control needs --retrain (the method whose masks it controls)")
+    if args.control and args.retrain in BASELINES:
+        p.error(f"--control: {args.retrain} prunes nothing, so it has no masks to control")
     if args.retrain and args.schedule != "step":
         p.error("pruning rounds replay the LR schedule: use --schedule step with --retrain")
     args.out = Path(args.out or f"results/run/seed{args.seed}")
@@ -862,7 +906,7 @@ def prepare_run(run_dir: Path, flags: dict, data: Path) -> dict:
         old = json.loads(path.read_text())
         # a flag added to train.py after the folder was made counts as its default there
         # (a flag's default never changes what older runs did)
-        before = {**ADDED_FLAGS, **old["flags"]}
+        before = {**{k: v for k, v in ADDED_FLAGS.items() if k in flags}, **old["flags"]}
         keys = (set(flags) | set(before)) - RESUME_NEUTRAL
         diff = {k: (before.get(k), flags.get(k)) for k in sorted(keys) if before.get(k) != flags.get(k)}
         if diff:
@@ -890,6 +934,7 @@ def run(args: argparse.Namespace, ds: ECGDataset | None = None) -> pd.DataFrame 
     flags = {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items() if k not in ("model", "out")}
     flags["model"] = asdict(args.model)
     flags["layer_fraction"] = [list(x) for x in args.layer_fraction]
+    flags["definitions_version"] = DEFINITIONS_VERSION
     ctx = Context.make(ds, args)
     if args.retrain is None:
         done = (args.out / "dense" / METRICS).is_file()

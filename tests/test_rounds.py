@@ -32,7 +32,7 @@ def spy(monkeypatch: pytest.MonkeyPatch) -> list[dict]:
 
     def recording(ctx, run_dir, start, masks, lr_fn, steps, extra):  # noqa: ANN001, ANN202
         calls.append({"dir": run_dir, "start": {k: v.clone() for k, v in start.items()}, "masks": masks,
-                      "lr_first": lr_fn(0), "lr_last": lr_fn(steps - 1), "steps": steps})
+                      "lr": [lr_fn(i) for i in range(steps)], "steps": steps})
         return real(ctx, run_dir, start, masks, lr_fn, steps, extra)
 
     monkeypatch.setattr(tr, "retrain", recording)
@@ -43,34 +43,63 @@ def _equal(a: dict, b: dict) -> bool:
     return all(torch.equal(a[k], b[k]) for k in a)
 
 
-@pytest.mark.parametrize("method", tr.METHODS)
+@pytest.mark.parametrize("method", tr.METHODS + tr.BASELINES)
 def test_each_method_starts_where_it_should(method: str, tiny_data: Path, tmp_path: Path, spy: list[dict]) -> None:
     seed_dir = tmp_path / "seed0"
-    # 6 steps per epoch, T = 12 steps, k = 3: every method retrains steps [3, 12)
+    # 6 steps per epoch, T = 12 steps (LR 1e-3, x0.1 from step 6), k = 3
     tr.main(tiny_train_args(tiny_data, seed_dir, "--retrain", method, "--rewind-to", "3it", "--rounds", "2",
                             "--prune-fraction", "0.5", "--milestones", "0.5"))
     dense = seed_dir / "dense"
     load = lambda p: torch.load(p, weights_only=True)  # noqa: E731
     init, early, trained = load(dense / "init.pt"), load(dense / "rewind_3.pt"), load(dense / "model.pt")
-    assert len(spy) == 2 and all(c["steps"] == 9 for c in spy)
+    assert len(spy) == 2
     first, second = spy
-    expected = {"weight_rewind": init, "late_reset": early, "lr_rewind": trained, "finetune": trained}[method]
+    expected = {"weight_rewind": init, "late_reset": early}.get(method, trained)
     assert _equal(first["start"], expected)
-    if method in ("lr_rewind", "finetune"):  # round 2 starts from round 1's trained weights
+    if method in ("lr_rewind", "finetune", "dense_equal_steps"):  # round 2 starts from round 1's weights
         assert _equal(second["start"], load(seed_dir / method / "round_01" / "model.pt"))
     else:
         assert _equal(second["start"], expected)
-    # LR: the schedule (1e-3, x0.1 at step 6) replayed from step 3, or the final LR throughout
-    if method == "finetune":
-        assert first["lr_first"] == first["lr_last"] == pytest.approx(1e-4)
-    else:
-        assert first["lr_first"] == pytest.approx(1e-3) and first["lr_last"] == pytest.approx(1e-4)
+    # budget and LR per step: Frankle & Carbin replay the whole schedule [0, 12); the others
+    # replay [3, 12) (finetune at the final LR throughout)
+    lr = {"weight_rewind": [1e-3] * 6 + [1e-4] * 6, "finetune": [1e-4] * 9}.get(method, [1e-3] * 3 + [1e-4] * 6)
+    for call in spy:
+        assert call["steps"] == len(lr) and call["lr"] == pytest.approx(lr)
     table = pd.read_csv(seed_dir / method / "rounds.csv")
     assert table["round"].tolist() == [0, 1, 2]
+    assert table["steps"].tolist()[1:] == [len(lr)] * 2
+    if method == "dense_equal_steps":  # nothing pruned, ever
+        assert table["compression"].tolist() == [1.0] * 3
+        assert all(m.all() for call in spy for m in call["masks"].values())
+        return
     assert table["compression"].tolist() == pytest.approx([1.0, 2.0, 4.0], rel=1e-3)
+    params = table["nonzero_parameters"] + table["prunable"] - table["remaining"]  # all parameters
+    assert table["compression_all"].tolist() == pytest.approx((params / table["nonzero_parameters"]).tolist(), rel=1e-5)
+    assert (table["compression_all"] < table["compression"]).tolist() == [False, True, True]
     # round 2's mask only shrinks round 1's
     m1, m2 = first["masks"], second["masks"]
     assert all(not (m2[n] & ~m1[n]).any() for n in m1)
+
+
+def test_runs_made_under_older_method_definitions_are_refused(tiny_data: Path, tmp_path: Path) -> None:
+    """weight_rewind meant [k, T) before version 2: such a folder must not be resumed silently."""
+    seed_dir = tmp_path / "seed0"
+    argv = tiny_train_args(tiny_data, seed_dir, "--retrain", "weight_rewind", "--rounds", "1", "--max-steps", "1")
+    tr.main(argv)
+    config = seed_dir / "weight_rewind" / tr.CONFIG
+    record = json.loads(config.read_text())
+    del record["flags"]["definitions_version"]  # as a version-1 folder has it
+    config.write_text(json.dumps(record))
+    (seed_dir / "weight_rewind" / tr.ROUNDS).unlink()  # unfinished, so it would resume
+    # the shared dense run (whose flags never held the version) passes; the method folder is refused
+    with pytest.raises(SystemExit, match="weight_rewind was started with other flags: --definitions-version 1 "
+                       "\\(now 2\\)"):
+        tr.main(argv)
+
+
+def test_control_of_a_baseline_is_refused() -> None:
+    with pytest.raises(SystemExit):
+        tr.parse_args(["--retrain", "dense_equal_steps", "--control", "random_prune"])
 
 
 def test_controls_use_the_tickets_masks(tiny_data: Path, tmp_path: Path, spy: list[dict]) -> None:
