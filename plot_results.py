@@ -32,13 +32,15 @@ import pandas as pd  # noqa: E402
 
 import prune as pm  # noqa: E402
 from model import CLASSES  # noqa: E402
-from train import PREDICTIONS, class_f1, confusion  # noqa: E402
+from train import BASELINES, METHODS, PREDICTIONS, class_f1, confusion  # noqa: E402
 
 LTH_ECG_RATIO = 142.0
 """Sahu et al. 2022 (LTH-ECG): a 142x smaller network with < 1 % loss of test F1."""
-COLORS = {"weight_rewind": "#1f77b4", "late_reset": "#2ca02c", "lr_rewind": "#d62728", "finetune": "#7f7f7f"}
+COLORS = {"weight_rewind": "#1f77b4", "late_reset": "#2ca02c", "lr_rewind": "#d62728", "finetune": "#7f7f7f",
+          "dense_equal_steps": "#000000"}
 LABELS = {"weight_rewind": "weight rewind (Frankle & Carbin)", "late_reset": "late reset (Frankle et al. 2020)",
-          "lr_rewind": "LR rewind (Renda et al.)", "finetune": "fine-tune"}
+          "lr_rewind": "LR rewind (Renda et al.)", "finetune": "fine-tune",
+          "dense_equal_steps": "dense, equal steps (as LR rewind)"}
 CONTROL_STYLE = {"random_reinit": ("--", "random re-init"), "random_prune": (":", "random pruning")}
 
 
@@ -52,7 +54,23 @@ def load(exp: Path) -> pd.DataFrame:
     missing = needed - set(table.columns)
     if missing:
         raise SystemExit(f"error: {path} lacks columns {', '.join(sorted(missing))}")
-    return table[table["accepted"]]
+    return place_baselines(table[table["accepted"]])
+
+
+def place_baselines(table: pd.DataFrame) -> pd.DataFrame:
+    """A baseline's round r (dense_equal_steps: never pruned) is placed at the compression
+    of lr_rewind's round r of the same seed, whose cumulative steps it matches, so it plots
+    and pairs at that level (its own ratio stays 1: see ``remaining``). Rounds with no such
+    ticket are left out."""
+    base = table["method"].isin(BASELINES) & (table["round"] > 0)
+    if not base.any():
+        return table
+    tickets = table[~table["method"].isin(BASELINES) & (table["control"] == "none")]
+    ref = tickets[tickets["method"] == "lr_rewind"] if (tickets["method"] == "lr_rewind").any() else tickets
+    ratio = ref.groupby(["seed", "round"])["compression"].first().rename("placed")
+    placed = table[base].join(ratio, on=["seed", "round"]).dropna(subset=["placed"])
+    placed = placed.assign(compression=placed["placed"]).drop(columns="placed")
+    return pd.concat([table[~base], placed], ignore_index=True)
 
 
 def level(compression: pd.Series) -> pd.Series:
@@ -90,8 +108,10 @@ def dense_level(table: pd.DataFrame, metric: str) -> float:
 def winners(table: pd.DataFrame, tolerance: float) -> pd.DataFrame:
     """Per method and control: the largest compression (a pruned round, reached by every
     seed) whose mean validation challenge F1 over seeds is at least ``dense * (1 - tolerance)``.
-    A method with no such round has no winner (the dense network is not a ticket)."""
+    A method with no such round has no winner (the dense network is not a ticket, nor is
+    a baseline)."""
     bar = dense_level(table, "val_challenge_f1") * (1 - tolerance)
+    table = table[~table["method"].isin(BASELINES)]
     keys = ["method", "control", "level"]
     val, test = curves(table, "val_challenge_f1"), curves(table, "test_challenge_f1")
     acc = curves(table, "test_accuracy")
@@ -103,16 +123,17 @@ def winners(table: pd.DataFrame, tolerance: float) -> pd.DataFrame:
     return best.sort_values("compression_val", ascending=False)
 
 
-def test_predictions(exp: Path, rows: pd.DataFrame) -> tuple[np.ndarray, list[np.ndarray]] | None:
-    """Test labels and every row's predicted classes (as class indices), records sorted by
-    name. None when a run's predictions.csv is missing (e.g. a run made before it existed);
-    an error when two runs were tested on different records."""
+def predictions_of(exp: Path, rows: pd.DataFrame, split: str = "test"
+                     ) -> tuple[np.ndarray, list[np.ndarray]] | None:
+    """Labels of the ``split`` records and every row's predicted classes (as class indices),
+    records sorted by name. None when a run's predictions.csv is missing (e.g. a run made
+    before it existed); an error when two runs were evaluated on different records."""
     labels, preds, records = None, [], None
     for folder in rows["folder"]:
         path = exp / folder / PREDICTIONS
         if not path.is_file():
             return None
-        test = pd.read_csv(path, keep_default_na=False).query("split == 'test'").sort_values("record")
+        test = pd.read_csv(path, keep_default_na=False).query("split == @split").sort_values("record")
         if records is not None and not np.array_equal(records, test["record"].to_numpy()):
             raise SystemExit(f"error: {path} has other test records than {rows['folder'].iloc[0]}: "
                              "the runs of one experiment must share the data split")
@@ -140,7 +161,7 @@ def bootstrap(labels: np.ndarray, preds: list[np.ndarray], minus: list[np.ndarra
 def bootstrap_interval(exp: Path, table: pd.DataFrame, best: pd.Series) -> tuple[float, float] | None:
     """95 % bootstrap interval of a ticket's test challenge F1 (mean over seeds); None when
     a seed's predictions are missing."""
-    found = test_predictions(exp, ticket_rows(table, best))
+    found = predictions_of(exp, ticket_rows(table, best))
     return None if found is None else bootstrap(*found)
 
 
@@ -180,7 +201,7 @@ def controls_table(exp: Path, table: pd.DataFrame) -> list[str]:
             continue
         mine, theirs = mine[mine["seed"].isin(seeds)], theirs[theirs["seed"].isin(seeds)]
         ticket_f1, control_f1 = mine["test_challenge_f1"].mean(), theirs["test_challenge_f1"].mean()
-        found = test_predictions(exp, pd.concat([mine, theirs]))  # also checks they share the records
+        found = predictions_of(exp, pd.concat([mine, theirs]))  # also checks they share the records
         ci = " (no predictions.csv)"
         if found is not None:
             labels, preds = found
@@ -188,6 +209,143 @@ def controls_table(exp: Path, table: pd.DataFrame) -> list[str]:
             ci = f" ({low:+.3f} to {high:+.3f})"
         lines.append(f"{head} {ticket_f1:.3f} | {control_f1:.3f} | {ticket_f1 - control_f1:+.3f}{ci} |")
     return lines if len(lines) > 2 else []
+
+
+def dense_rows(table: pd.DataFrame) -> pd.DataFrame:
+    """One row per seed: its dense network (round 0, shared by every method of the seed)."""
+    return table[table["round"] == 0].drop_duplicates("seed")
+
+
+def paired(exp: Path, split: str, mine: pd.DataFrame, theirs: pd.DataFrame) -> dict | None:
+    """``mine - theirs`` in challenge F1 on ``split``, over the seeds both have (each seed's
+    run paired with the same seed's): the mean difference, its 95 % bootstrap interval over
+    the records (the same resampled records on both sides) and the per-seed differences.
+    None when they share no seed; no interval when a predictions.csv is missing."""
+    seeds = sorted(set(mine["seed"]) & set(theirs["seed"]))
+    if not seeds:
+        return None
+    mine = mine[mine["seed"].isin(seeds)].sort_values("seed")
+    theirs = theirs[theirs["seed"].isin(seeds)].sort_values("seed")
+    diffs = mine[f"{split}_challenge_f1"].to_numpy() - theirs[f"{split}_challenge_f1"].to_numpy()
+    found = predictions_of(exp, pd.concat([mine, theirs]), split)
+    low, high = bootstrap(found[0], found[1][:len(seeds)], found[1][len(seeds):]) if found else (np.nan, np.nan)
+    return {"seeds": len(seeds), "diff": float(diffs.mean()), "low": low, "high": high,
+            "min": float(diffs.min()), "max": float(diffs.max())}
+
+
+def paired_text(d: dict | None) -> str:
+    if d is None:
+        return ""
+    ci = "" if np.isnan(d["low"]) else f" ({d['low']:+.3f} to {d['high']:+.3f})"
+    spread = f", seeds {d['min']:+.3f}..{d['max']:+.3f}" if d["seeds"] > 1 else ""
+    return f"{d['diff']:+.3f}{ci}{spread}"
+
+
+def levels_of(table: pd.DataFrame, method: str) -> list[float]:
+    """The pruned compression levels (keys) a method's own rounds reached, ascending."""
+    rows = table[(table["method"] == method) & (table["control"] == "none") & (table["round"] > 0)]
+    return sorted(level(rows["compression"]).unique())
+
+
+def level_rows(table: pd.DataFrame, method: str, lv: float) -> pd.DataFrame:
+    return ticket_rows(table, pd.Series({"method": method, "control": "none", "level": lv}))
+
+
+def ratio_text(table: pd.DataFrame, lv: float) -> str:
+    """'8.0x (7.2x all)': the level's compression of prunable weights, and of all parameters
+    (ShrinkBench: all parameters / non-zero ones), mean over its rows."""
+    rows = table[(level(table["compression"]) == lv) & ~table["method"].isin(BASELINES)]
+    text = f"{rows['compression'].mean():.1f}x"
+    if "compression_all" in rows and rows["compression_all"].notna().any():
+        text += f" ({rows['compression_all'].mean():.1f}x all)"
+    return text
+
+
+def methods_in(table: pd.DataFrame) -> list[str]:
+    present = set(table.loc[table["control"] == "none", "method"])
+    return [m for m in (*METHODS, *BASELINES) if m in present] + sorted(present - set(METHODS) - set(BASELINES))
+
+
+def versus_dense_table(exp: Path, table: pd.DataFrame) -> list[str]:
+    """Per level, each method's test challenge F1 minus its own seed's dense network's (and,
+    where the dense_equal_steps baseline ran, minus that baseline at the same level: what
+    pruning adds beyond the extra training), with paired 95 % intervals."""
+    names = methods_in(table)
+    has_base = "dense_equal_steps" in names
+    dense = dense_rows(table)
+    lvls = sorted({lv for m in names for lv in levels_of(table, m)})
+    cols = [f"{m} - dense" for m in names] + [f"{m} - dense, equal steps" for m in names
+                                              if has_base and m not in BASELINES]
+    lines = ["| compression | " + " | ".join(cols) + " |", "| ---: |" + " ---: |" * len(cols)]
+    for lv in lvls:
+        cells = [paired_text(paired(exp, "test", level_rows(table, m, lv), dense)) for m in names]
+        if has_base:
+            base = level_rows(table, "dense_equal_steps", lv)
+            cells += [paired_text(paired(exp, "test", level_rows(table, m, lv), base))
+                      for m in names if m not in BASELINES]
+        lines.append(f"| {ratio_text(table, lv)} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def methods_table(exp: Path, table: pd.DataFrame) -> list[str]:
+    """Per level, every pair of methods: the difference of test challenge F1 with its paired
+    95 % interval (same seeds, same resampled records)."""
+    names = [m for m in methods_in(table) if m not in BASELINES]
+    pairs = [(a, b) for i, a in enumerate(names) for b in names[i + 1:]]
+    if not pairs:
+        return []
+    lvls = sorted({lv for m in names for lv in levels_of(table, m)})
+    lines = ["| compression | " + " | ".join(f"{a} - {b}" for a, b in pairs) + " |",
+             "| ---: |" + " ---: |" * len(pairs)]
+    for lv in lvls:
+        cells = [paired_text(paired(exp, "test", level_rows(table, a, lv), level_rows(table, b, lv)))
+                 for a, b in pairs]
+        lines.append(f"| {ratio_text(table, lv)} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def interval_winners(exp: Path, table: pd.DataFrame, tolerance: float) -> list[str]:
+    """The winning ticket with its uncertainty: per method, the largest level up to which
+    (at it and at every lower level) the lower bound of the 95 % paired interval of
+    validation F1(ticket) - F1(dense) stays above -tolerance x dense validation F1; chosen
+    on validation, its test difference reported beside it."""
+    dense = dense_rows(table)
+    margin = -tolerance * dense_level(table, "val_challenge_f1")
+    seeds = table["seed"].nunique()
+    lines = [f"| method | largest level with lower bound > {margin:+.4f} | val F1 - dense (95 % CI) | "
+             "test F1 - dense (95 % CI) |", "| --- | ---: | ---: | ---: |"]
+    for m in [m for m in methods_in(table) if m not in BASELINES]:
+        best, best_val = None, None
+        for lv in levels_of(table, m):
+            rows = level_rows(table, m, lv)
+            d = paired(exp, "val", rows, dense)
+            if d is None or rows["seed"].nunique() < seeds or np.isnan(d["low"]) or d["low"] <= margin:
+                break
+            best, best_val = lv, d
+        if best is None:
+            lines.append(f"| {m} | none | | |")
+            continue
+        test = paired(exp, "test", level_rows(table, m, best), dense)
+        lines.append(f"| {m} | {ratio_text(table, best)} | {paired_text(best_val)} | {paired_text(test)} |")
+    return lines
+
+
+def af_table(table: pd.DataFrame) -> list[str]:
+    """Per level and method: the test sensitivity and PPV of the AF class (mean over seeds)."""
+    if "test_sensitivity_A" not in table:
+        return []
+    names = methods_in(table)
+    sens, ppv = curves(table, "test_sensitivity_A"), curves(table, "test_ppv_A")
+    cell = {(r.method, r.level): f"{r.mean:.2f}" for r in sens[sens["control"] == "none"].itertuples()}
+    cell = {k: f"{v} / {p:.2f}" for k, v in cell.items()
+            for p in [ppv[(ppv["method"] == k[0]) & (ppv["control"] == "none") & (ppv["level"] == k[1])]["mean"]
+                      .iloc[0]]}
+    lvls = sorted({lv for (_, lv) in cell})
+    lines = ["| compression | " + " | ".join(names) + " |", "| ---: |" + " ---: |" * len(names)]
+    for lv in lvls:
+        lines.append(f"| {ratio_text(table, lv) if lv else '1.0x (dense)'} | "
+                     + " | ".join(cell.get((m, lv), "") for m in names) + " |")
+    return lines
 
 
 def plot_compression(table: pd.DataFrame, split: str, out: Path) -> None:
@@ -199,7 +357,7 @@ def plot_compression(table: pd.DataFrame, split: str, out: Path) -> None:
         ax.axhline(dense, color="black", lw=1, label="dense")
         ax.axhspan(dense * 0.99, dense, color="black", alpha=0.08, label="dense - 1 %")
         for (method, control), c in curves(table, col).groupby(["method", "control"], sort=False):
-            style, suffix = CONTROL_STYLE.get(control, ("-", ""))
+            style, suffix = CONTROL_STYLE.get(control, ("-." if method in BASELINES else "-", ""))
             label = LABELS.get(method, method) + (f", {suffix}" if suffix else "")
             color = COLORS.get(method, None)
             ax.plot(c["compression"], c["mean"], style, marker="o" if control == "none" else "x", ms=3.5,
@@ -217,6 +375,7 @@ def plot_compression(table: pd.DataFrame, split: str, out: Path) -> None:
         ticks = [t for t in (1, 2, 5, 10, 20, 50, 142, 500, 1000) if t <= max(table["compression"].max(), 150)]
         ax.set_xticks(ticks, [f"{t}x" for t in ticks])
         ax.minorticks_off()
+        add_all_parameters_axis(ax, table)
     seeds = table["seed"].nunique()
     fig.suptitle(f"Iterative magnitude pruning of the Hannun et al. ECG network ({split} split, mean over "
                  f"{seeds} seed{'s' * (seeds > 1)}, shaded: min-max)", fontsize=11)
@@ -226,6 +385,29 @@ def plot_compression(table: pd.DataFrame, split: str, out: Path) -> None:
     for ext in ("png", "svg"):
         fig.savefig(out / f"compression.{ext}", dpi=150)
     plt.close(fig)
+
+
+def add_all_parameters_axis(ax: plt.Axes, table: pd.DataFrame) -> None:
+    """A top axis with the compression of all parameters (ShrinkBench: parameters / non-zero
+    parameters, biases and BatchNorm included), a function of the bottom axis's ratio since
+    the parameters that are never pruned are the same for every row."""
+    prunable = float(table["prunable"].iloc[0])
+    fixed = float((table["nonzero_parameters"] - table["remaining"]).iloc[0])  # never pruned
+    total = prunable + fixed
+
+    def to_all(c: np.ndarray) -> np.ndarray:
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return total / (fixed + prunable / np.asarray(c, dtype=float))
+
+    def to_prunable(a: np.ndarray) -> np.ndarray:
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return prunable / (total / np.asarray(a, dtype=float) - fixed)
+
+    top = ax.secondary_xaxis("top", functions=(to_all, to_prunable))
+    ticks = [t for t in (1, 2, 5, 10, 20, 50, 100) if t < total / max(fixed, 1)]
+    top.set_xticks(ticks, [f"{t}x" for t in ticks], fontsize=7)
+    top.minorticks_off()
+    top.set_xlabel("compression of all parameters (ShrinkBench)", fontsize=8)
 
 
 def plot_layers(exp: Path, table: pd.DataFrame, best: pd.Series, out: Path) -> None:
@@ -271,11 +453,27 @@ def summary(table: pd.DataFrame, best: pd.DataFrame, tolerance: float, exp: Path
     for split, name in (("val", "Validation"), ("test", "Test")):
         lines += ["", f"{name} challenge F1 against compression (mean ± sd over {seeds} seed(s); the numbers "
                   "behind compression.png):", "", *compression_table(table, f"{split}_challenge_f1")]
-    if exp is not None and (controls := controls_table(exp, table)):
-        lines += ["", "Tickets against the random controls (test challenge F1, mean over seeds). The interval "
-                  "resamples the test records (the same records on both sides), so it covers the test sample "
-                  "for these trained networks, not the spread between seeds: above 0 means these tickets beat "
-                  "these controls on records like these.", "", *controls]
+    if exp is None:
+        return "\n".join(lines) + "\n"
+    how = ("The intervals resample the records (the same resampled records on both sides of a difference, "
+           "each seed's run paired with the same seed's), so they cover the sampling of the records for these "
+           "trained networks, not the spread between seeds; that spread is given as the per-seed differences "
+           "(`seeds min..max`).")
+    lines += ["", f"Winning tickets with their uncertainty (the interval rule; chosen on validation). {how}", "",
+              *interval_winners(exp, table, tolerance)]
+    lines += ["", "Each method against the dense network of its own seed, and against the dense network trained "
+              "for the same cumulative steps (dense_equal_steps, placed at the level of lr_rewind's round with the "
+              "same budget): test challenge F1 difference, mean over seeds (95 % CI, per-seed range).", "",
+              *versus_dense_table(exp, table)]
+    if methods := methods_table(exp, table):
+        lines += ["", "Method against method at each level: test challenge F1 difference (95 % CI, per-seed "
+                  "range).", "", *methods]
+    if af := af_table(table):
+        lines += ["", "Atrial fibrillation (class A) on the test split: sensitivity / PPV, mean over seeds.", "",
+                  *af]
+    if controls := controls_table(exp, table):
+        lines += ["", "Tickets against the random controls (test challenge F1, mean over seeds; the interval as "
+                  "above): above 0 means these tickets beat these controls on records like these.", "", *controls]
     return "\n".join(lines) + "\n"
 
 

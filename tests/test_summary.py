@@ -1,0 +1,131 @@
+"""The statistics of summary.md: paired intervals against dense, against the budget-matched
+dense baseline and between methods, the interval rule for winning tickets, AF sensitivity
+and PPV, and where the dense_equal_steps baseline is placed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import plot_results
+import train as tr
+
+CLASSES = "NAO~"
+
+
+def _run(exp: Path, folder: str, labels: np.ndarray, predicted: np.ndarray, **row: object) -> dict:
+    """One run: predictions.csv with the same predictions on val and test, and its row."""
+    (exp / folder).mkdir(parents=True, exist_ok=True)
+    names = [f"R{i:03d}" for i in range(len(labels))]
+    pd.concat([pd.DataFrame({"record": names, "split": split, "label": labels, "predicted": predicted})
+               for split in ("val", "test")]).to_csv(exp / folder / tr.PREDICTIONS, index=False)
+    f1 = tr.classification_metrics(pd.Series(labels).map(CLASSES.index).to_numpy(),
+                                   pd.Series(predicted).map(CLASSES.index).to_numpy())["challenge_f1"]
+    return {"folder": folder, "control": "none", "val_challenge_f1": f1, "test_challenge_f1": f1, **row}
+
+
+def _noisy(labels: np.ndarray, share: float, rng: np.random.Generator) -> np.ndarray:
+    return np.where(rng.random(len(labels)) < share, rng.choice(list(CLASSES), len(labels)), labels)
+
+
+@pytest.fixture
+def experiment(tmp_path: Path) -> pd.DataFrame:
+    """2 seeds; dense right on 90 % of the records. lr_rewind: 2x as good as dense (the
+    same predictions), 4x much worse, 8x as good again. finetune: 2x worse. The baseline:
+    the dense predictions at rounds 1-2."""
+    rng = np.random.default_rng(0)
+    labels = rng.choice(list(CLASSES), 200, p=[0.5, 0.2, 0.2, 0.1])
+    rows = []
+    for seed in (0, 1):
+        dense = _noisy(labels, 0.1, rng)
+        for method in ("lr_rewind", "finetune", "dense_equal_steps"):
+            rows.append(_run(tmp_path, f"seed{seed}/dense", labels, dense, method=method, seed=seed, round=0,
+                             compression=1.0))
+        for r, ratio, predicted in ((1, 2.0, dense), (2, 4.0, _noisy(labels, 0.6, rng)), (3, 8.0, dense)):
+            rows.append(_run(tmp_path, f"seed{seed}/lr_rewind/round_{r:02d}", labels, predicted,
+                             method="lr_rewind", seed=seed, round=r, compression=ratio))
+        rows.append(_run(tmp_path, f"seed{seed}/finetune/round_01", labels, _noisy(labels, 0.5, rng),
+                         method="finetune", seed=seed, round=1, compression=2.0))
+        for r in (1, 2):
+            rows.append(_run(tmp_path, f"seed{seed}/dense_equal_steps/round_{r:02d}", labels, dense,
+                             method="dense_equal_steps", seed=seed, round=r, compression=1.0))
+    table = pd.DataFrame(rows).assign(accepted=True)
+    return plot_results.place_baselines(table)
+
+
+def _lv(ratio: float) -> float:
+    return plot_results.level(pd.Series([ratio]))[0]
+
+
+def _cell(line: str, column: int) -> str:
+    return line.split("|")[column + 1].strip()
+
+
+def _interval(text: str) -> tuple[float, float]:
+    low, high = text.split("(")[1].split(")")[0].split(" to ")
+    return float(low), float(high)
+
+
+def test_baseline_rounds_sit_at_lr_rewinds_level_of_the_same_round(experiment: pd.DataFrame) -> None:
+    base = experiment[experiment["method"] == "dense_equal_steps"].sort_values(["seed", "round"])
+    assert base["compression"].tolist() == [1.0, 2.0, 4.0] * 2
+    # a baseline round with no lr_rewind round of that number is left out
+    extra = experiment.iloc[[0]].assign(method="dense_equal_steps", round=9)
+    assert 9 not in plot_results.place_baselines(pd.concat([experiment, extra]))["round"].tolist()
+
+
+def test_paired_difference_against_dense(tmp_path: Path, experiment: pd.DataFrame) -> None:
+    dense = plot_results.dense_rows(experiment)
+    same = plot_results.paired(tmp_path, "test", plot_results.level_rows(experiment, "lr_rewind", _lv(2.0)), dense)
+    assert same == {"seeds": 2, "diff": 0.0, "low": 0.0, "high": 0.0, "min": 0.0, "max": 0.0}
+    worse = plot_results.paired(tmp_path, "test", plot_results.level_rows(experiment, "lr_rewind", _lv(4.0)),
+                                dense)
+    assert worse["high"] < 0 and worse["low"] < worse["diff"] < worse["high"]
+    assert worse["min"] <= worse["diff"] <= worse["max"]
+    lines = plot_results.versus_dense_table(tmp_path, experiment)
+    assert lines[0] == ("| compression | finetune - dense | lr_rewind - dense | dense_equal_steps - dense | "
+                        "finetune - dense, equal steps | lr_rewind - dense, equal steps |")
+    two = next(line for line in lines if line.startswith("| 2.0x"))
+    assert _cell(two, 2).startswith("+0.000 (+0.000 to +0.000)")  # lr_rewind 2x = dense
+    assert _cell(two, 3).startswith("+0.000 (+0.000 to +0.000)")  # baseline = dense here
+    assert _cell(two, 5).startswith("+0.000 (+0.000 to +0.000)")
+    assert _interval(_cell(two, 1))[1] < 0  # finetune is worse
+    eight = next(line for line in lines if line.startswith("| 8.0x"))
+    assert _cell(eight, 2).startswith("+0.000") and _cell(eight, 5) == ""  # no baseline at 8x
+
+
+def test_methods_table_pairs_methods_level_by_level(tmp_path: Path, experiment: pd.DataFrame) -> None:
+    lines = plot_results.methods_table(tmp_path, experiment)
+    assert lines[0] == "| compression | finetune - lr_rewind |"
+    two = next(line for line in lines if line.startswith("| 2.0x"))
+    assert _interval(_cell(two, 1))[1] < 0
+    assert _cell(next(line for line in lines if line.startswith("| 4.0x")), 1) == ""  # finetune never got there
+
+
+def test_interval_rule_stops_at_the_first_level_that_fails(tmp_path: Path, experiment: pd.DataFrame) -> None:
+    """lr_rewind holds at 2x, fails at 4x: its interval winner is 2x although 8x holds again;
+    finetune fails at its first level."""
+    lines = plot_results.interval_winners(tmp_path, experiment, tolerance=0.01)
+    rows = {_cell(line, 0): line for line in lines[2:]}
+    assert _cell(rows["lr_rewind"], 1) == "2.0x"
+    assert _cell(rows["lr_rewind"], 2).startswith("+0.000 (+0.000 to +0.000)")
+    assert _cell(rows["finetune"], 1) == "none"
+    assert "dense_equal_steps" not in rows  # a baseline is no ticket
+
+
+def test_af_sensitivity_and_ppv_match_a_plain_count() -> None:
+    labels = np.array([1, 1, 1, 1, 0, 0, 2, 3])  # A = index 1
+    predicted = np.array([1, 1, 1, 0, 1, 0, 2, 1])
+    metrics = {s: tr.classification_metrics(labels, predicted) for s in ("val", "test")}
+    metrics.update(epochs_run=1, steps=1, train_seconds=0.0)
+    row = tr.row_for(Path("x"), 0, "lr_rewind", "none", 1, 0, 0.5, {"w": torch.ones(4, dtype=torch.bool)},
+                     metrics, True, 10)
+    assert row["test_sensitivity_A"] == pytest.approx(3 / 4) and row["test_ppv_A"] == pytest.approx(3 / 5)
+    table = pd.DataFrame([{**row, "round": r, "compression": c, "seed": 0} for r, c in ((0, 1.0), (1, 2.0))])
+    lines = plot_results.af_table(table)
+    assert lines[0] == "| compression | lr_rewind |"
+    assert lines[3].endswith("| 0.75 / 0.60 |")
