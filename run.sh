@@ -25,8 +25,9 @@ LR=0.001
 MILESTONES=0.7             # fractions of T where the LR drops x0.1 (published recipe: 0.5,0.75)
 DEVICE=auto                # auto | cpu | cuda
 # --- pruning rounds (run_experiments.py -> train.py --retrain)
-METHODS=finetune,weight_rewind,lr_rewind,late_reset
-BASELINES=dense_equal_steps # the dense network retrained like lr_rewind's tickets (same cumulative steps); '' for none
+# methods in the order they run, and the baseline dense_equal_steps (the dense network retrained
+# like lr_rewind's tickets: the same cumulative steps, nothing pruned)
+METHODS=lr_rewind,dense_equal_steps,weight_rewind,late_reset,finetune
 CONTROLS=random_reinit,random_prune
 CONTROL_METHODS=weight_rewind   # whose tickets the controls test ('all' for every method)
 CONTROL_EVERY=3            # run the controls at every n-th round (and the last)
@@ -58,7 +59,7 @@ fi
 
 goal=()
 if [ "$GOAL" = 1 ]; then goal=(--goal --alpha "$ALPHA" --tolerance "$TOLERANCE" --min-fraction "$MIN_FRACTION"); fi
-python run_experiments.py --exp "$EXP" --seeds "$SEEDS" --methods "$METHODS" --baselines "$BASELINES" \
+python run_experiments.py --exp "$EXP" --seeds "$SEEDS" --methods "$METHODS" \
     --controls "$CONTROLS" --control-methods "$CONTROL_METHODS" --control-every "$CONTROL_EVERY" "${goal[@]}" \
     --data "data/$DATASET" --width "$WIDTH" --blocks "$BLOCKS" --crop "$CROP" --epochs "$EPOCHS" --batch-size "$BATCH" \
     --lr "$LR" --milestones "$MILESTONES" --device "$DEVICE" \

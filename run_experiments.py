@@ -33,25 +33,24 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--exp", required=True, help="experiment folder (one sub-folder per seed)")
-    p.add_argument("--methods", default=",".join(train.METHODS), help="comma-separated retraining methods")
+    p.add_argument("--methods", default=",".join(train.METHODS + train.BASELINES),
+                   help="comma-separated retraining methods, run in this order, and baselines (dense_equal_steps: "
+                   "the dense network retrained round after round as lr_rewind retrains its tickets)")
     p.add_argument("--seeds", default="0,1", help="comma-separated seeds")
-    p.add_argument("--baselines", default=",".join(train.BASELINES),
-                   help="unpruned references run like methods ('' for none): dense_equal_steps = the dense "
-                   "network retrained round after round as lr_rewind retrains its tickets (equal steps)")
     p.add_argument("--controls", default=",".join(train.CONTROLS),
                    help="comma-separated controls ('' for none)")
     p.add_argument("--control-methods", default="weight_rewind",
                    help="methods whose tickets get the controls (comma-separated, or 'all')")
     args, forwarded = p.parse_known_args(argv)
     split = lambda text: [v.strip() for v in text.split(",") if v.strip()]  # noqa: E731
-    args.methods, args.controls, args.baselines = split(args.methods), split(args.controls), split(args.baselines)
-    args.control_methods = args.methods if args.control_methods == "all" else split(args.control_methods)
+    args.methods, args.controls = split(args.methods), split(args.controls)
+    pruned = [m for m in args.methods if m not in train.BASELINES]
+    args.control_methods = pruned if args.control_methods == "all" else split(args.control_methods)
     if not args.controls:  # no controls: which methods would get them does not matter
         args.control_methods = []
-    for name, values, allowed in [("methods", args.methods, train.METHODS),
-                                  ("baselines", args.baselines, train.BASELINES),
+    for name, values, allowed in [("methods", args.methods, train.METHODS + train.BASELINES),
                                   ("controls", args.controls, train.CONTROLS),
-                                  ("control-methods", args.control_methods, args.methods)]:
+                                  ("control-methods", args.control_methods, pruned)]:
         bad = [v for v in values if v not in allowed]
         if bad:
             p.error(f"--{name}: unknown {', '.join(bad)} (choose from {', '.join(allowed)})")
@@ -68,12 +67,15 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
 
 
 def cells(args: argparse.Namespace) -> list[tuple[int, str, str | None]]:
-    """(seed, method, control) in the order they run: each seed's dense run and methods
-    first, so a partial grid already compares methods."""
+    """(seed, method, control) in the order they run: per seed, each method in the order
+    given, followed at once by its controls. A control needs the method's masks and weights,
+    which are checkpoints (not kept in git), so a method and its controls finish in the same
+    sitting and a grid cut short leaves only whole, committed cells behind."""
     out = []
     for seed in args.seeds:
-        out += [(seed, m, None) for m in args.methods + args.baselines]
-        out += [(seed, m, c) for m in args.control_methods for c in args.controls]
+        for m in args.methods:
+            out.append((seed, m, None))
+            out += [(seed, m, c) for c in args.controls if m in args.control_methods]
     return out
 
 

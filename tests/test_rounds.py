@@ -201,8 +201,20 @@ def test_mismatched_flags_are_refused(tiny_data: Path, tmp_path: Path) -> None:
         run_experiments.main(base[:-1] + ["--epochs", "2", "--quiet"])
 
 
+def test_grid_runs_each_method_then_its_controls() -> None:
+    """A control needs its method's checkpoints, so it runs right after it; 'all' means the
+    pruning methods, never the unpruned baseline."""
+    args, _ = run_experiments.parse_args(["--exp", "x", "--seeds", "0,1", "--methods",
+                                          "lr_rewind,dense_equal_steps,finetune", "--controls", "random_prune",
+                                          "--control-methods", "all"])
+    assert run_experiments.cells(args)[:4] == [(0, "lr_rewind", None), (0, "lr_rewind", "random_prune"),
+                                               (0, "dense_equal_steps", None), (0, "finetune", None)]
+    assert len(run_experiments.cells(args)) == 10
+
+
 @pytest.mark.parametrize("argv", [["--methods", "magic"], ["--controls", "nope"], ["--seeds", "a"],
-                                  ["--control-methods", "lr_rewind", "--methods", "finetune"], ["--retrain", "x"]])
+                                  ["--control-methods", "lr_rewind", "--methods", "finetune"], ["--retrain", "x"],
+                                  ["--control-methods", "dense_equal_steps"]])
 def test_bad_grid_flags(argv: list[str]) -> None:
     with pytest.raises(SystemExit) as exc:
         run_experiments.parse_args(["--exp", "x", *argv])
