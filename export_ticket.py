@@ -32,7 +32,6 @@ import io
 import json
 import lzma
 import math
-import pickle
 import statistics
 import sys
 import time
@@ -81,12 +80,25 @@ def read_run(run: Path) -> tuple[HannunConfig, dict, pm.Masks | None, dict, dict
         model_cfg = HannunConfig(**flags["model"])
         metrics = {**json.loads((run / train.METRICS).read_text()), "flags": flags}
         norm = metrics["normalizer"]
-        state = torch.load(weights, map_location="cpu", weights_only=True)
-        masks = torch.load(run / train.MASK, map_location="cpu", weights_only=True) \
-            if (run / train.MASK).is_file() else None
-    except (OSError, KeyError, ValueError, TypeError, RuntimeError, pickle.UnpicklingError) as e:
+    except (OSError, KeyError, ValueError, TypeError) as e:
         raise TicketError(f"{run}: unreadable run files ({type(e).__name__}: {e})") from e
+    try:
+        state = train.load_pt(weights)
+        masks = train.load_pt(run / train.MASK) if (run / train.MASK).is_file() else None
+    except SystemExit as e:
+        raise TicketError(str(e).removeprefix("error: ")) from None
+    check_finite(state, weights)
     return model_cfg, state, masks, norm, metrics
+
+
+def check_finite(state: dict, source: Path) -> None:
+    """Refuse a network with NaN or infinite parameters: it would classify every record
+    confidently and wrongly."""
+    bad = {k: int((~torch.isfinite(v)).sum()) for k, v in state.items() if v.is_floating_point()}
+    bad = {k: n for k, n in bad.items() if n}
+    if bad:
+        raise TicketError(f"{source}: {sum(bad.values())} non-finite values in {len(bad)} tensors "
+                          f"(e.g. {next(iter(bad))}); the training diverged: it is no ticket")
 
 
 def build_model(cfg: HannunConfig, state: dict) -> HannunNet:
@@ -177,10 +189,18 @@ def save_ticket(arrays: dict[str, np.ndarray], path: Path) -> int:
 def load_ticket(path: Path | str) -> tuple[HannunNet, dict]:
     """The network of a ticket file (eval mode, pruned weights exactly zero) and its meta."""
     path = Path(path)
+    if path.is_dir():
+        raise TicketError(f"{path}: a folder, not a ticket file (give its ticket-*.npz)")
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError as e:
+        raise TicketError(f"{path}: cannot be read ({e.strerror or e})") from e
+    if head != b"PK\x03\x04":  # an .npz is a zip archive
+        raise TicketError(f"{path}: not a ticket file (export_ticket.py writes .npz archives; this file "
+                          f"starts with {head!r})")
     try:
         z = np.load(path, allow_pickle=False)
-        if not isinstance(z, np.lib.npyio.NpzFile):
-            raise ValueError("an .npy array, not an .npz ticket from export_ticket.py")
         with z:
             arrays = {k: z[k] for k in ("values", "scales", "index", "others", "meta")}
         meta = json.loads(arrays["meta"].tobytes())
@@ -212,6 +232,7 @@ def load_ticket(path: Path | str) -> tuple[HannunNet, dict]:
     except (OSError, EOFError, zipfile.BadZipFile, ValueError, KeyError, TypeError, IndexError,
             RuntimeError) as e:
         raise TicketError(f"{path}: not a readable ticket file ({type(e).__name__}: {e})") from e
+    check_finite(model.state_dict(), path)
     return model.eval(), meta
 
 

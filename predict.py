@@ -43,6 +43,8 @@ class PredictError(Exception):
 
 def read_samples(path: Path, fs: float | None, units: str) -> tuple[np.ndarray, float]:
     """(samples in microvolts as float64, sampling rate) of one file."""
+    if path.is_dir():
+        raise PredictError(f"{path}: a folder; give the ECG files in it (e.g. {path}/*.mat)")
     if not path.is_file():
         raise PredictError(f"{path}: no such file")
     suffix = path.suffix.lower()

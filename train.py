@@ -31,6 +31,7 @@ import argparse
 import io
 import json
 import math
+import pickle
 import sys
 import time
 import zlib
@@ -257,6 +258,27 @@ def atomic_write_text(text: str, path: Path) -> None:
     atomic_write(path, text.encode())
 
 
+def load_pt(path: Path, device: torch.device | str = "cpu") -> dict:
+    """``torch.load`` (weights only) that names a missing or damaged file and says how to
+    recover: every training is seeded per step, so redoing one gives the same weights."""
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except FileNotFoundError:
+        problem = "is missing"
+    except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError) as e:
+        problem = f"is damaged ({type(e).__name__}: {str(e).splitlines()[0][:120]})"
+    if path.name == CHECKPOINT:
+        advice = ("delete it and re-run the same command: this training restarts from its first step and ends "
+                  "with the same weights")
+    elif path.parent.name.startswith("round_"):
+        advice = (f"delete {path.parent} and any later round of {path.parent.parent.name}, then re-run: "
+                  "those rounds are redone from the earlier ones, which are kept")
+    else:
+        advice = (f"delete {path.parent} and re-run: that training is redone (the same weights); "
+                  "the runs that need it are kept")
+    raise SystemExit(f"error: {path} {problem}; {advice}")
+
+
 @torch.no_grad()
 def predict(model: torch.nn.Module, batcher: Batcher, idx: np.ndarray, cfg: TrainConfig,
             bf16: bool) -> dict[str, np.ndarray | float]:
@@ -318,6 +340,18 @@ def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, x: torch.Tens
     return loss
 
 
+def stop_if_not_finite(model: torch.nn.Module, bad_step: int, run_dir: Path, lr: float) -> None:
+    """Stop (without writing anything) at a non-finite loss or weight: training on would only
+    spread NaNs into a checkpoint and confident-looking metrics. The last checkpoint, if any,
+    is untouched."""
+    weights = sum(int((~torch.isfinite(p)).sum()) for p in model.parameters())
+    if bad_step < 0 and not weights:
+        return
+    where = f"a non-finite loss at step {bad_step}" if bad_step >= 0 else "non-finite weights"
+    raise SystemExit(f"error: {run_dir}: training stopped at {where} ({weights} non-finite weights, lr {lr:g}); "
+                     "lower --lr, check --clip and the data. Nothing was written after the last checkpoint.")
+
+
 def train(model: torch.nn.Module, ds: ECGDataset, cfg: TrainConfig, run_dir: Path,
           device: torch.device, bf16: bool, checkpoint_minutes: float = 5.0,
           after_step: StepHook | None = None, quiet: bool = False, total_steps: int | None = None,
@@ -346,7 +380,7 @@ def train(model: torch.nn.Module, ds: ECGDataset, cfg: TrainConfig, run_dir: Pat
              "epoch_loss": 0.0, "epoch_time": 0.0}
     ckpt_path = run_dir / CHECKPOINT
     if ckpt_path.is_file():
-        ckpt = torch.load(ckpt_path, map_location=device, weights_only=True)
+        ckpt = load_pt(ckpt_path, device)
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
         state.update(ckpt["state"])
@@ -370,6 +404,7 @@ def train(model: torch.nn.Module, ds: ECGDataset, cfg: TrainConfig, run_dir: Pat
         bar = tqdm(total=len(batches), initial=state["batch"], desc=f"epoch {epoch + 1}/{epochs}",
                    unit="batch", disable=True if quiet else None, leave=False)
         running = torch.zeros((), device=device)
+        first_bad = torch.full((), -1, device=device)  # the first step with a non-finite loss, kept on the device
         t0 = time.perf_counter()
         for b in range(state["batch"], len(batches)):
             torch.manual_seed(int(np.random.SeedSequence([cfg.seed, salt, state["step"]]).generate_state(1)[0]))
@@ -378,12 +413,16 @@ def train(model: torch.nn.Module, ds: ECGDataset, cfg: TrainConfig, run_dir: Pat
                 group["lr"] = lr
             x, y, steps = batcher(batches[b], cfg.crop, np.random.default_rng([cfg.seed, salt, epoch, b]))
             loss = train_step(model, opt, x, y, steps, cfg.clip, bf16)
+            first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss.detach()),
+                                    torch.full_like(first_bad, state["step"] + 1), first_bad)
             state["step"] += 1
             state["batch"] = b + 1
             if after_step is not None:
                 after_step(model, state["step"])
             running += loss.detach()
             bar.update()
+            if b % 20 == 0 or b == len(batches) - 1:
+                stop_if_not_finite(model, int(first_bad), run_dir, lr)
             if b % 20 == 0 and not quiet:
                 bar.set_postfix(loss=f"{(state['epoch_loss'] + running.item()) / (b + 1):.3f}",
                                 lr=f"{lr:.0e}")
@@ -481,7 +520,7 @@ class Context:
         return HannunNet(self.cfg.model).to(self.device)
 
     def load(self, path: Path) -> dict:
-        return torch.load(path, map_location=self.device, weights_only=True)
+        return load_pt(path, self.device)
 
 
 def parse_rewind(text: str, steps_per_epoch: int) -> int:
@@ -860,7 +899,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--layer-fraction takes LAYER=FRACTION, e.g. head=0.1")
     args.dense_layers = [n.strip() for n in args.dense_layers.split(",") if n.strip()]
     for name, ok in [("epochs", args.epochs >= 1), ("batch_size", args.batch_size >= 1),
-                     ("lr", args.lr > 0), ("crop", args.crop >= 0), ("clip", args.clip >= 0),
+                     ("lr", 0 < args.lr < math.inf), ("crop", args.crop >= 0), ("clip", args.clip >= 0),
+                     ("weight_decay", 0 <= args.weight_decay < math.inf),
                      ("milestones", all(0 < v < 1 for v in args.milestones)),
                      ("gamma", 0 < args.gamma <= 1), ("patience", args.patience >= 1),
                      ("early_stop", args.early_stop >= 1), ("eval_batch_size", args.eval_batch_size >= 1),

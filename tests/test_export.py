@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -178,11 +179,50 @@ def test_bad_runs_and_tickets_are_clear_errors(tmp_path: Path) -> None:
         et.main(["--run", str(tmp_path), "--out", str(tmp_path / "o")])
     (tmp_path / "junk.npz").write_bytes(b"not a zip")
     (tmp_path / "empty.npz").write_bytes(b"")
-    for name in ("junk.npz", "empty.npz"):
-        with pytest.raises(et.TicketError, match=f"{name}: not a readable ticket"):
+    (tmp_path / "random.npz").write_bytes(np.random.default_rng(0).bytes(4096))
+    np.save(tmp_path / "array.npy", np.zeros(3))
+    for name in ("junk.npz", "empty.npz", "random.npz", "array.npy"):
+        with pytest.raises(et.TicketError, match=f"{name}: not a ticket file") as exc:
             et.load_ticket(tmp_path / name)
+        assert "allow_pickle" not in str(exc.value)
+    with pytest.raises(et.TicketError, match="a folder, not a ticket file"):
+        et.load_ticket(tmp_path)
+    (tmp_path / "broken.npz").write_bytes(b"PK\x03\x04" + b"\0" * 100)  # a zip header, nothing behind it
+    with pytest.raises(et.TicketError, match="broken.npz: not a readable ticket"):
+        et.load_ticket(tmp_path / "broken.npz")
     with pytest.raises(SystemExit):
         et.parse_args(["--out", "x", "--run", "a", "--dtypes", "int4"])
+
+
+def test_damaged_or_diverged_runs_are_refused_by_name(ticket_run: Path, tmp_path: Path) -> None:
+    """A truncated model.pt or mask.pt is named, with what to delete to redo it; a network
+    with NaN weights is no ticket: neither exported nor loaded."""
+    run = tmp_path / "seed0" / "lr_rewind" / "round_02"
+    shutil.copytree(ticket_run.parent, tmp_path / "seed0" / "lr_rewind")
+    for name in (tr.MASK, tr.FINAL):
+        good = (run / name).read_bytes()
+        (run / name).write_bytes(good[: len(good) // 2])
+        with pytest.raises(et.TicketError, match=f"{name} is damaged .*delete .*round_02 and any later round"):
+            et.read_run(run)
+        (run / name).write_bytes(good)
+    state = torch.load(run / tr.FINAL, weights_only=True)
+    state["head.weight"][0, 0] = float("nan")
+    torch.save(state, run / tr.FINAL)
+    with pytest.raises(SystemExit, match="1 non-finite values .*it is no ticket"):
+        et.main(["--run", str(run), "--out", str(tmp_path / "out")])
+    assert not (tmp_path / "out" / "ticket-fp32.npz").exists()
+    with pytest.raises(SystemExit, match="checkpoint.pt is damaged .*restarts from its first step"):
+        (run / tr.CHECKPOINT).write_bytes(b"PK\x03\x04garbage")
+        tr.load_pt(run / tr.CHECKPOINT)
+
+
+def test_a_ticket_with_nan_weights_is_not_loaded(exported: tuple[Path, dict], tmp_path: Path) -> None:
+    with np.load(exported[0] / "ticket-fp32.npz") as z:
+        arrays = {k: z[k] for k in z.files}
+    arrays["values"][0] = np.nan
+    np.savez(tmp_path / "nan.npz", **arrays)
+    with pytest.raises(et.TicketError, match="nan.npz: 1 non-finite values"):
+        et.load_ticket(tmp_path / "nan.npz")
 
 
 # --------------------------------------------------------------------------- predict.py
@@ -222,8 +262,9 @@ def test_predict_errors_name_the_file_and_go_on(exported: tuple[Path, dict], tmp
     (tmp_path / "bad.npy").write_bytes(b"\x93NUMPY garbage")
     np.save(tmp_path / "nan.npy", np.full(3000, np.nan))
     (tmp_path / "empty.npy").write_bytes(b"")
+    (tmp_path / "records").mkdir()
     cases = {"short.npy": "2.00 s long; at least 5 s", "two.npy": "shape (2, 3000)", "bad.npy": "unreadable",
-             "nan.npy": "NaN", "gone.npy": "no such file", "empty.npy": "unreadable"}
+             "nan.npy": "NaN", "gone.npy": "no such file", "empty.npy": "unreadable", "records": "a folder; give"}
     code, out, err = _predict_json(capsys, "--ticket", ticket, "--fs", "300", str(good),
                                    *(str(tmp_path / n) for n in cases))
     assert code == 1 and "class" in out[0]

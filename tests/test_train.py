@@ -180,7 +180,17 @@ def test_plateau_schedule_keeps_the_best_validation_weights(tiny_data: Path, tmp
     assert metrics["val"]["loss"] == pytest.approx(history["val_loss"].min(), rel=1e-4)
 
 
-@pytest.mark.parametrize("argv", [["--epochs", "0"], ["--lr", "-1"], ["--milestones", "0.5,x"],
+def test_a_diverging_run_stops_at_the_step_and_writes_nothing(tiny_data: Path, tmp_path: Path) -> None:
+    """An LR that blows the weights up must not end in NaN weights and metrics with exit 0."""
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit, match=r"training stopped at a non-finite loss at step \d+ .*lower --lr"):
+        tr.main(tiny_train_args(tiny_data, out, "--lr", "1e30", "--clip", "0"))
+    assert not (out / "dense" / tr.FINAL).exists() and not (out / "dense" / tr.METRICS).exists()
+    assert not (out / "dense" / tr.CHECKPOINT).exists()  # the first epoch never finished
+
+
+@pytest.mark.parametrize("argv", [["--epochs", "0"], ["--lr", "-1"], ["--lr", "inf"], ["--lr", "nan"],
+                                  ["--weight-decay", "nan"], ["--milestones", "0.5,x"],
                                   ["--milestones", "1.5"], ["--width", "0"], ["--crop", "100"],
                                   ["--schedule", "cosine"]])
 def test_bad_flags_are_refused(argv: list[str]) -> None:
