@@ -573,6 +573,11 @@ def build(args: argparse.Namespace) -> Path:
     split = stratified_split(labels, args.seed, args.val_fraction, args.test_fraction, duplicates)
     table = pd.DataFrame({"record": names, "label": labels,
                           "length": [len(s) for s in signals], "split": split})
+    empty = [s for s in SPLITS if not (split == s).any()]
+    if empty:  # training needs validation records, and reports the test split
+        raise DatasetError(f"the split of {len(names)} records leaves {' and '.join(empty)} empty "
+                           f"(--val-fraction {args.val_fraction:g}, --test-fraction {args.test_fraction:g}, "
+                           "rounded per class): use more records or larger fractions")
     info = {"flags": flags, "format": BUILD_FORMAT, "code_version": code_version(), "fs": FS, "records": len(names),
             "skipped": [{"record": n, "reason": r} for n, r in bad], **facts,
             "duplicate_groups": [[names[i] for i in g] for g in duplicates],

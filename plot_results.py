@@ -21,6 +21,7 @@ Tickets are chosen on the validation split; the test split is only reported.
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 import matplotlib
@@ -44,10 +45,25 @@ LABELS = {"weight_rewind": "weight rewind (Frankle & Carbin)", "late_reset": "la
 CONTROL_STYLE = {"random_reinit": ("--", "random re-init"), "random_prune": (":", "random pruning")}
 
 
+def partial(exp: Path) -> str:
+    """'' for a finished grid, else what is missing: the last run_experiments.py command of
+    ``exp`` (experiment.json) stopped before its last cell (interrupted, or still running)."""
+    log = exp / "experiment.json"
+    if not log.is_file():
+        return ""
+    last = json.loads(log.read_text())["commands"][-1]
+    if "cells" not in last and last.get("finished_cells") == 0:
+        return "partial: the grid's first cell has not finished"
+    if last.get("finished_cells", 0) < last.get("cells", 0):
+        return f"partial: {last['finished_cells']} of {last['cells']} cells finished"
+    return ""
+
+
 def load(exp: Path) -> pd.DataFrame:
     path = exp / "results.csv"
     if not path.is_file():
-        raise SystemExit(f"error: {path} not found; run run_experiments.py --exp {exp} first")
+        raise SystemExit(f"error: {path} not found; run run_experiments.py --exp {exp} first "
+                         "(it writes the table after each finished cell)")
     table = pd.read_csv(path)
     needed = {"method", "control", "seed", "round", "compression", "accepted", "remaining", "val_challenge_f1",
               "test_challenge_f1", "val_accuracy", "test_accuracy", "folder"}
@@ -348,7 +364,7 @@ def af_table(table: pd.DataFrame) -> list[str]:
     return lines
 
 
-def plot_compression(table: pd.DataFrame, split: str, out: Path) -> None:
+def plot_compression(table: pd.DataFrame, split: str, out: Path, note: str = "") -> None:
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.6), sharex=True)
     for ax, (metric, name) in zip(axes, [("challenge_f1", "challenge F1 (mean of N, A, O)"),
                                          ("accuracy", "accuracy")], strict=True):
@@ -378,7 +394,8 @@ def plot_compression(table: pd.DataFrame, split: str, out: Path) -> None:
         add_all_parameters_axis(ax, table)
     seeds = table["seed"].nunique()
     fig.suptitle(f"Iterative magnitude pruning of the Hannun et al. ECG network ({split} split, mean over "
-                 f"{seeds} seed{'s' * (seeds > 1)}, shaded: min-max)", fontsize=11)
+                 f"{seeds} seed{'s' * (seeds > 1)}, shaded: min-max)" + (f"\n{note.upper()}" if note else ""),
+                 fontsize=11, color="firebrick" if note else "black")
     handles, labels = axes[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=4, fontsize=8, frameon=False)
     fig.tight_layout(rect=(0, 0.12, 1, 1))
@@ -429,9 +446,13 @@ def plot_layers(exp: Path, table: pd.DataFrame, best: pd.Series, out: Path) -> N
     plt.close(fig)
 
 
-def summary(table: pd.DataFrame, best: pd.DataFrame, tolerance: float, exp: Path | None = None) -> str:
+def summary(table: pd.DataFrame, best: pd.DataFrame, tolerance: float, exp: Path | None = None,
+            note: str = "") -> str:
     dense_val, dense_test = dense_level(table, "val_challenge_f1"), dense_level(table, "test_challenge_f1")
-    lines = [f"Winning ticket per method: the largest compression whose mean validation challenge F1 is at "
+    head = ([f"**{note.capitalize()}** (the grid was interrupted or is still running: these tables hold only "
+             "the finished cells).", ""] if note else [])
+    lines = head + [
+             f"Winning ticket per method: the largest compression whose mean validation challenge F1 is at "
              f"least dense x (1 - {tolerance:g}) = {dense_val * (1 - tolerance):.4f} (dense: validation "
              f"{dense_val:.4f}, test {dense_test:.4f}; {table['seed'].nunique()} seed(s)).", "",
              "| method | control | compression | remaining weights | val F1 | test F1 (mean ± sd) | "
@@ -491,12 +512,13 @@ def main(argv: list[str] | None = None) -> None:
     out = Path(args.out) if args.out else exp / "plots"
     out.mkdir(parents=True, exist_ok=True)
     table = load(exp)
-    plot_compression(table, args.split, out)
+    note = partial(exp)
+    plot_compression(table, args.split, out, note)
     best = winners(table, args.tolerance)
     tickets = best[(best["control"] == "none") & (best["round"] > 0)]
     if len(tickets):
         plot_layers(exp, table, tickets.iloc[0], out)
-    text = summary(table, best, args.tolerance, exp)
+    text = summary(table, best, args.tolerance, exp, note)
     (out / "summary.md").write_text(text)
     cols = ["method", "control", "round", "compression_val", "mean_val", "mean_test", "sd_test"]
     best[cols].rename(columns={"compression_val": "compression", "mean_val": "val_challenge_f1",

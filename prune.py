@@ -46,6 +46,16 @@ def prunable_weights(model: nn.Module, dense_layers: tuple[str, ...] = ()) -> di
             if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)) and name not in dense_layers}
 
 
+def check_layer_names(model: nn.Module, dense_layers: tuple[str, ...], layer_fractions: dict[str, float]) -> None:
+    """Refuse unknown names in the per-layer flags before any training (a typo would
+    otherwise surface only at the first pruning step, after the dense training)."""
+    weights = prunable_weights(model, dense_layers)  # raises for unknown dense layers
+    unknown = set(layer_fractions) - set(weights)
+    if unknown:
+        raise ValueError(f"layer fraction for unpruned or unknown layer(s): {', '.join(sorted(unknown))} "
+                         f"(prunable: {', '.join(list(weights)[:4])}, ...; `python model.py` lists them)")
+
+
 def full_masks(model: nn.Module, dense_layers: tuple[str, ...] = ()) -> Masks:
     return {n: torch.ones_like(w, dtype=torch.bool) for n, w in prunable_weights(model, dense_layers).items()}
 

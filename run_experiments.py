@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> None:
     log = exp / "experiment.json"
     history = json.loads(log.read_text())["commands"] if log.is_file() else []
     history.append({"argv": sys.argv[1:] if argv is None else argv, "code_version": code_version(),
-                    "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+                    "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "finished_cells": 0})
     train.atomic_write_text(json.dumps({"commands": history}, indent=2) + "\n", log)
     first = train.parse_args(forwarded)
     try:
@@ -108,8 +108,11 @@ def main(argv: list[str] | None = None) -> None:
         print(f"[{i}/{len(grid)}] {label}", flush=True)
         cell = forwarded + ["--seed", str(seed), "--retrain", method, "--out", str(exp / f"seed{seed}")]
         train.run(train.parse_args(cell + (["--control", control] if control else [])), ds)
-    table = collect(exp)
-    train.atomic_write_text(table.to_csv(index=False, float_format="%.6g"), exp / "results.csv")
+        # after every cell, so an interrupted grid can be plotted (marked partial) and nothing finished is lost
+        table = collect(exp)
+        train.atomic_write_text(table.to_csv(index=False, float_format="%.6g"), exp / "results.csv")
+        history[-1].update(cells=len(grid), finished_cells=i)
+        train.atomic_write_text(json.dumps({"commands": history}, indent=2) + "\n", log)
     print(f"{len(grid)} cells in {time.perf_counter() - t0:.0f} s; {len(table)} rows -> {exp / 'results.csv'}")
 
 

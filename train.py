@@ -966,6 +966,10 @@ def prepare_run(run_dir: Path, flags: dict, data: Path) -> dict:
 def run(args: argparse.Namespace, ds: ECGDataset | None = None) -> pd.DataFrame | dict:
     """What main() does, for callers that hold the data already (run_experiments.py)."""
     data = Path(args.data)
+    try:  # before any work: a typo must not cost a dense training
+        pm.check_layer_names(HannunNet(args.model), tuple(args.dense_layers), dict(args.layer_fraction))
+    except ValueError as e:
+        sys.exit(f"error: --dense-layers/--layer-fraction: {e}")
     if ds is None:
         try:
             ds = load_dataset(data)

@@ -265,14 +265,20 @@ def test_duplicate_records_stay_in_one_split(cinc_folder: Path, tmp_path: Path) 
     assert ds.split[list(ds.names).index(names[0])] == ds.split[list(ds.names).index(names[5])]
 
 
+def test_a_split_with_an_empty_part_is_refused_at_build_time(tmp_path: Path) -> None:
+    with pytest.raises(SystemExit, match="leaves val and test empty"):
+        bd.main(["--synthetic", "4", "--out", str(tmp_path / "syn")])
+    assert not (tmp_path / "syn" / bd.INFO_FILE).exists()
+
+
 def test_a_build_of_an_older_format_is_rebuilt(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     out = tmp_path / "syn"
-    bd.main(["--synthetic", "8", "--out", str(out)])
+    bd.main(["--synthetic", "40", "--out", str(out)])
     info = json.loads((out / bd.INFO_FILE).read_text())
     del info["format"]  # as build_datasets.py wrote it before duplicates were grouped
     (out / bd.INFO_FILE).write_text(json.dumps(info))
     capsys.readouterr()
-    bd.main(["--synthetic", "8", "--out", str(out)])
+    bd.main(["--synthetic", "40", "--out", str(out)])
     assert "older build_datasets.py" in capsys.readouterr().out
     assert json.loads((out / bd.INFO_FILE).read_text())["format"] == bd.BUILD_FORMAT
 
@@ -304,14 +310,14 @@ def test_load_refuses_incomplete_or_corrupt_data(tmp_path: Path) -> None:
 def test_build_skips_same_flags_and_refuses_other_flags(tmp_path: Path,
                                                         capsys: pytest.CaptureFixture) -> None:
     out = str(tmp_path / "syn")
-    bd.main(["--synthetic", "8", "--out", out])
+    bd.main(["--synthetic", "40", "--out", out])
     assert "all" in capsys.readouterr().out
-    bd.main(["--synthetic", "8", "--out", out])
+    bd.main(["--synthetic", "40", "--out", out])
     assert "nothing to do" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="built with other flags"):
-        bd.main(["--synthetic", "9", "--out", out])
-    bd.main(["--synthetic", "9", "--out", out, "--overwrite"])
-    assert bd.load_dataset(out).signals.shape[0] == 9
+        bd.main(["--synthetic", "41", "--out", out])
+    bd.main(["--synthetic", "41", "--out", out, "--overwrite"])
+    assert bd.load_dataset(out).signals.shape[0] == 41
 
 
 @pytest.mark.parametrize("argv", [["--synthetic", "-1"], ["--val-fraction", "0.6", "--test-fraction", "0.5"],

@@ -189,6 +189,33 @@ def test_experiment_resumes_after_kill_9_without_redoing_rounds(tiny_data: Path,
     assert "| method | control | compression |" in text and "weight_rewind" in text
 
 
+def test_an_interrupted_grid_keeps_its_finished_cells_and_plots_them_as_partial(
+        tiny_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    exp = tmp_path / "exp"
+    argv = ["--exp", str(exp), "--methods", "lr_rewind,finetune", "--seeds", "0", "--controls", "", "--rounds", "1",
+            "--prune-fraction", "0.5", "--data", str(tiny_data), *TINY_FLAGS]
+    real, calls = tr.run, []
+
+    def interrupted(args, ds):  # noqa: ANN001, ANN202
+        calls.append(args.retrain)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # Ctrl-C in the second cell
+        return real(args, ds)
+
+    monkeypatch.setattr(tr, "run", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_experiments.main(argv)
+    table = pd.read_csv(exp / "results.csv")
+    assert set(table["method"]) == {"lr_rewind"} and len(table) == 2  # the finished cell, saved
+    assert plot_results.partial(exp) == "partial: 1 of 2 cells finished"
+    plot_results.main(["--exp", str(exp)])
+    assert (exp / "plots" / "summary.md").read_text().startswith("**Partial: 1 of 2 cells finished**")
+    monkeypatch.setattr(tr, "run", real)
+    run_experiments.main(argv)  # the rest, then nothing is partial
+    assert set(pd.read_csv(exp / "results.csv")["method"]) == {"lr_rewind", "finetune"}
+    assert plot_results.partial(exp) == ""
+
+
 def test_mismatched_flags_are_refused(tiny_data: Path, tmp_path: Path) -> None:
     exp = tmp_path / "exp"
     base = ["--exp", str(exp), "--methods", "finetune", "--seeds", "0", "--controls", "", "--rounds", "1",

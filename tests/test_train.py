@@ -199,6 +199,13 @@ def test_bad_flags_are_refused(argv: list[str]) -> None:
     assert exc.value.code == 2
 
 
+@pytest.mark.parametrize("flag", [["--layer-fraction", "nosuchlayer=0.1"], ["--dense-layers", "stem,nosuch"]])
+def test_unknown_layers_are_refused_before_any_training(flag: list[str], tmp_path: Path) -> None:
+    with pytest.raises(SystemExit, match="nosuch"):
+        tr.main(["--data", str(tmp_path / "no-data-needed"), "--out", str(tmp_path / "run"), *flag])
+    assert not (tmp_path / "run").exists()
+
+
 def test_missing_data_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(SystemExit, match="no complete data set"):
         tr.main(["--data", str(tmp_path / "none"), "--out", str(tmp_path / "run")])
