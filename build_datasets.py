@@ -28,6 +28,7 @@ import json
 import lzma
 import math
 import os
+import shutil
 import subprocess
 import sys
 import urllib.error
@@ -64,6 +65,11 @@ RECORDS_FILE = "records.csv"
 INFO_FILE = "build_info.json"
 INT16 = np.iinfo(np.int16)
 XZ_CHUNKS = 16
+MIN_SECONDS, MAX_SECONDS = 5.0, 120.0
+"""Plausible record durations (CinC 2017: 9-61 s). Shorter ones hold too few beats to
+classify; a longer one alone would grow every row of the padded array that training keeps
+in memory (one 10-minute record: 0.21 -> 2.05 GB for the real set). Outside them a record is
+bad: an error naming it, or skipped and listed with --skip-bad."""
 BUILD_FORMAT = 2
 """Version of what a build holds for the same flags: 2 = duplicate records kept in one split.
 A folder of an older format is rebuilt (its split may put duplicates on both sides)."""
@@ -165,6 +171,12 @@ def read_record(folder: Path, name: str) -> tuple[np.ndarray, float]:
     x = val[0].astype(np.int16)
     if len(x) != n_header:
         raise DatasetError(f"{name}: header says {n_header} samples, {mat} has {len(x)}")
+    seconds = len(x) / fs
+    if not MIN_SECONDS <= seconds <= MAX_SECONDS:
+        raise DatasetError(f"{name}: {seconds:.2f} s long, outside the {MIN_SECONDS:g}-{MAX_SECONDS:g} s this "
+                           "build accepts (CinC 2017 records are 9-61 s)")
+    if x.min() == x.max():
+        raise DatasetError(f"{name}: flat: every one of its {len(x)} samples is {x[0]} (no signal recorded)")
     return x, fs
 
 
@@ -538,20 +550,51 @@ def summarize(table: pd.DataFrame, fs: int) -> str:
 # --------------------------------------------------------------------------- command line
 
 
+def inputs_fingerprint(source: Path, labels: Path | None) -> str | None:
+    """sha256 of every record file (.mat, .hea) and the label file a build reads, so that a
+    fixed record or a corrected label rebuilds the data even under the same flags. None when
+    the inputs cannot be found (the build itself then says what is missing)."""
+    try:
+        label_file = find_label_file(source, labels)
+    except DatasetError:
+        return None
+    digest = hashlib.sha256()
+    for path in sorted([*source.glob("*.mat"), *source.glob("*.hea")]) + [label_file]:
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
+
+
 def build(args: argparse.Namespace) -> Path:
-    """Run the build described by the parsed flags; returns the output folder."""
+    """Run the build described by the parsed flags; returns the output folder.
+
+    Skipped when ``out`` holds a build with the same flags, format and inputs. The new build
+    is written beside the old one and swapped in only when complete, so a failure (a full
+    disk, a bad record) leaves the previous build as it was."""
     out = Path(args.out) if args.out else Path("data") / ("synthetic" if args.synthetic else "cinc2017")
     flags = {k: v for k, v in sorted(vars(args).items()) if k not in ("overwrite",)}
     flags["out"] = str(out)
+    if out.is_dir():  # the swap below replaces the whole folder: only ever a data set's own files
+        foreign = sorted(p.name for p in out.iterdir()
+                         if p.name not in (SAMPLES_FILE, RECORDS_FILE, INFO_FILE) and not p.name.endswith(".tmp"))
+        if foreign:
+            raise DatasetError(f"{out} holds other files than a data set ({', '.join(foreign[:3])}); "
+                               "choose another --out")
+    source = None if args.synthetic else (Path(args.download_dir) / "training2017" if args.download
+                                          else Path(args.source))
+    inputs = None if source is None or not source.is_dir() else inputs_fingerprint(
+        source, Path(args.labels) if args.labels else None)
     if (out / INFO_FILE).is_file():
         old_info = json.loads((out / INFO_FILE).read_text())
         old = old_info.get("flags")
-        if old == flags and old_info.get("format", 1) == BUILD_FORMAT:
-            print(f"{out} is already built with these flags; nothing to do")
+        same_inputs = source is None or (inputs is not None and old_info.get("inputs_sha256") == inputs)
+        if old == flags and old_info.get("format", 1) == BUILD_FORMAT and same_inputs:
+            print(f"{out} is already built with these flags from the same inputs; nothing to do")
             return out
-        if old == flags:
+        if old == flags and old_info.get("format", 1) != BUILD_FORMAT:
             print(f"{out} was made by an older build_datasets.py (format {old_info.get('format', 1)}, now "
                   f"{BUILD_FORMAT}: duplicate records kept in one split); rebuilding it")
+        elif old == flags:
+            print(f"the records or labels in {source} changed since {out} was built; rebuilding it")
         elif not args.overwrite:
             old = old or {}
             diff = ", ".join(f"--{k.replace('_', '-')} {old.get(k)} (now {v})"
@@ -567,8 +610,10 @@ def build(args: argparse.Namespace) -> Path:
         source = Path(args.source)
         if args.download:
             source = download_cinc(Path(args.download_dir), args.url, args.sha256)
+            inputs = inputs_fingerprint(source, Path(args.labels) if args.labels else None)
         names, labels, signals, bad, facts = read_cinc(source, Path(args.labels) if args.labels
                                                        else None, args.skip_bad)
+        facts["inputs_sha256"] = inputs
     duplicates = duplicate_groups(signals)
     split = stratified_split(labels, args.seed, args.val_fraction, args.test_fraction, duplicates)
     table = pd.DataFrame({"record": names, "label": labels,
@@ -583,7 +628,18 @@ def build(args: argparse.Namespace) -> Path:
             "duplicate_groups": [[names[i] for i in g] for g in duplicates],
             "counts": {s: table[table["split"] == s]["label"].value_counts().to_dict()
                        for s in SPLITS}}
-    write_dataset(out, names, labels, signals, split, info)
+    building, previous = out.with_name(out.name + ".building"), out.with_name(out.name + ".previous")
+    shutil.rmtree(building, ignore_errors=True)  # the leftover of a build that failed
+    try:
+        write_dataset(building, names, labels, signals, split, info)
+    except OSError as e:
+        shutil.rmtree(building, ignore_errors=True)
+        raise DatasetError(f"writing the data set failed ({e}); {out} is unchanged") from e
+    shutil.rmtree(previous, ignore_errors=True)
+    if out.exists():
+        os.replace(out, previous)
+    os.replace(building, out)
+    shutil.rmtree(previous, ignore_errors=True)
     print(summarize(table, FS))
     if bad:
         print(f"\nskipped {len(bad)} bad record(s):")

@@ -109,6 +109,70 @@ def test_skip_bad_skips_and_lists(cinc_folder: Path) -> None:
     assert len(names) == 10 and "S00004" not in names
 
 
+@pytest.mark.parametrize(("samples", "message"), [
+    (np.ones(1, np.int16), r"S00003: 0.00 s long, outside the 5-120 s"),
+    (np.arange(1200, dtype=np.int16), r"S00003: 4.00 s long"),
+    (np.zeros(3000, np.int16), r"S00003: flat: every one of its 3000 samples is 0"),
+    (np.tile(np.arange(-500, 500, dtype=np.int16), 180), r"S00003: 600.00 s long")])
+def test_implausible_records_are_named(cinc_folder: Path, samples: np.ndarray, message: str) -> None:
+    write_wfdb(cinc_folder, "S00003", samples)
+    with pytest.raises(bd.DatasetError, match=message):
+        _read(cinc_folder)
+    names, _, _, bad, _ = _read(cinc_folder, skip_bad=True)
+    assert [n for n, _ in bad] == ["S00003"] and len(names) == 11
+
+
+def test_a_changed_record_or_label_rebuilds_under_the_same_flags(cinc_folder: Path, tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "built"
+    argv = ["--source", str(cinc_folder), "--out", str(out), "--val-fraction", "0.3", "--test-fraction", "0.3"]
+    bd.main(argv)
+    bd.main(argv)
+    assert "nothing to do" in capsys.readouterr().out
+    labels = cinc_folder / "REFERENCE-v3.csv"
+    first = labels.read_text().splitlines()[0].split(",")[0]
+    labels.write_text(labels.read_text().replace(f"{first},N", f"{first},O").replace(f"{first},A", f"{first},O")
+                      .replace(f"{first},~", f"{first},O"))
+    bd.main(argv)
+    assert "changed since" in capsys.readouterr().out
+    ds = bd.load_dataset(out)
+    assert ds.labels[list(ds.names).index(first)] == bd.CLASSES.index("O")
+    row = list(ds.names).index(first)
+    write_wfdb(cinc_folder, first, np.arange(-1500, 1500, dtype=np.int16))  # a fixed record
+    bd.main(argv)
+    assert "changed since" in capsys.readouterr().out
+    fixed = bd.load_dataset(out)
+    assert not np.array_equal(fixed.signals[row], ds.signals[row])
+    assert np.array_equal(fixed.signals[row, :2000], bd.resample(np.arange(-1500, 1500, dtype=np.int16), 300))
+
+
+def test_a_failed_rebuild_keeps_the_previous_build(cinc_folder: Path, tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """A full disk during --overwrite: the old build stays loadable, no debris blocks the next."""
+    out = tmp_path / "built"
+    argv = ["--source", str(cinc_folder), "--out", str(out), "--val-fraction", "0.3", "--test-fraction", "0.3"]
+    bd.main(argv)
+    before = bd.load_dataset(out).signals.copy()
+    real = bd.atomic_write
+
+    def full_disk(path: Path, data: bytes) -> None:
+        if path.name == bd.RECORDS_FILE:
+            raise OSError(28, "No space left on device")
+        real(path, data)
+
+    monkeypatch.setattr(bd, "atomic_write", full_disk)
+    with pytest.raises(SystemExit, match=r"No space left on device.*built is unchanged"):
+        bd.main([*argv, "--seed", "1", "--overwrite"])
+    assert np.array_equal(bd.load_dataset(out).signals, before)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["built", "training2017"]
+    monkeypatch.setattr(bd, "atomic_write", real)
+    bd.main([*argv, "--seed", "1", "--overwrite"])
+    assert json.loads((out / bd.INFO_FILE).read_text())["flags"]["seed"] == 1
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(SystemExit, match="holds other files than a data set"):
+        bd.main([*argv, "--seed", "2", "--overwrite"])
+
+
 def test_falls_back_to_first_release_labels_with_a_warning(cinc_folder: Path) -> None:
     (cinc_folder / "REFERENCE-v3.csv").rename(cinc_folder / "REFERENCE.csv")
     with pytest.warns(UserWarning, match="first-release labels"):
