@@ -593,6 +593,8 @@ def build(args: argparse.Namespace) -> Path:
         if old == flags and old_info.get("format", 1) != BUILD_FORMAT:
             print(f"{out} was made by an older build_datasets.py (format {old_info.get('format', 1)}, now "
                   f"{BUILD_FORMAT}: duplicate records kept in one split); rebuilding it")
+        elif old == flags and "inputs_sha256" not in old_info:
+            print(f"{out} does not record a fingerprint of its inputs (an older build); rebuilding it")
         elif old == flags:
             print(f"the records or labels in {source} changed since {out} was built; rebuilding it")
         elif not args.overwrite:
