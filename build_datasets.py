@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import http.client
 import json
 import lzma
 import math
@@ -35,6 +36,7 @@ import urllib.error
 import urllib.request
 import warnings
 import zipfile
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from fractions import Fraction
@@ -56,6 +58,8 @@ SPLITS = ("train", "val", "test")
 PHYSIONET_URL = "https://physionet.org/files/challenge-2017/1.0.0/"
 ZIP_NAME = "training2017.zip"
 ZIP_SHA256 = "25fdbab36bb6724b66a4d2c26ff89f6b9d6ff87e6aed714d24cf5bf071cd1255"
+LABELS_V3_SHA256 = "ae517e474b0bc89a7517ad876b5b4dadc6c94f680d0665c04746db9432df855b"
+"""sha256 of the official REFERENCE-v3.csv (8,528 labels), checked when it comes from PhysioNet."""
 LABELS_V3 = "REFERENCE-v3.csv"
 LABELS_V1 = "REFERENCE.csv"
 CINC_SAMPLES_SHA256 = "8a257fb08210697a26833c6fdff5205f4e29f89aa25f02d984f2d2052309705b"
@@ -270,9 +274,12 @@ def download_file(url: str, dest: Path, sha256: str | None = None, chunk: int = 
                     while block := response.read(chunk):
                         f.write(block)
                         bar.update(len(block))
-                except OSError as e:  # connection dropped: what arrived stays in .part
-                    raise DatasetError(f"download of {url} interrupted after {bar.n} bytes ({e}); "
+                except (OSError, http.client.HTTPException) as e:  # connection dropped: what arrived stays
+                    raise DatasetError(f"download of {url} interrupted after {bar.n} bytes ({type(e).__name__}); "
                                        "run the same command again to resume") from e
+                if total is not None and bar.n < total:  # the server closed the connection early
+                    raise DatasetError(f"download of {url} was cut short: {bar.n:,} of {total:,} bytes arrived "
+                                       f"(kept in {part}); run the same command again to resume")
     if sha256 is not None:
         got = sha256_of(part)
         if got != sha256:
@@ -297,16 +304,48 @@ def download_cinc(folder: Path, base_url: str = PHYSIONET_URL, sha256: str = ZIP
     folder.mkdir(parents=True, exist_ok=True)
     base_url = base_url if base_url.endswith("/") else base_url + "/"
     archive = download_file(base_url + ZIP_NAME, folder / ZIP_NAME, sha256)
-    download_file(base_url + LABELS_V3, folder / LABELS_V3)
+    labels_sha = LABELS_V3_SHA256 if base_url == PHYSIONET_URL else None
+    labels = download_file(base_url + LABELS_V3, folder / LABELS_V3, labels_sha)
+    source = folder / "training2017"
+    records = extract(archive, source)
+    for attempt in (1, 2):  # a truncated or stale label file is fetched again, once
+        missing = records - set(read_labels(labels))
+        if not missing:
+            return source
+        os.replace(labels, labels.with_name(labels.name + ".bad"))
+        if attempt == 1:
+            print(f"{labels} lacks {len(missing)} of the {len(records)} records in {archive.name}; fetching it again")
+            labels = download_file(base_url + LABELS_V3, labels, labels_sha)
+    raise DatasetError(f"{base_url + LABELS_V3} lacks labels for {len(missing)} of the {len(records)} records in "
+                       f"{archive.name} (e.g. {min(missing)}); kept as {labels.name}.bad")
+
+
+def extract(archive: Path, dest: Path) -> set[str]:
+    """Unpack the archive's training2017/ into ``dest`` through a temporary folder moved into
+    place only when every member is out and intact; returns the record names it holds."""
+    tmp = dest.with_name(dest.name + ".extracting")
+    shutil.rmtree(tmp, ignore_errors=True)
     try:
         with zipfile.ZipFile(archive) as z:
-            z.extractall(folder)
+            members = [m for m in z.infolist() if m.filename.startswith("training2017/") and not m.is_dir()]
+            if not members:
+                raise DatasetError(f"{archive} holds no training2017/ folder")
+            tmp.mkdir(parents=True)
+            for m in members:
+                try:
+                    with z.open(m) as src, open(tmp / Path(m.filename).name, "wb") as out:
+                        shutil.copyfileobj(src, out)
+                except (zipfile.BadZipFile, zlib.error, EOFError) as e:
+                    raise DatasetError(f"{archive}: member {m.filename} is corrupt ({e}); delete {archive} and "
+                                       "download it again") from e
     except zipfile.BadZipFile as e:
         raise DatasetError(f"{archive} is not a valid zip file ({e})") from e
-    source = folder / "training2017"
-    if not source.is_dir():
-        raise DatasetError(f"{archive} holds no training2017/ folder")
-    return source
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    shutil.rmtree(dest, ignore_errors=True)
+    os.replace(tmp, dest)
+    return {Path(m.filename).stem for m in members if m.filename.endswith(".mat")}
 
 
 # --------------------------------------------------------------------------- synthetic

@@ -203,9 +203,11 @@ class _RangeHandler(http.server.BaseHTTPRequestHandler):
     """Serves ``files`` with HTTP Range support (what PhysioNet's server does)."""
 
     files: dict[str, bytes] = {}
+    cut: dict[str, int] = {}  # name -> bytes sent before the connection is dropped (once)
 
     def do_GET(self) -> None:  # noqa: N802 - http.server's naming
-        body = self.files.get(self.path.rsplit("/", 1)[-1])
+        name = self.path.rsplit("/", 1)[-1]
+        body = self.files.get(name)
         if body is None:
             self.send_error(404)
             return
@@ -221,6 +223,11 @@ class _RangeHandler(http.server.BaseHTTPRequestHandler):
             self.send_response(200)
         self.send_header("Content-Length", str(len(body) - start))
         self.end_headers()
+        if name in self.cut:  # a server that drops the connection mid-file
+            self.wfile.write(body[start:start + self.cut.pop(name)])
+            self.wfile.flush()
+            self.close_connection = True
+            return
         self.wfile.write(body[start:])
 
     def log_message(self, *args: object) -> None:
@@ -237,6 +244,7 @@ def server(cinc_folder: Path) -> Iterator[tuple[str, bytes]]:
     archive = buf.getvalue()
     _RangeHandler.files = {bd.ZIP_NAME: archive,
                            bd.LABELS_V3: (cinc_folder / "REFERENCE-v3.csv").read_bytes()}
+    _RangeHandler.cut = {}
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _RangeHandler)
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
@@ -267,6 +275,44 @@ def test_download_with_wrong_checksum_stops_and_keeps_file(server: tuple[str, by
         bd.download_cinc(tmp_path, url, "0" * 64)
     assert (tmp_path / (bd.ZIP_NAME + ".bad")).read_bytes() == archive
     assert not (tmp_path / bd.ZIP_NAME).exists()
+
+
+def test_a_dropped_connection_is_resumed_not_condemned(server: tuple[str, bytes], tmp_path: Path) -> None:
+    url, archive = server
+    sha = hashlib.sha256(archive).hexdigest()
+    _RangeHandler.cut = {bd.ZIP_NAME: len(archive) // 2}
+    with pytest.raises(bd.DatasetError, match=r"cut short: .* bytes arrived .*run the same command again to resume"):
+        bd.download_cinc(tmp_path, url, sha)
+    part = tmp_path / (bd.ZIP_NAME + ".part")
+    assert part.stat().st_size == len(archive) // 2 and not (tmp_path / (bd.ZIP_NAME + ".bad")).exists()
+    bd.download_cinc(tmp_path, url, sha)  # resumes from the half that arrived
+    assert (tmp_path / bd.ZIP_NAME).read_bytes() == archive
+
+
+def test_a_truncated_label_file_is_fetched_again(server: tuple[str, bytes], tmp_path: Path) -> None:
+    url, archive = server
+    good = _RangeHandler.files[bd.LABELS_V3]
+    (tmp_path / bd.LABELS_V3).write_bytes(good[: len(good) // 2].rsplit(b"\n", 1)[0] + b"\n")  # cached, cut
+    source = bd.download_cinc(tmp_path, url, hashlib.sha256(archive).hexdigest())
+    assert (tmp_path / bd.LABELS_V3).read_bytes() == good and len(list(source.glob("*.mat"))) == 12
+    _RangeHandler.files[bd.LABELS_V3] = good[: len(good) // 2].rsplit(b"\n", 1)[0] + b"\n"  # the server's too
+    (tmp_path / bd.LABELS_V3).write_bytes(_RangeHandler.files[bd.LABELS_V3])
+    with pytest.raises(bd.DatasetError, match=r"lacks labels for \d+ of the 12 records"):
+        bd.download_cinc(tmp_path, url, hashlib.sha256(archive).hexdigest())
+
+
+def test_a_corrupt_member_is_named_and_leaves_no_half_folder(server: tuple[str, bytes], tmp_path: Path) -> None:
+    url, archive = server
+    with zipfile.ZipFile(io.BytesIO(archive)) as z:
+        member = next(m for m in z.infolist() if m.filename.endswith(".mat"))
+    start = member.header_offset + 30 + len(member.filename.encode()) + len(member.extra)
+    broken = bytearray(archive)
+    broken[start + 20] ^= 0xFF  # inside the member's data: its CRC no longer matches
+    _RangeHandler.files[bd.ZIP_NAME] = bytes(broken)
+    raw = tmp_path / "raw"
+    with pytest.raises(bd.DatasetError, match=f"member {member.filename} is corrupt"):
+        bd.download_cinc(raw, url, hashlib.sha256(bytes(broken)).hexdigest())
+    assert sorted(p.name for p in raw.iterdir()) == [bd.LABELS_V3, bd.ZIP_NAME]  # no half-extracted folder
 
 
 def test_download_of_a_missing_file_names_the_url(server: tuple[str, bytes], tmp_path: Path) -> None:
