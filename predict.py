@@ -11,8 +11,10 @@ CinC 2017 stores them (int16 at 1000 per mV, baseline 0), other gains are not co
 Prints, per file, the class (from the mean of the per-segment logits, as in training), the
 four class probabilities and the class of every 256-sample segment (1.28 s); ``--json`` for
 machine-readable output. A file that cannot be used (unreadable, no or implausible sampling
-rate, several leads, too short, not finite) gets an error naming it, the other files are
-still classified, and the exit status is 1.
+rate, several leads, too short, not finite, or an amplitude or heart rate that says the
+units or the rate are wrong: see MIN_SPAN_UV and MIN_BPM; ``--no-checks`` to classify anyway)
+gets an error naming it and how to fix the flags, the other files are still classified,
+and the exit status is 1.
 
 Example:
     python predict.py --ticket tickets/demo/ticket-fp32.npz ../shared/data/cinc2017/training2017/A00001.mat
@@ -29,12 +31,24 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+from scipy.signal import butter, find_peaks, sosfiltfilt
 
 from build_datasets import FS, DatasetError, read_record, resample
 from export_ticket import TicketError, load_ticket
 
 MIN_FS, MAX_FS = 50.0, 5000.0
 """Plausible ECG sampling rates; anything outside is most likely a wrong --fs."""
+MIN_SPAN_UV, MAX_SPAN_UV = 50.0, 20000.0
+"""Plausible span of an ECG (0.5th to 99.5th percentile of its samples) in microvolts: the
+8,528 CinC 2017 records span 251-10,921 uV. Below, the file is most likely in mV read as uV;
+above, in uV read as mV (or not an ECG)."""
+MIN_BPM, MAX_BPM = 25.0, 240.0
+"""Plausible heart rate (median RR of the detected beats, which are at least 0.24 s apart,
+so the detector saturates at 250 bpm): see results/README.md for how the CinC 2017 records
+measure at their true rate. A rate outside points to a wrong --fs. The check is coarse: it
+catches a rate given several times too low (the beats then look too slow); a rate given too
+high moves the QRS out of the detector's 5-25 Hz band and is seldom caught, so it cannot
+prove a rate right."""
 
 
 class PredictError(Exception):
@@ -80,7 +94,33 @@ def read_samples(path: Path, fs: float | None, units: str) -> tuple[np.ndarray, 
     return x * (1000.0 if units == "mV" else 1.0), fs
 
 
-def prepare(x: np.ndarray, fs: float, name: str, min_seconds: float) -> np.ndarray:
+def heart_rate(x: np.ndarray, fs: float) -> float:
+    """Beats per minute from the median interval between R peaks (5-25 Hz band envelope,
+    peaks at least 0.24 s apart); NaN with fewer than 2 beats."""
+    y = np.abs(sosfiltfilt(butter(3, [5, 25], btype="band", fs=fs, output="sos"), x))
+    peaks, _ = find_peaks(y, height=0.35 * np.percentile(y, 99), distance=max(1, int(0.24 * fs)))
+    return float(60 * fs / np.median(np.diff(peaks))) if len(peaks) > 1 else float("nan")
+
+
+def check_plausible(x: np.ndarray, fs: float, name: str) -> None:
+    """Refuse input whose amplitude or heart rate says the units or the rate are wrong:
+    such a file would still get a confident class, and a wrong one."""
+    low, high = np.percentile(x, [0.5, 99.5])
+    span = high - low
+    if span < MIN_SPAN_UV:
+        raise PredictError(f"{name}: spans only {span:.3g} uV, too little for an ECG ({MIN_SPAN_UV:g}-"
+                           f"{MAX_SPAN_UV:g} uV expected): if it is in mV, pass --units mV")
+    if span > MAX_SPAN_UV:
+        raise PredictError(f"{name}: spans {span / 1000:.3g} mV, too much for an ECG: if it is in uV, drop "
+                           "--units mV (or --no-checks if it is right)")
+    if fs > 60:  # the 5-25 Hz band needs a rate above 50 Hz
+        bpm = heart_rate(x, fs)
+        if not MIN_BPM <= bpm <= MAX_BPM:
+            raise PredictError(f"{name}: its beats give {bpm:.0f} bpm at --fs {fs:g}, outside {MIN_BPM:g}-"
+                               f"{MAX_BPM:g}: check --fs (a wrong rate scales the heart rate), or --no-checks")
+
+
+def prepare(x: np.ndarray, fs: float, name: str, min_seconds: float, checks: bool = True) -> np.ndarray:
     """Samples at 200 Hz as int16 microvolts (the training data's form), checked."""
     if not MIN_FS <= fs <= MAX_FS:
         raise PredictError(f"{name}: sampling rate {fs:g} Hz is outside {MIN_FS:g}-{MAX_FS:g} Hz; check --fs")
@@ -90,6 +130,8 @@ def prepare(x: np.ndarray, fs: float, name: str, min_seconds: float) -> np.ndarr
     if seconds < min_seconds:
         raise PredictError(f"{name}: {seconds:.2f} s long; at least {min_seconds:g} s are needed "
                            "(--min-seconds)")
+    if checks:
+        check_plausible(x, fs, name)
     y = resample(np.clip(np.round(x), -32768, 32767).astype(np.int16), fs, FS)
     return y
 
@@ -121,6 +163,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--units", default="uV", choices=["uV", "mV"], help="units of .npy/.csv/.txt samples")
     p.add_argument("--min-seconds", type=float, default=5.0, help="shortest record accepted")
     p.add_argument("--json", action="store_true", help="print one JSON list instead of text")
+    p.add_argument("--no-checks", action="store_true",
+                   help="classify even when the amplitude or heart rate looks implausible for the given "
+                   "--units/--fs")
     args = p.parse_args(argv)
     if args.fs is not None and args.fs <= 0:
         p.error(f"--fs must be positive, got {args.fs:g}")
@@ -136,7 +181,8 @@ def main(argv: list[str] | None = None) -> int:
     for path in args.files:
         try:
             x, fs = read_samples(path, args.fs, args.units)
-            out = {"file": str(path), **classify(model, meta, prepare(x, fs, str(path), args.min_seconds))}
+            out = {"file": str(path), **classify(model, meta, prepare(x, fs, str(path), args.min_seconds,
+                                                                 not args.no_checks))}
         except PredictError as e:
             failed += 1
             print(f"error: {e}", file=sys.stderr)

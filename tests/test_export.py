@@ -256,7 +256,7 @@ def test_predict_errors_name_the_file_and_go_on(exported: tuple[Path, dict], tmp
                                                 capsys: pytest.CaptureFixture) -> None:
     ticket = str(exported[0] / "ticket-int8.npz")
     good = tmp_path / "good.npy"
-    np.save(good, np.random.default_rng(0).normal(0, 100, 3000))
+    np.save(good, synthetic_record("N", np.random.default_rng(0), fs=300, seconds=(10, 10)).astype(np.float64))
     np.save(tmp_path / "short.npy", np.zeros(600))
     np.save(tmp_path / "two.npy", np.zeros((2, 3000)))
     (tmp_path / "bad.npy").write_bytes(b"\x93NUMPY garbage")
@@ -272,6 +272,23 @@ def test_predict_errors_name_the_file_and_go_on(exported: tuple[Path, dict], tmp
         assert any(name in line and message in line for line in err.splitlines()), name
     code, _, err = _predict_json(capsys, "--ticket", ticket, "--fs", "20", str(good))
     assert code == 1 and "sampling rate 20 Hz" in err
+    # wrong units or rate: refused with the flag to fix, not a confident wrong class
+    x = np.load(good)
+    np.save(tmp_path / "in_mv.npy", x / 1000)
+    code, _, err = _predict_json(capsys, "--ticket", ticket, "--fs", "300", str(tmp_path / "in_mv.npy"))
+    assert code == 1 and "too little for an ECG" in err and "pass --units mV" in err
+    code, _, err = _predict_json(capsys, "--ticket", ticket, "--fs", "300", "--units", "mV", str(good))
+    assert code == 1 and "too much for an ECG" in err and "drop --units mV" in err
+    minute = tmp_path / "minute_at_300hz.npy"  # ~93 bpm at its true rate; at 4x too low a rate, 23 bpm
+    np.save(minute, synthetic_record("N", np.random.default_rng(1), fs=300, seconds=(60, 60)).astype(np.float64))
+    code, _, err = _predict_json(capsys, "--ticket", ticket, "--fs", "75", str(minute))
+    assert code == 1 and "bpm at --fs 75" in err and "check --fs" in err
+    code, out, err = _predict_json(capsys, "--ticket", ticket, "--fs", "75", "--no-checks", str(minute))
+    assert code == 0 and "class" in out[0]
+    rng = np.random.default_rng(5)
+    for label in "NAO":  # real-looking records at their true rate pass
+        x = synthetic_record(label, rng, fs=300, seconds=(20, 20)).astype(float)
+        assert predict.MIN_BPM <= predict.heart_rate(x, 300) <= predict.MAX_BPM
     code, _, err = _predict_json(capsys, "--ticket", ticket, str(good))
     assert code == 1 and "pass --fs" in err
 
