@@ -33,7 +33,7 @@ import pandas as pd  # noqa: E402
 
 import prune as pm  # noqa: E402
 from model import CLASSES  # noqa: E402
-from train import BASELINES, METHODS, PREDICTIONS, class_f1, confusion  # noqa: E402
+from train import BASELINES, METHODS, PREDICTIONS, atomic_write_text, class_f1, confusion  # noqa: E402
 
 LTH_ECG_RATIO = 142.0
 """Sahu et al. 2022 (LTH-ECG): a 142x smaller network with < 1 % loss of test F1."""
@@ -519,11 +519,11 @@ def main(argv: list[str] | None = None) -> None:
     if len(tickets):
         plot_layers(exp, table, tickets.iloc[0], out)
     text = summary(table, best, args.tolerance, exp, note)
-    (out / "summary.md").write_text(text)
+    atomic_write_text(text, out / "summary.md")  # export_ticket.py --winner reads winners.csv: never torn
     cols = ["method", "control", "round", "compression_val", "mean_val", "mean_test", "sd_test"]
-    best[cols].rename(columns={"compression_val": "compression", "mean_val": "val_challenge_f1",
-                               "mean_test": "test_challenge_f1", "sd_test": "test_challenge_f1_sd"}).to_csv(
-        out / "winners.csv", index=False, float_format="%.6g")
+    atomic_write_text(best[cols].rename(columns={"compression_val": "compression", "mean_val": "val_challenge_f1",
+                                                 "mean_test": "test_challenge_f1", "sd_test": "test_challenge_f1_sd"})
+                      .to_csv(index=False, float_format="%.6g"), out / "winners.csv")
     print(text)
     print(f"wrote {out}/compression.png/.svg, {'layers.png/.svg, ' if len(tickets) else ''}summary.md, winners.csv")
 
