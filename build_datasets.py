@@ -514,16 +514,31 @@ def write_dataset(out: Path, names: list[str], labels: list[str], signals: list[
 
 
 def atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``<path>.tmp``, fsync, then ``os.replace``: a crash at any point
-    leaves either the old file or the new one, never a torn one. The temporary name is
-    fixed, so the leftover of a write killed half-way is overwritten by the next write of
-    the same file rather than piling up."""
-    tmp = path.with_name(path.name + ".tmp")
+    """Write ``data`` to a temporary file beside ``path``, fsync, then ``os.replace``: a crash
+    at any point leaves either the old file or the new one, never a torn one. The temporary
+    name holds the writer's pid (``<name>.<pid>.tmp``), so two processes writing the same
+    file never rename each other's half-written copy; the leftover of a writer killed
+    half-way (its pid gone) is removed by the next write of the same file."""
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     with open(tmp, "wb") as f:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+    for stale in path.parent.glob(f"{path.name}.*tmp"):
+        pid = stale.name[len(path.name) + 1:].removesuffix("tmp").removesuffix(".")
+        if not pid.isdigit() or not _alive(int(pid)):
+            stale.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
 
 
 @dataclass

@@ -6,6 +6,9 @@ import hashlib
 import http.server
 import io
 import json
+import os
+import subprocess
+import sys
 import threading
 import zipfile
 from collections.abc import Iterator
@@ -439,7 +442,26 @@ def test_bad_flags_are_refused(argv: list[str]) -> None:
 
 
 def test_atomic_write_replaces_the_leftover_of_a_killed_write(tmp_path: Path) -> None:
+    """Leftovers of killed writers (a dead pid, or the older fixed name) go; a live writer's
+    temporary file is left alone."""
     target = tmp_path / "checkpoint.pt"
-    (tmp_path / "checkpoint.pt.tmp").write_bytes(b"half a file from a kill -9")
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    (tmp_path / f"checkpoint.pt.{dead.pid}.tmp").write_bytes(b"half a file from a kill -9")
+    (tmp_path / "checkpoint.pt.tmp").write_bytes(b"the same, from an older version")
+    live = tmp_path / f"checkpoint.pt.{os.getppid()}.tmp"
+    live.write_bytes(b"another process, still writing")
     bd.atomic_write(target, b"new")
-    assert target.read_bytes() == b"new" and sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt"]
+    assert target.read_bytes() == b"new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt", live.name]
+
+
+def test_two_writers_of_one_file_never_collide(tmp_path: Path) -> None:
+    target = tmp_path / "results.csv"
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); import build_datasets as bd, pathlib\n"
+            "for i in range(2000): bd.atomic_write(pathlib.Path(sys.argv[2]), str(i).encode() * 1000)")
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(Path(__file__).parents[1]), str(target)],
+                              stderr=subprocess.PIPE) for _ in range(3)]
+    errors = [p.communicate()[1].decode() for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], errors
+    assert target.read_bytes() == b"1999" * 1000 and sorted(p.name for p in tmp_path.iterdir()) == ["results.csv"]
