@@ -28,6 +28,7 @@ for an existing run folder are refused.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import json
 import math
@@ -35,7 +36,7 @@ import pickle
 import sys
 import time
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -56,6 +57,8 @@ CONFIG = "config.json"
 METRICS = "metrics.json"
 HISTORY = "history.csv"
 PREDICTIONS = "predictions.csv"
+LOG = "train.log"
+"""Everything a training printed, appended at each start (resume) under a dated header."""
 """Per-record class of the validation and test records: for bootstrap intervals."""
 RESUME_NEUTRAL = {"device", "checkpoint_minutes", "quiet"}
 """Flags that may differ when a run is resumed (they do not change its results)."""
@@ -256,6 +259,43 @@ def atomic_save(obj: object, path: Path) -> None:
 
 def atomic_write_text(text: str, path: Path) -> None:
     atomic_write(path, text.encode())
+
+
+class _Tee:
+    """A text stream that writes to the terminal and to a log file; progress-bar redraws
+    (text with a carriage return) stay on the terminal."""
+
+    def __init__(self, stream: object, log: io.TextIOBase):
+        self.stream, self.log = stream, log
+
+    def write(self, text: str) -> int:
+        if "\r" not in text:
+            self.log.write(text)
+            self.log.flush()
+        return self.stream.write(text)
+
+    def __getattr__(self, name: str) -> object:  # isatty, flush, encoding, ... of the terminal
+        return getattr(self.stream, name)
+
+
+@contextlib.contextmanager
+def logged(run_dir: Path) -> Iterator[None]:
+    """Copy what is printed (stdout and stderr) to ``run_dir/train.log``, appended, after a
+    header with the date, code version and command; an error that stops the training is
+    written too."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / LOG, "a", encoding="utf-8") as log:
+        log.write(f"=== {time.strftime('%Y-%m-%d %H:%M:%S %z')}  code {code_version()}  "
+                  f"command: {' '.join(sys.argv)}\n")
+        out, err = sys.stdout, sys.stderr
+        sys.stdout, sys.stderr = _Tee(out, log), _Tee(err, log)
+        try:
+            yield
+        except BaseException as e:  # Ctrl-C and errors too: the log says how the sitting ended
+            log.write(f"stopped: {type(e).__name__}: {e}\n")
+            raise
+        finally:
+            sys.stdout, sys.stderr = out, err
 
 
 def load_pt(path: Path, device: torch.device | str = "cpu") -> dict:
@@ -590,10 +630,11 @@ def run_dense(ctx: Context, run_dir: Path, flags: dict, data: Path, rewind_step:
         if step == rewind_step:
             atomic_save(m.state_dict(), snapshot)
 
-    if not ctx.quiet:
-        print(f"dense: {count_parameters(model):,} parameters, {ctx.device}, {'bf16' if ctx.bf16 else 'fp32'}, "
-              f"{len(ctx.ds.indices('train'))} train / {len(ctx.ds.indices('val'))} val records -> {run_dir}")
-    return fit_and_report(ctx, model, run_dir, {}, after_step=save_rewind_point if rewind_step else None)
+    with logged(run_dir):
+        if not ctx.quiet:
+            print(f"dense: {count_parameters(model):,} parameters, {ctx.device}, {'bf16' if ctx.bf16 else 'fp32'}, "
+                  f"{len(ctx.ds.indices('train'))} train / {len(ctx.ds.indices('val'))} val records -> {run_dir}")
+        return fit_and_report(ctx, model, run_dir, {}, after_step=save_rewind_point if rewind_step else None)
 
 
 def retrain(ctx: Context, run_dir: Path, start: dict, masks: pm.Masks, lr_fn: Callable[[int], float],
@@ -602,11 +643,12 @@ def retrain(ctx: Context, run_dir: Path, start: dict, masks: pm.Masks, lr_fn: Ca
     model = ctx.new_model(ctx.cfg.seed)
     model.load_state_dict(start)
     masked = pm.MaskedModel(model, masks)
-    if not ctx.quiet:
-        print(f"{run_dir}: {pm.compression_ratio(masks):.1f}x, {steps} steps")
     salt = zlib.crc32(str(run_dir.relative_to(run_dir.parents[1])).encode())
-    results = fit_and_report(ctx, model, run_dir, extra, after_step=masked.after_step, total_steps=steps,
-                             lr_fn=lr_fn, salt=salt)
+    with logged(run_dir):
+        if not ctx.quiet:
+            print(f"{run_dir}: {pm.compression_ratio(masks):.1f}x, {steps} steps")
+        results = fit_and_report(ctx, model, run_dir, extra, after_step=masked.after_step, total_steps=steps,
+                                 lr_fn=lr_fn, salt=salt)
     masked.remove()
     return results
 

@@ -180,6 +180,34 @@ def test_plateau_schedule_keeps_the_best_validation_weights(tiny_data: Path, tmp
     assert metrics["val"]["loss"] == pytest.approx(history["val_loss"].min(), rel=1e-4)
 
 
+def test_a_training_keeps_its_console_output_in_a_log(tiny_data: Path, tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """train.log in the run folder: a dated header with the code version at each start, the
+    epoch lines, the interruption, and the resumed run appended (progress bars left out)."""
+    out = tmp_path / "run"
+    argv = ["--data", str(tiny_data), "--out", str(out), "--width", "0.125", "--epochs", "2", "--crop", "1024",
+            "--batch-size", "16"]
+    real, steps = tr.train_step, []
+
+    def interrupted(*args, **kw):  # noqa: ANN002, ANN003, ANN202
+        steps.append(1)
+        if len(steps) == 8:  # Ctrl-C in the second epoch
+            raise KeyboardInterrupt
+        return real(*args, **kw)
+
+    monkeypatch.setattr(tr, "train_step", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        tr.main(argv)
+    monkeypatch.setattr(tr, "train_step", real)
+    tr.main(argv)
+    log = (out / "dense" / tr.LOG).read_text()
+    headers = [line for line in log.splitlines() if line.startswith("=== ")]
+    assert len(headers) == 2 and all(f"code {tr.code_version()}" in h for h in headers)
+    assert "dense: " in log and "epoch   1" in log and "epoch   2" in log
+    assert "stopped: KeyboardInterrupt" in log and "resuming" in log and "\r" not in log
+    assert log.index("stopped: KeyboardInterrupt") < log.index(headers[1]) < log.index("epoch   2")
+
+
 def test_a_diverging_run_stops_at_the_step_and_writes_nothing(tiny_data: Path, tmp_path: Path) -> None:
     """An LR that blows the weights up must not end in NaN weights and metrics with exit 0."""
     out = tmp_path / "run"
