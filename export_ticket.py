@@ -49,11 +49,10 @@ from torch import nn
 import prune as pm
 import train
 from build_datasets import DatasetError, atomic_write, code_version, load_dataset
-from model import CLASSES, HannunConfig, HannunNet, SameConv1d
+from model import CLASSES, RECORD_SAMPLES, HannunConfig, HannunNet, SameConv1d, flops, output_positions
 
 DTYPES = ("fp32", "fp16", "int8")
 FORMAT = "ecg-lth ticket 1"
-RECORD_SECONDS = 30
 FS = 200
 
 
@@ -239,29 +238,18 @@ def load_ticket(path: Path | str) -> tuple[HannunNet, dict]:
 # --------------------------------------------------------------------------- accounting
 
 
-def record_input(samples: int = RECORD_SECONDS * FS, stride: int = 256) -> torch.Tensor:
+def record_input(samples: int = RECORD_SAMPLES, stride: int = 256) -> torch.Tensor:
     """A 30-s record at 200 Hz, zero-padded to the output stride as training does."""
     return torch.randn(1, 1, stride * math.ceil(samples / stride), generator=torch.Generator().manual_seed(0))
 
 
 def flops_per_record(model: nn.Module, x: torch.Tensor) -> tuple[int, int]:
     """(dense, sparse) multiply-add FLOPs (2 per MAC) of the convolutions and the linear
-    layer for input ``x``; sparse counts only the non-zero weights. BatchNorm, ReLU and
-    pooling (under 1 % here) are left out of both."""
-    dense = sparse = 0
-
-    def hook(m: nn.Module, _: tuple, out: torch.Tensor) -> None:
-        nonlocal dense, sparse
-        positions = out.shape[0] * out.shape[-1] if isinstance(m, nn.Conv1d) else out.numel() // m.out_features
-        dense += 2 * positions * m.weight.numel()
-        sparse += 2 * positions * int(torch.count_nonzero(m.weight))
-
-    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Conv1d, nn.Linear))]
-    with torch.inference_mode():
-        model(x)
-    for h in handles:
-        h.remove()
-    return dense, sparse
+    layer for input ``x``; sparse counts only the non-zero weights (model.flops)."""
+    positions = output_positions(model, x)
+    layers = dict(model.named_modules())
+    return (flops(positions, {n: layers[n].weight.numel() for n in positions}),
+            flops(positions, {n: int(torch.count_nonzero(layers[n].weight)) for n in positions}))
 
 
 def parameter_counts(model: nn.Module) -> dict[str, int]:

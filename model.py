@@ -19,6 +19,7 @@ output stride.
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
@@ -157,6 +158,37 @@ class HannunNet(nn.Module):
 
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+RECORD_SAMPLES = 30 * 200
+"""A 30-s record at 200 Hz: the unit of the FLOP counts reported everywhere."""
+
+
+def output_positions(model: nn.Module, x: torch.Tensor) -> dict[str, int]:
+    """{name: output positions} of every Conv1d and Linear layer for the input ``x``: each
+    weight is used once per output position, so FLOPs = 2 x positions x weights per layer."""
+    positions: dict[str, int] = {}
+
+    def hook(name: str) -> Callable:
+        def record(m: nn.Module, _: tuple, out: torch.Tensor) -> None:
+            conv = isinstance(m, nn.Conv1d)
+            positions[name] = out.shape[0] * out.shape[-1] if conv else out.numel() // m.out_features
+        return record
+
+    handles = [m.register_forward_hook(hook(n)) for n, m in model.named_modules()
+               if isinstance(m, (nn.Conv1d, nn.Linear))]
+    with torch.inference_mode():
+        model(x)
+    for h in handles:
+        h.remove()
+    return positions
+
+
+def flops(positions: dict[str, int], weights: dict[str, int]) -> int:
+    """Multiply-add FLOPs (2 per MAC) of the convolutions and linear layers, given each
+    layer's output positions and its number of (non-zero) weights. BatchNorm, ReLU and
+    pooling (under 1 % here) are left out."""
+    return 2 * sum(positions[n] * weights[n] for n in positions)
 
 
 def layer_table(model: nn.Module) -> list[tuple[str, str, int]]:

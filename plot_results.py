@@ -110,9 +110,12 @@ def curves(table: pd.DataFrame, metric: str) -> pd.DataFrame:
         for method in table.loc[table["control"] == control, "method"].unique():
             rows.append(dense[dense["method"] == method].assign(control=control))
     full = pd.concat(rows).assign(level=lambda t: level(t["compression"]))
+    if "flops" not in full:  # tables made before the FLOPs column
+        full = full.assign(flops=np.nan)
     return (full.groupby(["method", "control", "level"])
             .agg(round=("round", "min"), compression=("compression", "mean"), mean=(metric, "mean"),
-                 low=(metric, "min"), high=(metric, "max"), sd=(metric, "std"), seeds=("seed", "nunique"))
+                 low=(metric, "min"), high=(metric, "max"), sd=(metric, "std"), seeds=("seed", "nunique"),
+                 flops=("flops", "mean"))
             .reset_index().sort_values(["method", "control", "compression"]))
 
 
@@ -365,9 +368,13 @@ def af_table(table: pd.DataFrame) -> list[str]:
 
 
 def plot_compression(table: pd.DataFrame, split: str, out: Path, note: str = "") -> None:
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.6), sharex=True)
-    for ax, (metric, name) in zip(axes, [("challenge_f1", "challenge F1 (mean of N, A, O)"),
-                                         ("accuracy", "accuracy")], strict=True):
+    """Challenge F1 and accuracy against the compression ratio, and (where results.csv has
+    the FLOPs column) challenge F1 against the FLOPs per 30-s record of each round's network."""
+    with_flops = "flops" in table and table["flops"].notna().all()
+    fig, axes = plt.subplots(1, 3 if with_flops else 2, figsize=(18 if with_flops else 12, 4.8))
+    f1 = ("challenge_f1", "challenge F1 (mean of N, A, O)")
+    panels = [(*f1, "compression"), ("accuracy", "accuracy", "compression")] + ([(*f1, "flops")] if with_flops else [])
+    for ax, (metric, name, x) in zip(axes, panels, strict=True):
         col = f"{split}_{metric}"
         dense = dense_level(table, col)
         ax.axhline(dense, color="black", lw=1, label="dense")
@@ -376,18 +383,24 @@ def plot_compression(table: pd.DataFrame, split: str, out: Path, note: str = "")
             style, suffix = CONTROL_STYLE.get(control, ("-." if method in BASELINES else "-", ""))
             label = LABELS.get(method, method) + (f", {suffix}" if suffix else "")
             color = COLORS.get(method, None)
-            ax.plot(c["compression"], c["mean"], style, marker="o" if control == "none" else "x", ms=3.5,
+            if x == "flops" and method in BASELINES:
+                continue  # the unpruned baseline has the dense network's FLOPs at every round
+            ax.plot(c[x], c["mean"], style, marker="o" if control == "none" else "x", ms=3.5,
                     color=color, lw=1.6 if control == "none" else 1.2, label=label)
             if c["seeds"].max() > 1:
-                ax.fill_between(c["compression"], c["low"], c["high"], color=color, alpha=0.12, lw=0)
+                ax.fill_between(c[x], c["low"], c["high"], color=color, alpha=0.12, lw=0)
+        ax.set_xscale("log")
+        ax.set_ylabel(f"{split} {name}")
+        ax.grid(True, which="both", alpha=0.25)
+        if x == "flops":
+            ax.set_xlabel("FLOPs per 30-s record (non-zero weights only; lower is cheaper)")
+            ax.invert_xaxis()  # compression grows to the right, as in the other panels
+            continue
         if metric == "challenge_f1":
             ax.plot([LTH_ECG_RATIO], [dense * 0.99], marker="*", ms=14, color="gold", mec="black", ls="none",
                     label="LTH-ECG claim: 142x, < 1 % F1 loss")
         ax.axvline(LTH_ECG_RATIO, color="gold", lw=1, ls="-.")
-        ax.set_xscale("log")
         ax.set_xlabel("compression ratio (prunable weights / surviving weights)")
-        ax.set_ylabel(f"{split} {name}")
-        ax.grid(True, which="both", alpha=0.25)
         ticks = [t for t in (1, 2, 5, 10, 20, 50, 142, 500, 1000) if t <= max(table["compression"].max(), 150)]
         ax.set_xticks(ticks, [f"{t}x" for t in ticks])
         ax.minorticks_off()
@@ -422,9 +435,9 @@ def add_all_parameters_axis(ax: plt.Axes, table: pd.DataFrame) -> None:
 
     top = ax.secondary_xaxis("top", functions=(to_all, to_prunable))
     ticks = [t for t in (1, 2, 5, 10, 20, 50, 100) if t < total / max(fixed, 1)]
-    top.set_xticks(ticks, [f"{t}x" for t in ticks], fontsize=7)
+    top.set_xticks(ticks, [f"{t}x\n{100 / t:.3g} %" for t in ticks], fontsize=7)
     top.minorticks_off()
-    top.set_xlabel("compression of all parameters (ShrinkBench)", fontsize=8)
+    top.set_xlabel("all parameters (ShrinkBench): compression, share remaining", fontsize=8)
 
 
 def plot_layers(exp: Path, table: pd.DataFrame, best: pd.Series, out: Path) -> None:
@@ -455,21 +468,24 @@ def summary(table: pd.DataFrame, best: pd.DataFrame, tolerance: float, exp: Path
              f"Winning ticket per method: the largest compression whose mean validation challenge F1 is at "
              f"least dense x (1 - {tolerance:g}) = {dense_val * (1 - tolerance):.4f} (dense: validation "
              f"{dense_val:.4f}, test {dense_test:.4f}; {table['seed'].nunique()} seed(s)).", "",
-             "| method | control | compression | remaining weights | val F1 | test F1 (mean ± sd) | "
-             "test F1 95 % CI | test F1 - dense | test accuracy |",
-             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "| method | control | compression | remaining weights | FLOPs per 30-s record (dense) | val F1 | "
+             "test F1 (mean ± sd) | test F1 95 % CI | test F1 - dense | test accuracy |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    dense_flops = table.loc[table["round"] == 0, "flops"].mean() if "flops" in table else np.nan
     for _, b in best.iterrows():
         remaining = ticket_rows(table, b)["remaining"].mean()
+        ticket_flops = ticket_rows(table, b)["flops"].mean() if "flops" in table else np.nan
+        flops_text = "n/a" if np.isnan(ticket_flops) else f"{ticket_flops / 1e6:,.1f} M ({dense_flops / 1e6:,.1f} M)"
         sd = 0.0 if np.isnan(b["sd_test"]) else b["sd_test"]
         ci = bootstrap_interval(exp, table, b) if exp is not None else None
         ci_text = f"{ci[0]:.3f}-{ci[1]:.3f}" if ci else "n/a"
         lines.append(f"| {b['method']} | {b['control']} | {b['compression_val']:.1f}x | {remaining:,.0f} | "
-                     f"{b['mean_val']:.4f} | {b['mean_test']:.4f} ± {sd:.4f} | {ci_text} | "
+                     f"{flops_text} | {b['mean_val']:.4f} | {b['mean_test']:.4f} ± {sd:.4f} | {ci_text} | "
                      f"{b['mean_test'] - dense_test:+.4f} | {b['test_accuracy']:.4f} |")
     missing = set(map(tuple, table[["method", "control"]].drop_duplicates().values)) - set(
         map(tuple, best[["method", "control"]].values))
     for method, control in sorted(missing):
-        lines.append(f"| {method} | {control} | none within tolerance | | | | | | |")
+        lines.append(f"| {method} | {control} | none within tolerance | | | | | | | |")
     seeds = table["seed"].nunique()
     for split, name in (("val", "Validation"), ("test", "Test")):
         lines += ["", f"{name} challenge F1 against compression (mean ± sd over {seeds} seed(s); the numbers "

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import io
 import json
 import math
@@ -48,7 +49,7 @@ from tqdm import tqdm
 
 import prune as pm
 from build_datasets import DatasetError, ECGDataset, atomic_write, code_version, load_dataset, sha256_of
-from model import CLASSES, HannunConfig, HannunNet, count_parameters
+from model import CLASSES, RECORD_SAMPLES, HannunConfig, HannunNet, count_parameters, flops, output_positions
 
 CHECKPOINT = "checkpoint.pt"
 FINAL = "model.pt"
@@ -559,6 +560,21 @@ class Context:
         torch.manual_seed(seed)
         return HannunNet(self.cfg.model).to(self.device)
 
+    @functools.cached_property
+    def layers(self) -> tuple[dict[str, int], dict[str, int]]:
+        """({layer: output positions}, {layer: weights}) of the conv and linear layers for a
+        30-s record: what FLOP counts need (computed once, on the CPU)."""
+        model = HannunNet(self.cfg.model)
+        stride = self.cfg.model.stride
+        positions = output_positions(model, torch.zeros(1, 1, stride * math.ceil(RECORD_SAMPLES / stride)))
+        modules = dict(model.named_modules())
+        return positions, {n: modules[n].weight.numel() for n in positions}
+
+    def flops(self, masks: pm.Masks) -> int:
+        """FLOPs per 30-s record of the network under ``masks`` (non-zero weights only)."""
+        positions, sizes = self.layers
+        return flops(positions, {n: int(masks[n].sum()) if n in masks else sizes[n] for n in positions})
+
     def load(self, path: Path) -> dict:
         return load_pt(path, self.device)
 
@@ -658,7 +674,7 @@ def round_dir(method_dir: Path, r: int, attempt: int) -> Path:
 
 
 def row_for(folder: Path, seed: int, method: str, control: str, r: int, attempt: int, fraction: float,
-            masks: pm.Masks, metrics: dict, accepted: bool, parameters: int) -> dict:
+            masks: pm.Masks, metrics: dict, accepted: bool, parameters: int, *, flops: int) -> dict:
     """One line of the results table; ``folder`` is the run's path from the experiment folder."""
     alive, total = pm.count(masks)
     nonzero = parameters - total + alive
@@ -666,7 +682,7 @@ def row_for(folder: Path, seed: int, method: str, control: str, r: int, attempt:
            "attempt": attempt,
            "fraction": fraction, "accepted": accepted, "remaining": alive, "prunable": total,
            "compression": total / alive, "sparsity": 1 - alive / total,
-           "nonzero_parameters": nonzero, "compression_all": parameters / nonzero}
+           "nonzero_parameters": nonzero, "compression_all": parameters / nonzero, "flops": flops}
     for split in ("val", "test"):
         for key in ("challenge_f1", "macro_f1", "accuracy", *(f"f1_{c}" for c in CLASSES)):
             row[f"{split}_{key}"] = metrics[split][key]
@@ -744,7 +760,7 @@ def run_lottery(ctx: Context, args: argparse.Namespace, flags: dict, data: Path)
     trained = ctx.load(seed_dir / "dense" / FINAL)
     exp = seed_dir.parent
     rows = [row_for((seed_dir / "dense").relative_to(exp), args.seed, method, "none", 0, 0, 0.0, masks, dense,
-                    True, parameters)]
+                    True, parameters, flops=ctx.flops(masks))]
     history = [(0, masks, trained)]  # accepted rounds: (round, masks, trained weights)
     fraction, r, attempt = args.prune_fraction, 1, 0
     while (r <= baseline_rounds(args) if baseline
@@ -777,7 +793,7 @@ def run_lottery(ctx: Context, args: argparse.Namespace, flags: dict, data: Path)
                                                args.tolerance, args.alpha, args.min_fraction)
                               if args.goal and not baseline else (True, fraction))
         rows.append(row_for(d.relative_to(exp), args.seed, method, "none", r, attempt, f, new_masks, metrics,
-                            accepted, parameters))
+                            accepted, parameters, flops=ctx.flops(new_masks)))
         write_rounds(rows, method_dir / ROUNDS)
         if accepted:
             masks, trained = new_masks, ctx.load(d / FINAL)
@@ -856,7 +872,8 @@ def run_control(ctx: Context, args: argparse.Namespace, flags: dict, data: Path,
                               {"round": r, "control": args.control,
                                "compression": pm.compression_ratio(control_masks)})
         rows.append(row_for(d.relative_to(args.out.parent), args.seed, args.retrain, args.control, r, 0,
-                            float("nan"), control_masks, metrics, True, parameters))
+                            float("nan"), control_masks, metrics, True, parameters,
+                            flops=ctx.flops(control_masks)))
         write_rounds(rows, control_dir / ROUNDS)
     return pd.DataFrame(rows)
 

@@ -17,6 +17,7 @@ import pytest
 import torch
 from conftest import TINY_FLAGS, tiny_train_args
 
+import export_ticket
 import plot_results
 import run_experiments
 import train as tr
@@ -68,11 +69,18 @@ def test_each_method_starts_where_it_should(method: str, tiny_data: Path, tmp_pa
     table = pd.read_csv(seed_dir / method / "rounds.csv")
     assert table["round"].tolist() == [0, 1, 2]
     assert table["steps"].tolist()[1:] == [len(lr)] * 2
+    # FLOPs per 30-s record of each round's network: the dense count (export_ticket's helper on
+    # the dense weights), then fewer as weights go
+    dense_flops, _ = export_ticket.flops_per_record(tr.HannunNet(tr.parse_args(TINY_FLAGS).model),
+                                                    export_ticket.record_input(stride=256))
+    assert table["flops"].iloc[0] == dense_flops
     if method == "dense_equal_steps":  # nothing pruned, ever
+        assert table["flops"].tolist() == [dense_flops] * 3
         assert table["compression"].tolist() == [1.0] * 3
         assert all(m.all() for call in spy for m in call["masks"].values())
         return
     assert table["compression"].tolist() == pytest.approx([1.0, 2.0, 4.0], rel=1e-3)
+    assert table["flops"].is_monotonic_decreasing and table["flops"].nunique() == 3
     params = table["nonzero_parameters"] + table["prunable"] - table["remaining"]  # all parameters
     assert table["compression_all"].tolist() == pytest.approx((params / table["nonzero_parameters"]).tolist(), rel=1e-5)
     assert (table["compression_all"] < table["compression"]).tolist() == [False, True, True]

@@ -123,7 +123,7 @@ def test_af_sensitivity_and_ppv_match_a_plain_count() -> None:
     metrics = {s: tr.classification_metrics(labels, predicted) for s in ("val", "test")}
     metrics.update(epochs_run=1, steps=1, train_seconds=0.0)
     row = tr.row_for(Path("x"), 0, "lr_rewind", "none", 1, 0, 0.5, {"w": torch.ones(4, dtype=torch.bool)},
-                     metrics, True, 10)
+                     metrics, True, 10, flops=123)
     assert row["test_sensitivity_A"] == pytest.approx(3 / 4) and row["test_ppv_A"] == pytest.approx(3 / 5)
     table = pd.DataFrame([{**row, "round": r, "compression": c, "seed": 0} for r, c in ((0, 1.0), (1, 2.0))])
     lines = plot_results.af_table(table)
