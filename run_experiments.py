@@ -24,7 +24,9 @@ import time
 from pathlib import Path
 
 import pandas as pd
+from tqdm import tqdm
 
+import prune as pm
 import train
 from build_datasets import DatasetError, code_version, load_dataset
 
@@ -79,6 +81,16 @@ def cells(args: argparse.Namespace) -> list[tuple[int, str, str | None]]:
     return out
 
 
+def expected_trainings(args: argparse.Namespace, flags: argparse.Namespace) -> int:
+    """Trainings the whole grid runs (a dense run per seed, each method's rounds, the
+    controls' rounds): the progress bar's total, exact for a fixed fraction per round; under
+    --goal each redone round adds one."""
+    rounds = min(flags.rounds, pm.rounds_to_reach(flags.target_ratio, flags.prune_fraction))
+    controls = sum(1 for r in range(1, rounds + 1) if r % flags.control_every == 0 or r == rounds)
+    per_seed = 1 + len(args.methods) * rounds + len(args.control_methods) * len(args.controls) * controls
+    return len(args.seeds) * per_seed
+
+
 def collect(exp: Path) -> pd.DataFrame:
     """All rounds.csv tables under ``exp`` in one (method rows and control rows)."""
     tables = [pd.read_csv(p) for p in sorted(exp.glob("seed*/*/rounds.csv"))]
@@ -103,9 +115,14 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"error: {e}")
     grid = cells(args)
     t0 = time.perf_counter()
+    done = sum(len(list((exp / f"seed{s}").rglob(train.METRICS))) for s in args.seeds)
+    bar = tqdm(total=max(expected_trainings(args, first), done), initial=done, unit="training", desc="grid",
+               disable=None, smoothing=0.1)
+    train.ON_TRAINED = lambda run_dir: bar.update()
     for i, (seed, method, control) in enumerate(grid, 1):
         label = f"seed {seed} {method}" + (f" + {control}" if control else "")
-        print(f"[{i}/{len(grid)}] {label}", flush=True)
+        bar.set_postfix_str(f"cell {i}/{len(grid)}: {label}")
+        tqdm.write(f"[{i}/{len(grid)}] {label}")
         cell = forwarded + ["--seed", str(seed), "--retrain", method, "--out", str(exp / f"seed{seed}")]
         train.run(train.parse_args(cell + (["--control", control] if control else [])), ds)
         # after every cell, so an interrupted grid can be plotted (marked partial) and nothing finished is lost
@@ -113,6 +130,8 @@ def main(argv: list[str] | None = None) -> None:
         train.atomic_write_text(table.to_csv(index=False, float_format="%.6g"), exp / "results.csv")
         history[-1].update(cells=len(grid), finished_cells=i)
         train.atomic_write_text(json.dumps({"commands": history}, indent=2) + "\n", log)
+    train.ON_TRAINED = None
+    bar.close()
     print(f"{len(grid)} cells in {time.perf_counter() - t0:.0f} s; {len(table)} rows -> {exp / 'results.csv'}")
 
 

@@ -64,6 +64,8 @@ LOG = "train.log"
 RESUME_NEUTRAL = {"device", "checkpoint_minutes", "quiet"}
 """Flags that may differ when a run is resumed (they do not change its results)."""
 ADDED_FLAGS = {"max_steps": 0, "definitions_version": 1}
+ON_TRAINED: Callable[[Path], None] | None = None
+"""Called with the run folder after each training finishes (run_experiments.py's progress bar)."""
 """Flags added after the first results were made, with the default that older runs had."""
 
 
@@ -621,6 +623,8 @@ def fit_and_report(ctx: Context, model: HannunNet, run_dir: Path, extra: dict, *
     write_history(history, run_dir / HISTORY)
     atomic_write_text(json.dumps(results, indent=2) + "\n", run_dir / METRICS)
     (run_dir / CHECKPOINT).unlink(missing_ok=True)  # the final weights are in model.pt
+    if ON_TRAINED is not None:
+        ON_TRAINED(run_dir)
     return results
 
 

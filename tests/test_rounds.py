@@ -378,6 +378,8 @@ def test_finished_runs_need_no_checkpoints(tiny_data: Path, tmp_path: Path) -> N
             "--prune-fraction", "0.5", "--rounds", "2", "--rewind-to", "2it", "--data", str(tiny_data), *TINY_FLAGS]
     run_experiments.main(argv)
     before = pd.read_csv(exp / "results.csv")
+    args, forwarded = run_experiments.parse_args(argv)  # the progress bar's total is the real count
+    assert len(list(exp.rglob(tr.METRICS))) == run_experiments.expected_trainings(args, tr.parse_args(forwarded)) == 5
     for pt in exp.rglob("*.pt"):
         pt.unlink()
     run_experiments.main(argv)
