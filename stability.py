@@ -1,0 +1,222 @@
+"""Instability analysis (Frankle et al. 2020): is a network stable to SGD noise from step k?
+
+From the weights at step k of a seed's dense training and a mask (the dense network's, or
+that of a method's pruning round), train two copies for the steps [k, T) of the dense
+schedule, each with its own data order and dropout, then evaluate the networks on the
+straight line between them (``--points`` evenly spaced, BatchNorm statistics re-estimated at
+each point on training batches, as the paper does) and report the error barrier: the
+largest validation error on the path minus the mean of the two ends' errors (and the same
+for challenge F1, as the drop below the ends' mean). A barrier near 0 means the two copies
+land in one linearly connected region: the network is stable from step k, and rewinding to
+k is expected to work (Frankle et al.: sparse networks match dense accuracy exactly when
+they are stable from their rewind point).
+
+It reads an experiment made by run_experiments.py: the seed's dense run (its flags, data,
+init.pt) and the masks of the rounds named (``mask.pt`` files are checkpoints, not kept in
+git: run it where the grid ran). The weights at step k are made by replaying the dense
+training for k steps from init.pt (every step is seeded, so they equal the dense run's).
+Everything resumes: each copy is a train.py run folder, and a finished (mask, k) is read
+back from its ``path.csv``.
+
+Writes EXP/stability/seed<S>/: ``<mask>_k<k>/path.csv`` per pair (alpha, validation error,
+challenge F1), ``stability.csv`` (one row per mask and k: compression, barriers, the ends'
+own metrics) and ``stability.png`` (barrier against k, one line per mask).
+
+Example (CPU scale, after the grid):
+    python stability.py --exp results/cinc2017-cpu --seed 0 \\
+        --masks dense,weight_rewind/round_02,weight_rewind/round_04,weight_rewind/round_06 \\
+        --rewind-to 0,200it,1ep,2ep
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import zlib
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import torch  # noqa: E402
+
+import prune as pm  # noqa: E402
+import train as tr  # noqa: E402
+from build_datasets import DatasetError, load_dataset  # noqa: E402
+from model import HannunConfig  # noqa: E402
+
+
+def seed_args(seed_dir: Path) -> argparse.Namespace:
+    """The train.py flags of a seed's dense run, from its config.json."""
+    path = seed_dir / "dense" / tr.CONFIG
+    if not path.is_file():
+        raise SystemExit(f"error: {path} not found: is {seed_dir} a seed folder of run_experiments.py?")
+    flags = {**tr.ADDED_FLAGS, **json.loads(path.read_text())["flags"]}
+    flags.update(model=HannunConfig(**flags["model"]), milestones=tuple(flags["milestones"]),
+                 layer_fraction=[tuple(x) for x in flags.get("layer_fraction", [])], out=seed_dir, quiet=True)
+    return argparse.Namespace(**flags)
+
+
+def interpolate(a: dict, b: dict, alpha: float) -> dict:
+    """(1 - alpha) a + alpha b for floating-point tensors; the others (counters) from a."""
+    return {k: torch.lerp(a[k], b[k], alpha) if a[k].is_floating_point() else a[k] for k in a}
+
+
+@torch.no_grad()
+def reestimate_batchnorm(model: torch.nn.Module, ctx: tr.Context, batches: int, seed: int) -> None:
+    """Running BatchNorm statistics recomputed as the plain mean over ``batches`` training
+    batches (as training makes them: cropped, bf16 if training used it)."""
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average
+    model.train()
+    rng = np.random.default_rng([seed, 7])
+    order = tr.length_buckets(ctx.ds.lengths, ctx.ds.indices("train"), ctx.cfg.batch_size, rng)
+    for idx in order[:batches]:
+        x, _, _ = ctx.batcher(idx, ctx.cfg.crop, rng)
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=ctx.bf16):
+            model(x)
+    for m in bns:
+        m.momentum = 0.1
+    model.eval()
+
+
+def evaluate_point(ctx: tr.Context, state: dict, bn_batches: int) -> dict:
+    """Validation error and challenge F1 of the network ``state`` with BatchNorm re-estimated."""
+    model = ctx.new_model(0)
+    model.load_state_dict(state)
+    reestimate_batchnorm(model, ctx, bn_batches, ctx.cfg.seed)
+    val = tr.evaluate(model, ctx.batcher, ctx.ds, "val", ctx.cfg, ctx.bf16)
+    return {"val_error": 1 - val["accuracy"], "val_challenge_f1": val["challenge_f1"]}
+
+
+def linear_path(ctx: tr.Context, a: dict, b: dict, points: int, bn_batches: int) -> pd.DataFrame:
+    """The networks on the line from ``a`` (alpha 0) to ``b`` (alpha 1), evaluated."""
+    rows = [{"alpha": alpha, **evaluate_point(ctx, interpolate(a, b, float(alpha)), bn_batches)}
+            for alpha in np.linspace(0, 1, points)]
+    return pd.DataFrame(rows)
+
+
+def barriers(path: pd.DataFrame) -> dict:
+    """Error barrier (max error on the path - mean of the ends) and F1 barrier (mean of the
+    ends - min F1 on the path); both 0 for a path between identical networks."""
+    ends = path.iloc[[0, -1]]
+    return {"error_barrier": float(path["val_error"].max() - ends["val_error"].mean()),
+            "f1_barrier": float(ends["val_challenge_f1"].mean() - path["val_challenge_f1"].min())}
+
+
+def weights_at(ctx: tr.Context, seed_dir: Path, k: int, work: Path) -> dict:
+    """The dense run's weights after k steps: init.pt, its saved rewind point, or a replay of
+    its first k steps (the same seeded batches and dropout, so the same weights)."""
+    dense = seed_dir / "dense"
+    if k == 0:
+        return ctx.load(dense / tr.INIT)
+    if (dense / f"rewind_{k}.pt").is_file():
+        return ctx.load(dense / f"rewind_{k}.pt")
+    run = work / f"dense_to_{k}"
+    if not (run / tr.FINAL).is_file():
+        model = ctx.new_model(ctx.cfg.seed)
+        model.load_state_dict(ctx.load(dense / tr.INIT))
+        run.mkdir(parents=True, exist_ok=True)
+        tr.train(model, ctx.ds, ctx.cfg, run, ctx.device, ctx.bf16, ctx.checkpoint_minutes, quiet=True,
+                 total_steps=k, batcher=ctx.batcher)
+        tr.atomic_save(model.state_dict(), run / tr.FINAL)
+        (run / tr.CHECKPOINT).unlink(missing_ok=True)
+    return ctx.load(run / tr.FINAL)
+
+
+def train_copy(ctx: tr.Context, start: dict, masks: pm.Masks, k: int, run: Path, copy: int) -> dict:
+    """One copy: ``start`` under ``masks``, trained for the steps [k, T) with its own order."""
+    if not (run / tr.FINAL).is_file():
+        model = ctx.new_model(ctx.cfg.seed)
+        model.load_state_dict(start)
+        masked = pm.MaskedModel(model, masks)
+        run.mkdir(parents=True, exist_ok=True)
+        with tr.logged(run):
+            tr.train(model, ctx.ds, ctx.cfg, run, ctx.device, ctx.bf16, ctx.checkpoint_minutes, quiet=True,
+                     after_step=masked.after_step, total_steps=ctx.total_steps - k,
+                     lr_fn=lambda i: tr.lr_at(ctx.cfg, k + i, ctx.steps_per_epoch),
+                     salt=zlib.crc32(f"stability/{run.parent.name}/copy{copy}".encode()), batcher=ctx.batcher)
+        masked.remove()
+        tr.atomic_save(model.state_dict(), run / tr.FINAL)
+        (run / tr.CHECKPOINT).unlink(missing_ok=True)
+    return ctx.load(run / tr.FINAL)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--exp", required=True, help="experiment folder of run_experiments.py")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--masks", default="dense",
+                   help="comma-separated: 'dense', or round folders of the seed (e.g. weight_rewind/round_04)")
+    p.add_argument("--rewind-to", default="0,1ep", help="comma-separated rewind points k ('0', '200it', '1ep')")
+    p.add_argument("--points", type=int, default=11, help="networks evaluated on the path (>= 3)")
+    p.add_argument("--bn-batches", type=int, default=30, help="training batches to re-estimate BatchNorm")
+    args = p.parse_args(argv)
+    if args.points < 3 or args.bn_batches < 1:
+        p.error("--points must be >= 3 and --bn-batches >= 1")
+    seed_dir = Path(args.exp) / f"seed{args.seed}"
+    targs = seed_args(seed_dir)
+    try:
+        ds = load_dataset(targs.data)
+    except DatasetError as e:
+        sys.exit(f"error: {e}")
+    ctx = tr.Context.make(ds, targs)
+    try:
+        ks = {text: tr.parse_rewind(text, ctx.steps_per_epoch) for text in args.rewind_to.split(",")}
+    except ValueError as e:
+        p.error(str(e))
+    if any(not 0 <= k < ctx.total_steps for k in ks.values()):
+        p.error(f"every --rewind-to must lie in [0, {ctx.total_steps}) steps")
+    work = Path(args.exp) / "stability" / f"seed{args.seed}"
+    rows = []
+    for source in [m.strip() for m in args.masks.split(",") if m.strip()]:
+        if source == "dense":
+            masks = pm.full_masks(ctx.new_model(0))
+        else:
+            masks = ctx.load(seed_dir / source / tr.MASK)
+        name = source.replace("/", "_")
+        for text, k in ks.items():
+            pair = work / f"{name}_k{k}"
+            if (pair / "path.csv").is_file():
+                path = pd.read_csv(pair / "path.csv")
+            else:
+                start = weights_at(ctx, seed_dir, k, work)
+                a, b = (train_copy(ctx, start, masks, k, pair / f"copy{c}", c) for c in (1, 2))
+                path = linear_path(ctx, a, b, args.points, args.bn_batches)
+                tr.atomic_write_text(path.to_csv(index=False, float_format="%.6g"), pair / "path.csv")
+            rows.append({"seed": args.seed, "masks": source, "compression": pm.compression_ratio(masks),
+                         "k": k, "rewind_to": text, **barriers(path),
+                         "end_errors": f"{path['val_error'].iloc[0]:.4f}/{path['val_error'].iloc[-1]:.4f}"})
+            print(f"{source} k={text} ({k} steps): error barrier {rows[-1]['error_barrier']:+.4f}, "
+                  f"F1 barrier {rows[-1]['f1_barrier']:+.4f}", flush=True)
+    table = pd.DataFrame(rows)
+    tr.atomic_write_text(table.to_csv(index=False, float_format="%.6g"), work / "stability.csv")
+    plot(table, work / "stability.png")
+    print(f"wrote {work / 'stability.csv'} and stability.png")
+
+
+def plot(table: pd.DataFrame, out: Path) -> None:
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for (source, ratio), t in table.groupby(["masks", "compression"], sort=False):
+        t = t.sort_values("k")
+        ax.plot(t["k"], t["error_barrier"], marker="o", label=f"{source} ({ratio:.0f}x)")
+    ax.axhline(0, color="black", lw=0.8)
+    ax.set_xlabel("rewind point k (steps of the dense schedule)")
+    ax.set_ylabel("error barrier on the linear path (validation)")
+    ax.set_title("Instability analysis (Frankle et al. 2020): two copies trained from step k", fontsize=10)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=150)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,71 @@
+"""stability.py: the linear path between two networks, its barrier, and a run on tiny data."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from conftest import TINY_FLAGS
+
+import run_experiments
+import stability
+import train as tr
+from build_datasets import load_dataset
+
+
+@pytest.fixture(scope="module")
+def tiny_exp(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    exp = tmp_path_factory.mktemp("stab") / "exp"
+    run_experiments.main(["--exp", str(exp), "--methods", "weight_rewind", "--seeds", "0", "--controls", "",
+                          "--rounds", "1", "--prune-fraction", "0.5", "--rewind-to", "2it", "--data", str(tiny_data),
+                          *TINY_FLAGS])
+    return exp
+
+
+def test_the_path_between_identical_networks_is_flat_and_its_ends_are_the_networks(tiny_exp: Path) -> None:
+    """The barrier of two identical networks is 0; the path's ends are the two networks'
+    own evaluation (under the same BatchNorm re-estimation)."""
+    args = stability.seed_args(tiny_exp / "seed0")
+    ctx = tr.Context.make(load_dataset(args.data), args)
+    a = ctx.load(tiny_exp / "seed0" / "dense" / tr.FINAL)
+    b = ctx.load(tiny_exp / "seed0" / "weight_rewind" / "round_01" / tr.FINAL)
+    flat = stability.linear_path(ctx, a, a, 3, 2)
+    assert flat["val_error"].nunique() == 1 and stability.barriers(flat) == {"error_barrier": 0.0, "f1_barrier": 0.0}
+    path = stability.linear_path(ctx, a, b, 3, 2)
+    for end, state in ((0, a), (-1, b)):
+        own = stability.evaluate_point(ctx, state, 2)
+        assert path.iloc[end][["val_error", "val_challenge_f1"]].tolist() == [own["val_error"], own["val_challenge_f1"]]
+    middle = stability.interpolate(a, b, 0.5)
+    floats = [k for k in a if a[k].is_floating_point()]
+    assert all(torch.allclose(middle[k], (a[k] + b[k]) / 2, rtol=1e-6, atol=1e-7) for k in floats)
+
+
+def test_weights_at_k_replay_the_dense_run(tiny_exp: Path, tmp_path: Path) -> None:
+    """Replaying the dense training's first k steps gives its weights at step k exactly."""
+    seed_dir = tiny_exp / "seed0"
+    args = stability.seed_args(seed_dir)
+    ctx = tr.Context.make(load_dataset(args.data), args)
+    saved = ctx.load(seed_dir / "dense" / "rewind_2.pt")
+    copy = tmp_path / "seed0"
+    (copy / "dense").mkdir(parents=True)
+    (copy / "dense" / tr.INIT).write_bytes((seed_dir / "dense" / tr.INIT).read_bytes())  # no rewind_2.pt
+    replayed = stability.weights_at(ctx, copy, 2, tmp_path / "work")
+    assert all(torch.equal(saved[k], replayed[k]) for k in saved)
+
+
+def test_a_stability_run_writes_its_tables_and_resumes(tiny_exp: Path) -> None:
+    argv = ["--exp", str(tiny_exp), "--seed", "0", "--masks", "dense,weight_rewind/round_01",
+            "--rewind-to", "0,2it,3it", "--points", "3", "--bn-batches", "2"]
+    stability.main(argv)
+    work = tiny_exp / "stability" / "seed0"
+    table = pd.read_csv(work / "stability.csv")
+    assert len(table) == 6 and table["compression"].round(1).tolist() == [1.0] * 3 + [2.0] * 3
+    assert table["k"].tolist() == [0, 2, 3] * 2 and table["error_barrier"].notna().all()
+    assert (work / "stability.png").stat().st_size > 0
+    stamps = {p: p.stat().st_mtime_ns for p in work.rglob("path.csv")}
+    stability.main(argv)  # finished pairs are read back, not retrained
+    assert {p: p.stat().st_mtime_ns for p in work.rglob("path.csv")} == stamps
+    with pytest.raises(SystemExit):
+        stability.main([*argv[:6], "--rewind-to", "99ep"])
