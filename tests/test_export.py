@@ -170,8 +170,13 @@ def test_fast_inference_paths_match(ticket_run: Path) -> None:
                     reason="onnx/onnxruntime not installed (pip install -r requirements-export.txt)")
 def test_onnx_export_matches_pytorch(ticket_run: Path, tmp_path: Path) -> None:
     cfg, state, _, _, _ = et.read_run(ticket_run)
-    diff = et.export_onnx(et.build_model(cfg, state), et.record_input(2048, cfg.stride), tmp_path / "t.onnx")
-    assert diff < 1e-4 and (tmp_path / "t.onnx").stat().st_size > 0
+    model, x = et.build_model(cfg, state), et.record_input(2048, cfg.stride)
+    diff = et.export_onnx(model, x, tmp_path / "t.onnx")
+    with torch.inference_mode():
+        scale = float(model(x).abs().max())
+    # fp32 through 33 convolutions in two libraries: the logits (here up to ~100) agree to
+    # ~1e-6 of their size; an absolute 1e-4 failed on CPUs whose kernels sum in another order
+    assert diff < 1e-5 * max(1.0, scale) and (tmp_path / "t.onnx").stat().st_size > 0
 
 
 def test_bad_runs_and_tickets_are_clear_errors(tmp_path: Path) -> None:
