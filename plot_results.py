@@ -385,6 +385,8 @@ def plot_compression(table: pd.DataFrame, split: str, out: Path, note: str = "")
             color = COLORS.get(method, None)
             if x == "flops" and method in BASELINES:
                 continue  # the unpruned baseline has the dense network's FLOPs at every round
+            if control != "none":  # controls only where they ran: no line from the dense network
+                c = c[c["round"] > 0]
             ax.plot(c[x], c["mean"], style, marker="o" if control == "none" else "x", ms=3.5,
                     color=color, lw=1.6 if control == "none" else 1.2, label=label)
             if c["seeds"].max() > 1:
@@ -482,8 +484,8 @@ def summary(table: pd.DataFrame, best: pd.DataFrame, tolerance: float, exp: Path
         lines.append(f"| {b['method']} | {b['control']} | {b['compression_val']:.1f}x | {remaining:,.0f} | "
                      f"{flops_text} | {b['mean_val']:.4f} | {b['mean_test']:.4f} ± {sd:.4f} | {ci_text} | "
                      f"{b['mean_test'] - dense_test:+.4f} | {b['test_accuracy']:.4f} |")
-    missing = set(map(tuple, table[["method", "control"]].drop_duplicates().values)) - set(
-        map(tuple, best[["method", "control"]].values))
+    candidates = table.loc[~table["method"].isin(BASELINES), ["method", "control"]].drop_duplicates()
+    missing = set(map(tuple, candidates.values)) - set(map(tuple, best[["method", "control"]].values))
     for method, control in sorted(missing):
         lines.append(f"| {method} | {control} | none within tolerance | | | | | | | |")
     seeds = table["seed"].nunique()
