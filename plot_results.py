@@ -121,7 +121,7 @@ def curves(table: pd.DataFrame, metric: str) -> pd.DataFrame:
 
 def dense_level(table: pd.DataFrame, metric: str) -> float:
     """Mean over seeds of the dense networks' ``metric`` (one dense run per seed)."""
-    return float(table[table["round"] == 0].drop_duplicates("seed")[metric].mean())
+    return float(dense_rows(table)[metric].mean())
 
 
 def winners(table: pd.DataFrame, tolerance: float) -> pd.DataFrame:

@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import zlib
 from pathlib import Path
 
 import matplotlib
@@ -130,21 +129,13 @@ def weights_at(ctx: tr.Context, seed_dir: Path, k: int, work: Path) -> dict:
     return ctx.load(run / tr.FINAL)
 
 
-def train_copy(ctx: tr.Context, start: dict, masks: pm.Masks, k: int, run: Path, copy: int) -> dict:
-    """One copy: ``start`` under ``masks``, trained for the steps [k, T) with its own order."""
-    if not (run / tr.FINAL).is_file():
-        model = ctx.new_model(ctx.cfg.seed)
-        model.load_state_dict(start)
-        masked = pm.MaskedModel(model, masks)
+def train_copy(ctx: tr.Context, start: dict, masks: pm.Masks, k: int, run: Path) -> dict:
+    """One copy: ``start`` under ``masks``, trained for the steps [k, T) like a pruning round
+    (train.retrain: its own data order and dropout, from its folder's name)."""
+    if not (run / tr.METRICS).is_file():
         run.mkdir(parents=True, exist_ok=True)
-        with tr.logged(run):
-            tr.train(model, ctx.ds, ctx.cfg, run, ctx.device, ctx.bf16, ctx.checkpoint_minutes, quiet=True,
-                     after_step=masked.after_step, total_steps=ctx.total_steps - k,
-                     lr_fn=lambda i: tr.lr_at(ctx.cfg, k + i, ctx.steps_per_epoch),
-                     salt=zlib.crc32(f"stability/{run.parent.name}/copy{copy}".encode()), batcher=ctx.batcher)
-        masked.remove()
-        tr.atomic_save(model.state_dict(), run / tr.FINAL)
-        (run / tr.CHECKPOINT).unlink(missing_ok=True)
+        tr.retrain(ctx, run, start, masks, lambda i: tr.lr_at(ctx.cfg, k + i, ctx.steps_per_epoch),
+                   ctx.total_steps - k, {"stability_k": k})
     return ctx.load(run / tr.FINAL)
 
 
@@ -188,7 +179,7 @@ def main(argv: list[str] | None = None) -> None:
                 path = pd.read_csv(pair / "path.csv")
             else:
                 start = weights_at(ctx, seed_dir, k, work)
-                a, b = (train_copy(ctx, start, masks, k, pair / f"copy{c}", c) for c in (1, 2))
+                a, b = (train_copy(ctx, start, masks, k, pair / f"copy{c}") for c in (1, 2))
                 path = linear_path(ctx, a, b, args.points, args.bn_batches)
                 tr.atomic_write_text(path.to_csv(index=False, float_format="%.6g"), pair / "path.csv")
             rows.append({"seed": args.seed, "masks": source, "compression": pm.compression_ratio(masks),
