@@ -39,39 +39,54 @@ GOAL=0                     # 1: over-pruning guard: redo a round at FRACTION/ALP
 ALPHA=2
 TOLERANCE=0.01
 MIN_FRACTION=0.01          # GOAL: stop when the fraction would fall below this
+EXTRA=""                   # more train.py flags, e.g. "--eval-batch-size 256 --step-mode graph"
 EXP=results/demo           # experiment folder
+DATA_DIR=""                # built data set folder (default data/$DATASET)
 
 # a configuration file given as the first argument overrides the variables above, e.g.
 #   bash run.sh configs/cinc2017-cpu.sh     (real data, CPU scale)
 #   bash run.sh configs/cinc2017-gpu.sh     (real data, the full network on a GPU)
-if [ $# -ge 1 ]; then
+# and --dry-run after it prints the commands instead of running them (gpu_sitting.py reads them).
+if [ $# -ge 1 ] && [ "$1" != --dry-run ]; then
     # shellcheck source=/dev/null
     source "$1"
+    shift
 fi
+DRY=0
+if [ $# -ge 1 ]; then
+    if [ "$1" = --dry-run ]; then DRY=1; else echo "usage: bash run.sh [CONFIG] [--dry-run]" >&2; exit 2; fi
+fi
+DATA_DIR=${DATA_DIR:-data/$DATASET}
+step() {  # run a command, or print it (shell-quoted) under --dry-run
+    if [ "$DRY" = 1 ]; then printf '%q ' "$@"; echo; else "$@"; fi
+}
 
 if [ "$DATASET" = synthetic ]; then
-    python build_datasets.py --synthetic "$SYNTHETIC_RECORDS" --seed "$SPLIT_SEED" --out data/synthetic
+    step python build_datasets.py --synthetic "$SYNTHETIC_RECORDS" --seed "$SPLIT_SEED" --out "$DATA_DIR"
 else
     extra=()
     if [ "$DOWNLOAD" = 1 ]; then extra+=(--download); SOURCE=data/raw/training2017; fi
-    python build_datasets.py --source "$SOURCE" --seed "$SPLIT_SEED" --out data/cinc2017 "${extra[@]}"
+    step python build_datasets.py --source "$SOURCE" --seed "$SPLIT_SEED" --out "$DATA_DIR" "${extra[@]}"
 fi
 
 goal=()
 if [ "$GOAL" = 1 ]; then goal=(--goal --alpha "$ALPHA" --tolerance "$TOLERANCE" --min-fraction "$MIN_FRACTION"); fi
-python run_experiments.py --exp "$EXP" --seeds "$SEEDS" --methods "$METHODS" \
+read -r -a extra_flags <<< "$EXTRA"
+step python run_experiments.py --exp "$EXP" --seeds "$SEEDS" --methods "$METHODS" \
     --controls "$CONTROLS" --control-methods "$CONTROL_METHODS" --control-every "$CONTROL_EVERY" "${goal[@]}" \
-    --data "data/$DATASET" --width "$WIDTH" --blocks "$BLOCKS" --crop "$CROP" --epochs "$EPOCHS" --batch-size "$BATCH" \
+    --data "$DATA_DIR" --width "$WIDTH" --blocks "$BLOCKS" --crop "$CROP" --epochs "$EPOCHS" --batch-size "$BATCH" \
     --lr "$LR" --milestones "$MILESTONES" --device "$DEVICE" \
-    --prune-fraction "$FRACTION" --target-ratio "$TARGET" --rewind-to "$REWIND_TO" --quiet
+    --prune-fraction "$FRACTION" --target-ratio "$TARGET" --rewind-to "$REWIND_TO" "${extra_flags[@]}" --quiet
 
-python plot_results.py --exp "$EXP" --tolerance "$TOLERANCE"
+step python plot_results.py --exp "$EXP" --tolerance "$TOLERANCE"
 
 # the most compressed winning ticket of the last seed (trained on this machine, so its
 # checkpoint is here) as a compact file, with its size, FLOPs, latency and F1 report; then
 # classify records with predict.py --ticket "$EXP/ticket/ticket-fp32.npz"
-if grep -q "^[a-z_]*,none," "$EXP/plots/winners.csv"; then
-    python export_ticket.py --exp "$EXP" --winner --seed "${SEEDS##*,}" --out "$EXP/ticket" --data "data/$DATASET"
+if [ "$DRY" = 1 ]; then
+    step python export_ticket.py --exp "$EXP" --winner --seed "${SEEDS##*,}" --out "$EXP/ticket" --data "$DATA_DIR"
+elif grep -q "^[a-z_]*,none," "$EXP/plots/winners.csv"; then
+    python export_ticket.py --exp "$EXP" --winner --seed "${SEEDS##*,}" --out "$EXP/ticket" --data "$DATA_DIR"
 else
     echo "no ticket within the tolerance of dense: nothing to export"
 fi

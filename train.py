@@ -36,6 +36,7 @@ import math
 import pickle
 import sys
 import time
+import warnings
 import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -58,15 +59,17 @@ CONFIG = "config.json"
 METRICS = "metrics.json"
 HISTORY = "history.csv"
 PREDICTIONS = "predictions.csv"
+"""Per-record class of the validation and test records: for bootstrap intervals."""
 LOG = "train.log"
 """Everything a training printed, appended at each start (resume) under a dated header."""
-"""Per-record class of the validation and test records: for bootstrap intervals."""
-RESUME_NEUTRAL = {"device", "checkpoint_minutes", "quiet"}
+RESUME_NEUTRAL = {"device", "checkpoint_minutes", "quiet", "step_mode"}
 """Flags that may differ when a run is resumed (they do not change its results)."""
 ADDED_FLAGS = {"max_steps": 0, "definitions_version": 1}
+"""Flags added after the first results were made, with the default that older runs had."""
 ON_TRAINED: Callable[[Path], None] | None = None
 """Called with the run folder after each training finishes (run_experiments.py's progress bar)."""
-"""Flags added after the first results were made, with the default that older runs had."""
+# eager steps (warm-up, odd-sized batches) of the capturable Adam that a CUDA-graph step uses
+warnings.filterwarnings("ignore", message="This instance was constructed with capturable=True")
 
 
 # --------------------------------------------------------------------------- metrics
@@ -160,6 +163,14 @@ class Batcher:
         self.norm, self.stride, self.device = norm, stride, device
         self.host_lengths = ds.lengths
 
+    def to_device(self, a: np.ndarray) -> torch.Tensor:
+        """A host array on the device without a host synchronisation: a copy from pageable
+        memory waits for the GPU's queue to drain, one from pinned memory does not."""
+        t = torch.from_numpy(a)
+        if self.device.type != "cuda":
+            return t
+        return t.pin_memory().to(self.device, non_blocking=True)
+
     def __call__(self, idx: np.ndarray, crop: int = 0, rng: np.random.Generator | None = None
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         lengths = self.host_lengths[idx]
@@ -169,10 +180,10 @@ class Batcher:
         else:
             starts = np.zeros(len(idx), dtype=np.int64)
         L = self.stride * math.ceil(lengths.max() / self.stride)
-        cols = torch.from_numpy(starts).to(self.device)[:, None] + torch.arange(L, device=self.device)
-        rows = torch.from_numpy(idx).to(self.device)[:, None]
+        cols = self.to_device(starts)[:, None] + torch.arange(L, device=self.device)
+        rows = self.to_device(idx)[:, None]
         x = self.signals[rows, cols.clamp_(max=self.signals.shape[1] - 1)]
-        n = torch.from_numpy(lengths).to(self.device)
+        n = self.to_device(lengths)
         inside = torch.arange(L, device=self.device) < n[:, None]
         x = torch.where(inside, (x.to(torch.get_default_dtype()) - self.norm.mean) / self.norm.std, 0.0)
         steps = torch.clamp(n // self.stride, min=1)
@@ -372,7 +383,9 @@ def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, x: torch.Tens
                steps: torch.Tensor, clip: float, bf16: bool) -> torch.Tensor:
     """One optimizer step: forward (bf16 autocast if asked), masked per-step loss, backward,
     gradient-norm clipping, update. Returns the loss (not synchronised to the host)."""
-    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
+    # autocast's cache of bf16 weight copies must not outlive a CUDA graph capture
+    capturing = x.is_cuda and torch.cuda.is_current_stream_capturing()
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16, cache_enabled=not capturing):
         logits = model(x)
     loss = masked_step_loss(logits, y, steps)
     opt.zero_grad(set_to_none=True)
@@ -383,11 +396,105 @@ def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, x: torch.Tens
     return loss
 
 
-def stop_if_not_finite(model: torch.nn.Module, bad_step: int, run_dir: Path, lr: float) -> None:
+STEP_MODES = ("auto", "eager", "graph")
+
+
+def graph_step_wanted(mode: str, device: torch.device, crop: int) -> bool:
+    """Whether training steps run as a captured CUDA graph: asked for ('graph'), or 'auto' on
+    CUDA with --crop (fixed batch shapes, which a graph needs). A graph replays the whole step
+    with one launch instead of ~500 kernel launches from Python, which bound a GPU's speed
+    on this network. On the CPU every mode is eager."""
+    if device.type != "cuda":
+        return False
+    return mode == "graph" or (mode == "auto" and crop > 0)
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device, graph: bool
+                   ) -> torch.optim.Adam:
+    """Adam. On CUDA the fused kernel (one launch for all weights); for a captured step also
+    capturable, with the LR a device tensor that set_lr fills, so each replay follows the schedule."""
+    if device.type != "cuda":
+        return torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    lr = torch.tensor(cfg.lr, device=device) if graph else cfg.lr
+    return torch.optim.Adam(model.parameters(), lr=lr, weight_decay=cfg.weight_decay, fused=True,
+                            capturable=graph)
+
+
+def match_optimizer(opt: torch.optim.Optimizer, device: torch.device, graph: bool) -> None:
+    """After load_state_dict: the loaded groups carry the settings of the run that saved them;
+    put back this run's (a float LR would be frozen into a graph)."""
+    for group in opt.param_groups:
+        if device.type == "cuda":
+            group["fused"], group["capturable"] = True, graph
+        lr = float(group["lr"])
+        group["lr"] = torch.tensor(lr, device=device) if graph else lr
+    if device.type == "cuda":
+        for st in opt.state.values():
+            if "step" in st:
+                st["step"] = st["step"].to(device, torch.float32)
+
+
+def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
+    for group in opt.param_groups:
+        if isinstance(group["lr"], torch.Tensor):
+            group["lr"].fill_(lr)
+        else:
+            group["lr"] = lr
+
+
+class GraphedStep:
+    """``train_step`` for batches of one shape, captured once as a CUDA graph and replayed.
+
+    The first WARMUP calls run eagerly on a side stream (they create Adam's state and let
+    cuDNN pick its kernels, as capture requires); the next call captures and replays. Inputs
+    are copied into static tensors; the returned loss is overwritten by the next replay.
+    Dropout stays random per step (the graph advances the generator's offset on each
+    replay, and the per-step seed of ``train`` is read at replay). The optimizer must come
+    from ``make_optimizer(..., graph=True)``.
+    """
+
+    WARMUP = 3
+
+    def __init__(self, model: torch.nn.Module, opt: torch.optim.Optimizer, clip: float, bf16: bool):
+        self.model, self.opt, self.clip, self.bf16 = model, opt, clip, bf16
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.static: tuple[torch.Tensor, ...] | None = None
+        self.loss: torch.Tensor | None = None
+        self.calls = 0
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
+        if self.static is None:
+            self.static = (x.clone(), y.clone(), steps.clone())
+        for dst, src in zip(self.static, (x, y, steps), strict=True):
+            dst.copy_(src)
+        if self.graph is None:
+            if self.calls < self.WARMUP:
+                self.calls += 1
+                side = torch.cuda.Stream()
+                side.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(side):
+                    loss = train_step(self.model, self.opt, *self.static, self.clip, self.bf16)
+                torch.cuda.current_stream().wait_stream(side)
+                return loss
+            self.opt.zero_grad(set_to_none=True)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                self.loss = train_step(self.model, self.opt, *self.static, self.clip, self.bf16)
+            self.graph = graph
+        self.graph.replay()
+        return self.loss
+
+
+def stop_if_not_finite(model: torch.nn.Module, bad_step: int, run_dir: Path, lr: float,
+                       check_weights: bool = False) -> None:
     """Stop (without writing anything) at a non-finite loss or weight: training on would only
     spread NaNs into a checkpoint and confident-looking metrics. The last checkpoint, if any,
-    is untouched."""
-    weights = sum(int((~torch.isfinite(p)).sum()) for p in model.parameters())
+    is untouched. Weights are counted only when asked (once per epoch) or after a bad loss:
+    a non-finite weight makes the next loss non-finite, and counting costs a synchronisation."""
+    if bad_step < 0 and not check_weights:
+        return
+    finite = torch.stack([torch.isfinite(p).all() for p in model.parameters()])
+    weights = 0 if bool(finite.all()) else sum(int((~torch.isfinite(p)).sum()) for p in model.parameters())
     if bad_step < 0 and not weights:
         return
     where = f"a non-finite loss at step {bad_step}" if bad_step >= 0 else "non-finite weights"
@@ -399,7 +506,7 @@ def train(model: torch.nn.Module, ds: ECGDataset, cfg: TrainConfig, run_dir: Pat
           device: torch.device, bf16: bool, checkpoint_minutes: float = 5.0,
           after_step: StepHook | None = None, quiet: bool = False, total_steps: int | None = None,
           lr_fn: Callable[[int], float] | None = None, salt: int = 0,
-          batcher: Batcher | None = None) -> list[dict]:
+          batcher: Batcher | None = None, step_mode: str = "auto") -> list[dict]:
     """Train ``model`` in place under ``cfg``, resuming from ``run_dir/checkpoint.pt``.
 
     By default: ``cfg.epochs`` epochs under ``cfg.schedule``. A pruning round passes its
@@ -408,6 +515,8 @@ def train(model: torch.nn.Module, ds: ECGDataset, cfg: TrainConfig, run_dir: Pat
     epoch's batch order from (seed, salt, epoch), so an interrupted and resumed run takes
     the same steps as an uninterrupted one. Returns the per-epoch history. The result is
     the last step's weights, or for 'plateau' the lowest-validation-loss weights.
+    ``step_mode`` (see graph_step_wanted) decides whether full-size batches replay a CUDA
+    graph; other batches (shorter records, an epoch's last) take the eager step.
     """
     train_idx = ds.indices("train")
     batcher = batcher or Batcher(ds, Normalizer.fit(ds, train_idx), model.cfg.stride, device)
@@ -417,7 +526,10 @@ def train(model: torch.nn.Module, ds: ECGDataset, cfg: TrainConfig, run_dir: Pat
         total_steps = min(total_steps, cfg.max_steps)
     if lr_fn is None and cfg.schedule == "step":
         lr_fn = lambda step: lr_at(cfg, step, steps_per_epoch)  # noqa: E731
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    graph = graph_step_wanted(step_mode, device, cfg.crop)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed training shapes: let cuDNN time its kernels once
+    opt = make_optimizer(model, cfg, device, graph)
     state = {"epoch": 0, "batch": 0, "step": 0, "lr": cfg.lr, "history": [],
              "best_loss": math.inf, "best_state": None, "bad_epochs": 0, "stopped": False,
              "epoch_loss": 0.0, "epoch_time": 0.0}
@@ -426,6 +538,7 @@ def train(model: torch.nn.Module, ds: ECGDataset, cfg: TrainConfig, run_dir: Pat
         ckpt = load_pt(ckpt_path, device)
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
+        match_optimizer(opt, device, graph)
         state.update(ckpt["state"])
         if not quiet:
             print(f"resuming {run_dir} at epoch {state['epoch'] + 1}, batch {state['batch']}")
@@ -434,6 +547,8 @@ def train(model: torch.nn.Module, ds: ECGDataset, cfg: TrainConfig, run_dir: Pat
         atomic_save({"model": model.state_dict(), "optimizer": opt.state_dict(), "state": state},
                     ckpt_path)
 
+    graphed = GraphedStep(model, opt, cfg.clip, bf16) if graph else None
+    full_shape = (cfg.batch_size, 1, cfg.crop)
     last_save = time.monotonic()
     epochs = math.ceil(total_steps / steps_per_epoch)
     # batch > 0 at step == total_steps: killed after the last step, before its epoch's
@@ -452,10 +567,12 @@ def train(model: torch.nn.Module, ds: ECGDataset, cfg: TrainConfig, run_dir: Pat
         for b in range(state["batch"], len(batches)):
             torch.manual_seed(int(np.random.SeedSequence([cfg.seed, salt, state["step"]]).generate_state(1)[0]))
             lr = lr_fn(state["step"]) if lr_fn is not None else state["lr"]
-            for group in opt.param_groups:
-                group["lr"] = lr
+            set_lr(opt, lr)
             x, y, steps = batcher(batches[b], cfg.crop, np.random.default_rng([cfg.seed, salt, epoch, b]))
-            loss = train_step(model, opt, x, y, steps, cfg.clip, bf16)
+            if graphed is not None and tuple(x.shape) == full_shape:
+                loss = graphed(x, y, steps)
+            else:
+                loss = train_step(model, opt, x, y, steps, cfg.clip, bf16)
             first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss.detach()),
                                     torch.full_like(first_bad, state["step"] + 1), first_bad)
             state["step"] += 1
@@ -465,7 +582,7 @@ def train(model: torch.nn.Module, ds: ECGDataset, cfg: TrainConfig, run_dir: Pat
             running += loss.detach()
             bar.update()
             if b % 20 == 0 or b == len(batches) - 1:
-                stop_if_not_finite(model, int(first_bad), run_dir, lr)
+                stop_if_not_finite(model, int(first_bad), run_dir, lr, check_weights=b == len(batches) - 1)
             if b % 20 == 0 and not quiet:
                 bar.set_postfix(loss=f"{(state['epoch_loss'] + running.item()) / (b + 1):.3f}",
                                 lr=f"{lr:.0e}")
@@ -481,7 +598,7 @@ def train(model: torch.nn.Module, ds: ECGDataset, cfg: TrainConfig, run_dir: Pat
         train_loss = (state["epoch_loss"] + float(running)) / max(len(batches), 1)
         t1 = time.perf_counter()
         val = evaluate(model, batcher, ds, "val", cfg, bf16)
-        row = {"epoch": epoch + 1, "step": state["step"], "lr": opt.param_groups[0]["lr"],
+        row = {"epoch": epoch + 1, "step": state["step"], "lr": float(opt.param_groups[0]["lr"]),
                "train_loss": train_loss, "val_loss": val["loss"],
                "val_challenge_f1": val["challenge_f1"], "val_accuracy": val["accuracy"],
                "train_seconds": train_seconds, "eval_seconds": time.perf_counter() - t1,
@@ -545,6 +662,7 @@ class Context:
     steps_per_epoch: int
     checkpoint_minutes: float
     quiet: bool
+    step_mode: str = "auto"
 
     @classmethod
     def make(cls, ds: ECGDataset, args: argparse.Namespace) -> Context:
@@ -552,7 +670,8 @@ class Context:
         device = resolve_device(args.device)
         norm = Normalizer.fit(ds, ds.indices("train"))
         return cls(ds, cfg, device, use_bf16(args.amp, device), Batcher(ds, norm, cfg.model.stride, device),
-                   math.ceil(len(ds.indices("train")) / cfg.batch_size), args.checkpoint_minutes, args.quiet)
+                   math.ceil(len(ds.indices("train")) / cfg.batch_size), args.checkpoint_minutes, args.quiet,
+                   args.step_mode)
 
     @property
     def total_steps(self) -> int:
@@ -601,7 +720,7 @@ def fit_and_report(ctx: Context, model: HannunNet, run_dir: Path, extra: dict, *
     metrics.json (last, the marker of a finished run). Returns the metrics."""
     t0 = time.perf_counter()
     history = train(model, ctx.ds, ctx.cfg, run_dir, ctx.device, ctx.bf16, ctx.checkpoint_minutes,
-                    quiet=ctx.quiet, batcher=ctx.batcher, **train_kw)
+                    quiet=ctx.quiet, batcher=ctx.batcher, step_mode=ctx.step_mode, **train_kw)
     t1 = time.perf_counter()
     results = {split: evaluate(model, ctx.batcher, ctx.ds, split, ctx.cfg, ctx.bf16) for split in ("val", "test")}
     eval_seconds = time.perf_counter() - t1
@@ -900,6 +1019,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp32"],
                    help="bf16 autocast: auto = on CUDA and on CPUs with native bf16")
+    p.add_argument("--step-mode", default="auto", choices=STEP_MODES,
+                   help="CUDA only: 'graph' replays each full-size training step as a captured CUDA graph; "
+                   "auto = graph on CUDA with --crop (fixed shapes), else eager. The CPU is always eager")
     m = p.add_argument_group("network (model.py)")
     m.add_argument("--width", type=float, default=1.0, help="filter multiplier (1 = 32..256 filters)")
     m.add_argument("--blocks", type=int, default=16, help="residual blocks (16 = published)")

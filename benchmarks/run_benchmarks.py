@@ -23,6 +23,11 @@ little; ratios are only ever taken between rows of the same run):
   compile     the CPU-scale lottery step (w0.25, masks on, as in every pruning round)
               eager vs torch.compile of the model (default inductor; optimizer and mask
               step eager), fp32 and bf16, with the time the first (compiling) call takes
+  gpu         (CUDA only; not in the default run) the full network's masked training
+              step at the GPU sitting's batch shape: fp32 eager, bf16 eager and bf16 as a
+              captured CUDA graph (train.GraphedStep), each with TFLOP/s and its share of
+              the bf16 matmul peak measured in the same run (MFU); and K tickets trained
+              together (train_together.py) against one by one. gpu_sitting.py runs it.
 
 Writes benchmarks/results.md (the table) and benchmarks/results.json.
 """
@@ -89,7 +94,8 @@ def pruned_masks(model: HannunNet, ratio: float) -> pm.Masks:
     return masks
 
 
-SECTIONS = ("peak", "train", "masked", "eval", "inference", "compile")
+SECTIONS = ("peak", "train", "masked", "eval", "inference", "compile", "gpu")
+CPU_SECTIONS = SECTIONS[:-1]
 
 NETS = {  # label: (config, batch, length)
     "full (w1, 10.47 M)": (HannunConfig(width=1.0), 8, 4096),
@@ -106,13 +112,18 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--data", type=Path, default=ROOT / "data" / "cinc2017",
                    help="data set for the eval/loading rows (falls back to data/synthetic)")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks")
-    p.add_argument("--only", default=",".join(SECTIONS),
+    p.add_argument("--gpu-shape", default="64x4096", help="gpu section: batch x samples of the training step")
+    p.add_argument("--only", default=",".join(CPU_SECTIONS),
                    help=f"comma-separated sections to measure ({', '.join(SECTIONS)}); the rows of the "
                         "others are kept from OUT/results.json")
     args = p.parse_args(argv)
     only = [x for x in args.only.split(",") if x]
     if not only or set(only) - set(SECTIONS):
         p.error(f"--only takes sections from {', '.join(SECTIONS)}, got {args.only!r}")
+    try:
+        gpu_batch, gpu_length = (int(v) for v in args.gpu_shape.lower().split("x"))
+    except ValueError:
+        p.error(f"--gpu-shape must look like 64x4096, got {args.gpu_shape!r}")
     if {"peak", "train"} & set(only):  # the train rows are read against this run's peak
         only = sorted(set(only) | {"peak", "train"}, key=SECTIONS.index)
     seconds = 1.0 if args.quick else args.seconds
@@ -130,6 +141,7 @@ def main(argv: list[str] | None = None) -> None:
         "eval": lambda: eval_rows(add, seconds, args.data),
         "inference": lambda: inference_rows(add, seconds),
         "compile": lambda: compile_rows(add, seconds),
+        "gpu": lambda: gpu_rows(add, seconds, args.data, gpu_batch, gpu_length),
     }
     for name in only:
         if name in sections:
@@ -244,6 +256,89 @@ def compile_rows(add: Callable[..., None], seconds: float) -> None:
             times[how] = et.median_seconds(step, seconds)
             add("compile", f"w0.25 masked step, batch {batch} x {length}, {amp}, {how}",
                 records_per_s=batch / times[how], speedup=times["eager"] / times[how], first_call_s=first)
+
+
+def cuda_timed(fn: Callable[[], object]) -> Callable[[], None]:
+    """``fn`` followed by a device synchronisation, so wall time counts the GPU's work."""
+    def run() -> None:
+        fn()
+        torch.cuda.synchronize()
+    return run
+
+
+def gpu_rows(add: Callable[..., None], seconds: float, data: Path, batch: int, length: int) -> None:
+    """The full network's masked training step on CUDA (see the module docstring)."""
+    if not torch.cuda.is_available():
+        print("gpu: no CUDA device; section skipped")
+        return
+    import train_together as tt  # noqa: PLC0415
+    dev = torch.device("cuda")
+    torch.backends.cudnn.benchmark = True
+    name = torch.cuda.get_device_name()
+    peak = {}
+    for dtype, label in ((torch.float32, "fp32"), (torch.bfloat16, "bf16")):
+        a = torch.randn(8192, 8192, device=dev, dtype=dtype)
+        b = torch.randn(8192, 8192, device=dev, dtype=dtype)
+        peak[label] = 2 * 8192**3 / et.median_seconds(cuda_timed(lambda a=a, b=b: a @ b), seconds) / 1e12
+        add("gpu", f"{name}: matmul 8192^3 {label}", tflops=peak[label])
+    cfg = HannunConfig(width=1.0)
+    flops = 3 * forward_flops(HannunNet(cfg), length)  # per record, forward + backward
+    torch.manual_seed(0)
+    x = torch.randn(batch, 1, length, device=dev)
+    y = torch.randint(0, 4, (batch,), device=dev)
+    steps = torch.full((batch,), length // cfg.stride, device=dev)
+    base = None
+    for how in ("fp32 eager", "bf16 eager", "bf16 CUDA graph"):
+        torch.manual_seed(0)
+        model = HannunNet(cfg).to(dev).train()
+        masked = pm.MaskedModel(model, pruned_masks(model, 16.0))
+        graph = how.endswith("graph")
+        tcfg = tr.TrainConfig(batch_size=batch, crop=length, model=cfg)
+        opt = tr.make_optimizer(model, tcfg, dev, graph)
+        bf16 = how.startswith("bf16")
+        graphed = tr.GraphedStep(model, opt, 1.0, bf16) if graph else None
+
+        def step(model=model, opt=opt, graphed=graphed, masked=masked, bf16=bf16) -> None:
+            tr.set_lr(opt, 1e-3)
+            if graphed is not None:
+                graphed(x, y, steps)
+            else:
+                tr.train_step(model, opt, x, y, steps, 1.0, bf16)
+            masked.apply()
+
+        t = et.median_seconds(cuda_timed(step), seconds, warmup=tr.GraphedStep.WARMUP + 2)
+        base = base or t
+        tf = batch * flops / t / 1e12
+        add("gpu", f"full w1, masked step, batch {batch} x {length}, {how}", records_per_s=batch / t,
+            tflops=tf, mfu_bf16=tf / peak["bf16"], speedup=base / t)
+    try:
+        ds = load_dataset(data if data.is_dir() else ROOT / "data" / "synthetic")
+    except Exception as e:  # noqa: BLE001 - a benchmark row, not a pipeline step
+        print(f"gpu: no data set for the together rows ({e}); skipped")
+        return
+    tcfg = tr.TrainConfig(batch_size=batch // 2, crop=length, model=cfg)
+    batcher = tr.Batcher(ds, tr.Normalizer.fit(ds, ds.indices("train")), cfg.stride, dev)
+    masks = pruned_masks(HannunNet(cfg), 16.0)
+    k, n = 4, 6
+    models = [HannunNet(cfg).to(dev) for _ in range(k)]
+    tt.train_one_by_one(models[0], masks, ds, tcfg, 2, True, batcher)  # warm-up (cuDNN picks its kernels)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for model in models:
+        tt.train_one_by_one(model, masks, ds, tcfg, n, True, batcher)
+    torch.cuda.synchronize()
+    alone = time.perf_counter() - t0
+    tt.train_together(models, [masks] * k, [lambda s: 1e-3] * k, ds, tcfg, 2, dev, True, batcher)  # warm-up
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    tt.train_together(models, [masks] * k, [lambda s: 1e-3] * k, ds, tcfg, n, dev, True, batcher)
+    torch.cuda.synchronize()
+    together = time.perf_counter() - t0
+    records = k * n * tcfg.batch_size
+    add("gpu", f"full w1, {k} tickets, batch {tcfg.batch_size} x {length}, bf16 eager, one by one",
+        records_per_s=records / alone)
+    add("gpu", f"full w1, {k} tickets, batch {tcfg.batch_size} x {length}, bf16, together (vmap)",
+        records_per_s=records / together, speedup=alone / together)
 
 
 def write(out: Path, rows: list[dict]) -> None:
