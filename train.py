@@ -204,8 +204,8 @@ def masked_step_loss(logits: torch.Tensor, labels: torch.Tensor, steps: torch.Te
     """Mean cross-entropy over the valid output steps of every record in the batch."""
     B, T, C = logits.shape
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 -> fp32, fp64 stays
-    ce = F.cross_entropy(logits.reshape(B * T, C), labels.repeat_interleave(T),
-                         reduction="none").reshape(B, T)
+    per_step = labels[:, None].expand(B, T).reshape(B * T)  # the record's label at every step (no host sync)
+    ce = F.cross_entropy(logits.reshape(B * T, C), per_step, reduction="none").reshape(B, T)
     valid = torch.arange(T, device=logits.device) < steps[:, None]
     return (ce * valid).sum() / valid.sum()
 
