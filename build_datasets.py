@@ -30,7 +30,6 @@ import lzma
 import math
 import os
 import shutil
-import subprocess
 import sys
 import urllib.error
 import urllib.request
@@ -49,6 +48,7 @@ from scipy.signal import resample_poly
 from tqdm import tqdm
 
 from model import CLASSES
+from run_folders import atomic_write, code_version, sha256_of
 
 FS = 200
 """Sampling rate of the built data (the rate Hannun et al.'s network expects)."""
@@ -84,28 +84,6 @@ class DatasetError(Exception):
 
 
 # --------------------------------------------------------------------------- reading
-
-
-def code_version() -> str:
-    """``git describe``-style version of this checkout, '+dirty' when it has local edits,
-    as it was when this process imported the code (a long run records the code it runs,
-    not what the checkout holds by the time a folder is written)."""
-    return _CODE_VERSION
-
-
-def _git_version() -> str:
-    here = Path(__file__).resolve().parent
-    try:
-        rev = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=here,
-                             capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                               cwd=here, capture_output=True, text=True, check=True).stdout
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return rev + ("+dirty" if dirty.strip() else "")
-
-
-_CODE_VERSION = _git_version()
 
 
 def find_label_file(source: Path, labels: Path | None) -> Path:
@@ -289,14 +267,6 @@ def download_file(url: str, dest: Path, sha256: str | None = None, chunk: int = 
                                f"the file was kept as {bad} (delete it and retry)")
     os.replace(part, dest)
     return dest
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def download_cinc(folder: Path, base_url: str = PHYSIONET_URL, sha256: str = ZIP_SHA256) -> Path:
@@ -511,34 +481,6 @@ def write_dataset(out: Path, names: list[str], labels: list[str], signals: list[
     atomic_write(out / SAMPLES_FILE, b"".join(streams))
     atomic_write(out / RECORDS_FILE, table.to_csv(index=False).encode())
     atomic_write(out / INFO_FILE, (json.dumps(info, indent=2) + "\n").encode())
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to a temporary file beside ``path``, fsync, then ``os.replace``: a crash
-    at any point leaves either the old file or the new one, never a torn one. The temporary
-    name holds the writer's pid (``<name>.<pid>.tmp``), so two processes writing the same
-    file never rename each other's half-written copy; the leftover of a writer killed
-    half-way (its pid gone) is removed by the next write of the same file."""
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    for stale in path.parent.glob(f"{path.name}.*tmp"):
-        pid = stale.name[len(path.name) + 1:].removesuffix("tmp").removesuffix(".")
-        if not pid.isdigit() or not _alive(int(pid)):
-            stale.unlink(missing_ok=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process
-        return True
-    return True
 
 
 @dataclass

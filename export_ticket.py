@@ -47,9 +47,11 @@ import torch.nn.functional as F
 from torch import nn
 
 import prune as pm
+import run_folders as rf
 import train
-from build_datasets import DatasetError, atomic_write, code_version, load_dataset
+from build_datasets import DatasetError, load_dataset
 from model import CLASSES, RECORD_SAMPLES, HannunConfig, HannunNet, SameConv1d, flops, output_positions
+from run_folders import atomic_write, code_version
 
 DTYPES = ("fp32", "fp16", "int8")
 FORMAT = "ecg-lth ticket 1"
@@ -71,9 +73,9 @@ def read_run(run: Path) -> tuple[HannunConfig, dict, pm.Masks | None, dict, dict
     if not weights.is_file():
         raise TicketError(f"{run} holds no trained network ({weights.name} missing): is the run finished? "
                           "(checkpoints are not kept in git: export on the machine that trained it)")
-    config = next((p / train.CONFIG for p in (run, run.parent) if (p / train.CONFIG).is_file()), None)
+    config = next((p / rf.CONFIG for p in (run, run.parent) if (p / rf.CONFIG).is_file()), None)
     if config is None:
-        raise TicketError(f"no {train.CONFIG} in {run} or {run.parent}: not a train.py run folder")
+        raise TicketError(f"no {rf.CONFIG} in {run} or {run.parent}: not a train.py run folder")
     try:
         flags = json.loads(config.read_text())["flags"]
         model_cfg = HannunConfig(**flags["model"])
@@ -82,8 +84,8 @@ def read_run(run: Path) -> tuple[HannunConfig, dict, pm.Masks | None, dict, dict
     except (OSError, KeyError, ValueError, TypeError) as e:
         raise TicketError(f"{run}: unreadable run files ({type(e).__name__}: {e})") from e
     try:
-        state = train.load_pt(weights)
-        masks = train.load_pt(run / train.MASK) if (run / train.MASK).is_file() else None
+        state = rf.load_pt(weights)
+        masks = rf.load_pt(run / train.MASK) if (run / train.MASK).is_file() else None
     except SystemExit as e:
         raise TicketError(str(e).removeprefix("error: ")) from None
     check_finite(state, weights)

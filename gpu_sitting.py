@@ -291,7 +291,7 @@ def merge(args: argparse.Namespace) -> None:
         written += 1
     sys.path.insert(0, str(ROOT))
     import run_experiments  # noqa: PLC0415
-    import train  # noqa: PLC0415
+    import run_folders  # noqa: PLC0415
 
     (exp / "sittings").mkdir(parents=True, exist_ok=True)
     stamp = record.get("started", time.strftime("%Y-%m-%dT%H%M%S")).replace(":", "")
@@ -300,7 +300,7 @@ def merge(args: argparse.Namespace) -> None:
         (exp / "sittings" / f"seed{record.get('seed', 'unknown')}-{stamp}-experiment.json").write_bytes(
             files["experiment.json"])
     table = run_experiments.collect(exp)
-    train.atomic_write_text(table.to_csv(index=False, float_format="%.6g"), exp / "results.csv")
+    run_folders.atomic_write_text(table.to_csv(index=False, float_format="%.6g"), exp / "results.csv")
     bench = src / "bench" / "results.json"
     if bench.is_file() and args.bench_out is not None:
         sys.path.insert(0, str(ROOT / "benchmarks"))

@@ -33,7 +33,8 @@ import pandas as pd  # noqa: E402
 
 import prune as pm  # noqa: E402
 from model import CLASSES  # noqa: E402
-from train import BASELINES, METHODS, PREDICTIONS, atomic_write_text, class_f1, confusion  # noqa: E402
+from run_folders import atomic_write_text  # noqa: E402
+from train import BASELINES, METHODS, PREDICTIONS, class_f1, confusion  # noqa: E402
 
 LTH_ECG_RATIO = 142.0
 """Sahu et al. 2022 (LTH-ECG): a 142x smaller network with < 1 % loss of test F1."""

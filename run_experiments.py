@@ -13,12 +13,23 @@ per-class F1, steps and training time. ``EXP/experiment.json`` keeps the command
 
 Example (the demo of run.sh):
     python run_experiments.py --exp results/demo --seeds 0,1 --data data/synthetic --width 0.125
+
+The grid's cells (a seed's dense run, each method's rounds, each control) can also run
+apart: ``--list`` prints one train.py command per cell with the cells it needs first;
+``--cell 3,4`` or ``--shard 0/4`` runs some of them, so that several workers (xargs -P,
+GNU parallel, SLURM arrays) share a grid; ``--executor slurm`` submits the whole grid as
+SLURM array jobs with dependencies (dense runs, then methods, then controls). Every run
+folder is trained under its own lock, so concurrent workers never train the same cell,
+and one killed mid-cell leaves it resumable by the next.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import os
+import shlex
+import socket
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -28,7 +39,11 @@ from tqdm import tqdm
 
 import prune as pm
 import train
-from build_datasets import DatasetError, code_version, load_dataset
+from build_datasets import DatasetError, load_dataset
+from run_folders import Busy, atomic_write_text, code_version, locked, update_json
+
+DENSE = "dense"
+"""The cell that trains a seed's dense network (every method of the seed starts from it)."""
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
@@ -43,6 +58,18 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
                    help="comma-separated controls ('' for none)")
     p.add_argument("--control-methods", default="weight_rewind",
                    help="methods whose tickets get the controls (comma-separated, or 'all')")
+    w = p.add_argument_group("workers (run parts of the grid, or submit it to SLURM)")
+    w.add_argument("--list", action="store_true",
+                   help="print the grid, one line per cell: index, the cells it needs first, its train.py command")
+    w.add_argument("--cell", default="", help="run only these cells (comma-separated indices of --list)")
+    w.add_argument("--shard", default="", help="run only shard i of n ('i/n': every n-th cell from cell i)")
+    w.add_argument("--collect", action="store_true", help="only rebuild EXP/results.csv from the finished cells")
+    w.add_argument("--executor", default="local", choices=["local", "slurm"],
+                   help="slurm: submit the grid as SLURM array jobs (dense, then methods, then controls)")
+    w.add_argument("--sbatch", default="", help="slurm: options for every sbatch call, e.g. "
+                   "'--partition=gpu --gres=gpu:1 --time=04:00:00 --mem=32G'")
+    w.add_argument("--slurm-wait", action="store_true",
+                   help="slurm: wait until the jobs end, then check that every cell finished")
     args, forwarded = p.parse_known_args(argv)
     split = lambda text: [v.strip() for v in text.split(",") if v.strip()]  # noqa: E731
     args.methods, args.controls = split(args.methods), split(args.controls)
@@ -65,20 +92,54 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     for flag in ("--retrain", "--control", "--seed", "--out"):
         if any(f == flag or f.startswith(flag + "=") for f in forwarded):
             p.error(f"{flag} is set per cell by run_experiments.py; do not pass it")
+    try:
+        args.cell = [int(c) for c in split(args.cell)]
+        args.shard = tuple(int(v) for v in args.shard.split("/")) if args.shard else None
+    except ValueError:
+        p.error(f"--cell takes comma-separated indices and --shard 'i/n', got {args.cell!r} and {args.shard!r}")
+    if args.shard is not None and not (len(args.shard) == 2 and 0 <= args.shard[0] < args.shard[1]):
+        p.error(f"--shard must be 'i/n' with 0 <= i < n, got {'/'.join(map(str, args.shard))}")
     return args, forwarded
 
 
 def cells(args: argparse.Namespace) -> list[tuple[int, str, str | None]]:
-    """(seed, method, control) in the order they run: per seed, each method in the order
-    given, followed at once by its controls. A control needs the method's masks and weights,
-    which are checkpoints (not kept in git), so a method and its controls finish in the same
-    sitting and a grid cut short leaves only whole, committed cells behind."""
+    """(seed, method, control) in the order they run: per seed, its dense run, then each
+    method in the order given, followed at once by its controls. A control needs the
+    method's masks and weights, which are checkpoints (not kept in git), so a method and its
+    controls finish in the same sitting and a grid cut short leaves only whole, committed
+    cells behind."""
     out = []
     for seed in args.seeds:
+        out.append((seed, DENSE, None))
         for m in args.methods:
             out.append((seed, m, None))
             out += [(seed, m, c) for c in args.controls if m in args.control_methods]
     return out
+
+
+def needs(grid: list[tuple[int, str, str | None]], i: int) -> list[int]:
+    """The cells that cell ``i`` needs finished first: a seed's dense run before its methods,
+    a method's rounds before its controls. (A cell started early is still right: it trains
+    what it needs itself, under that folder's lock, or waits for the worker that does.)"""
+    seed, method, control = grid[i]
+    if method == DENSE:
+        return []
+    return [grid.index((seed, DENSE, None) if control is None else (seed, method, None))]
+
+
+def cell_argv(forwarded: list[str], exp: Path, seed: int, method: str, control: str | None) -> list[str]:
+    """train.py's arguments for one cell."""
+    argv = [*forwarded, "--seed", str(seed), "--out", str(exp / f"seed{seed}")]
+    if method != DENSE:
+        argv += ["--retrain", method]
+    if control:
+        argv += ["--control", control]
+    return argv
+
+
+def label(cell: tuple[int, str, str | None]) -> str:
+    seed, method, control = cell
+    return f"seed {seed} {method}" + (f" + {control}" if control else "")
 
 
 def expected_trainings(args: argparse.Namespace, flags: argparse.Namespace) -> int:
@@ -99,40 +160,153 @@ def collect(exp: Path) -> pd.DataFrame:
     return pd.concat(tables, ignore_index=True).sort_values(["method", "control", "seed", "round", "attempt"])
 
 
+def write_results(exp: Path) -> pd.DataFrame | None:
+    """Rebuild EXP/results.csv from every finished table, under the experiment's lock (so
+    concurrent workers never interleave their writes); None while nothing has finished."""
+    with locked(exp):
+        if not list(exp.glob("seed*/*/rounds.csv")):
+            return None
+        table = collect(exp)
+        atomic_write_text(table.to_csv(index=False, float_format="%.6g"), exp / "results.csv")
+    return table
+
+
+def grid_argv(args: argparse.Namespace, forwarded: list[str]) -> list[str]:
+    """run_experiments.py's arguments for this grid, without the worker flags."""
+    return ["--exp", str(args.exp), "--seeds", ",".join(map(str, args.seeds)), "--methods", ",".join(args.methods),
+            "--controls", ",".join(args.controls), "--control-methods", ",".join(args.control_methods),
+            *forwarded]
+
+
+def cell_finished(forwarded: list[str], exp: Path, cell: tuple[int, str, str | None]) -> bool:
+    targs = train.parse_args(cell_argv(forwarded, exp, *cell))
+    if cell[1] == DENSE:
+        return (targs.out / DENSE / train.METRICS).is_file()
+    return train.finished_table(targs, targs.out / cell[1]) is not None
+
+
+def submit_slurm(args: argparse.Namespace, forwarded: list[str], grid: list[tuple[int, str, str | None]]) -> None:
+    """The grid as three SLURM array jobs: the dense runs, then (afterok) the method cells,
+    then (afterok) the control cells; each task is ``run_experiments.py ... --cell INDEX``.
+    With --slurm-wait: wait for them, then check that every cell finished."""
+    exp = Path(args.exp).resolve()
+    logs = exp / "slurm"
+    logs.mkdir(parents=True, exist_ok=True)
+    base = shlex.join([sys.executable, str(Path(__file__).resolve()), *grid_argv(args, forwarded), "--quiet"])
+    groups = [("dense", [i for i, c in enumerate(grid) if c[1] == DENSE]),
+              ("methods", [i for i, c in enumerate(grid) if c[1] != DENSE and c[2] is None]),
+              ("controls", [i for i, c in enumerate(grid) if c[2] is not None])]
+    jobs: list[str] = []
+    for name, idx in groups:
+        if not idx:
+            continue
+        cmd = ["sbatch", "--parsable", f"--array={','.join(map(str, idx))}", f"--job-name=lth-{name}",
+               f"--output={logs}/%x-%A_%a.out", f"--chdir={Path(__file__).resolve().parent}",
+               *shlex.split(args.sbatch)]
+        if jobs:
+            cmd.append(f"--dependency=afterok:{jobs[-1]}")
+        cmd += ["--wrap", f"{base} --cell $SLURM_ARRAY_TASK_ID"]
+        try:
+            out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+        except FileNotFoundError:
+            raise SystemExit("error: --executor slurm: sbatch is not on PATH (is this a SLURM login node?)") from None
+        except subprocess.CalledProcessError as e:
+            raise SystemExit(f"error: sbatch refused the {name} job: {e.stderr.strip()}") from None
+        jobs.append(out.strip().split(";")[0])
+        print(f"submitted {name}: job {jobs[-1]}, array {','.join(map(str, idx))}")
+    print(f"logs: {logs}; results.csv is rebuilt by every finished cell; then "
+          f"python plot_results.py --exp {args.exp}")
+    if not args.slurm_wait:
+        return
+    while True:
+        out = subprocess.run(["squeue", "-h", "-j", ",".join(jobs), "-o", "%i %T %r"], capture_output=True,
+                             text=True).stdout.split("\n")
+        rows = [line.split() for line in out if line.strip()]
+        stuck = [r[0] for r in rows if len(r) > 2 and r[2] == "DependencyNeverSatisfied"]
+        if stuck:
+            subprocess.run(["scancel", *jobs], capture_output=True)
+            raise SystemExit(f"error: a job failed, so {', '.join(stuck)} can never start (cancelled); see {logs}")
+        if not rows:
+            break
+        time.sleep(2)
+    missing = [label(c) for c in grid if not cell_finished(forwarded, exp, c)]
+    if missing:
+        raise SystemExit(f"error: the SLURM jobs ended with {len(missing)} cell(s) unfinished "
+                         f"({', '.join(missing[:4])}); see {logs}")
+    write_results(exp)
+    print(f"all {len(grid)} cells finished -> {exp / 'results.csv'}")
+
+
 def main(argv: list[str] | None = None) -> None:
     args, forwarded = parse_args(argv)
     exp = Path(args.exp)
+    grid = cells(args)
+    if args.list:
+        for i, cell in enumerate(grid):
+            after = ",".join(map(str, needs(grid, i))) or "-"
+            print(f"{i}\t{after}\t{shlex.join(['python', 'train.py', *cell_argv(forwarded, exp, *cell)])}")
+        return
+    if args.collect:
+        table = write_results(exp)
+        print(f"{0 if table is None else len(table)} rows -> {exp / 'results.csv'}")
+        return
+    bad = [c for c in args.cell if not 0 <= c < len(grid)]
+    if bad:
+        sys.exit(f"error: --cell {bad[0]} is not a cell of this grid (0-{len(grid) - 1}; see --list)")
+    first = train.parse_args(forwarded)  # flag errors before any work
+    if args.executor == "slurm":
+        submit_slurm(args, forwarded, grid)
+        return
     exp.mkdir(parents=True, exist_ok=True)
-    log = exp / "experiment.json"
-    history = json.loads(log.read_text())["commands"] if log.is_file() else []
-    history.append({"argv": sys.argv[1:] if argv is None else argv, "code_version": code_version(),
-                    "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "finished_cells": 0})
-    train.atomic_write_text(json.dumps({"commands": history}, indent=2) + "\n", log)
-    first = train.parse_args(forwarded)
+    worker = f"{socket.gethostname()}:{os.getpid()}:{time.time():.0f}"
+    command = {"argv": sys.argv[1:] if argv is None else argv, "code_version": code_version(), "worker": worker,
+               "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "finished_cells": 0}
+
+    def record(**changes: object) -> None:
+        def change(old: dict) -> dict:
+            commands = old.get("commands", [])
+            mine = [c for c in commands if c.get("worker") == worker]
+            if mine:
+                mine[0].update(changes)
+            else:
+                commands.append({**command, **changes})
+            return {"commands": commands}
+        update_json(exp / "experiment.json", change)
+
+    record()
     try:
         ds = load_dataset(first.data)
     except DatasetError as e:
         sys.exit(f"error: {e}")
-    grid = cells(args)
+    todo = [i for i in range(len(grid)) if (not args.cell or i in args.cell)
+            and (args.shard is None or i % args.shard[1] == args.shard[0])]
     t0 = time.perf_counter()
     done = sum(len(list((exp / f"seed{s}").rglob(train.METRICS))) for s in args.seeds)
     bar = tqdm(total=max(expected_trainings(args, first), done), initial=done, unit="training", desc="grid",
                disable=None, smoothing=0.1)
     train.ON_TRAINED = lambda run_dir: bar.update()
-    for i, (seed, method, control) in enumerate(grid, 1):
-        label = f"seed {seed} {method}" + (f" + {control}" if control else "")
-        bar.set_postfix_str(f"cell {i}/{len(grid)}: {label}")
-        tqdm.write(f"[{i}/{len(grid)}] {label}")
-        cell = forwarded + ["--seed", str(seed), "--retrain", method, "--out", str(exp / f"seed{seed}")]
-        train.run(train.parse_args(cell + (["--control", control] if control else [])), ds)
-        # after every cell, so an interrupted grid can be plotted (marked partial) and nothing finished is lost
-        table = collect(exp)
-        train.atomic_write_text(table.to_csv(index=False, float_format="%.6g"), exp / "results.csv")
-        history[-1].update(cells=len(grid), finished_cells=i)
-        train.atomic_write_text(json.dumps({"commands": history}, indent=2) + "\n", log)
+    finished, table = 0, None
+    while todo:
+        moved = False
+        for i in list(todo):
+            bar.set_postfix_str(f"cell {i + 1}/{len(grid)}: {label(grid[i])}")
+            tqdm.write(f"[{i + 1}/{len(grid)}] {label(grid[i])}")
+            try:
+                train.run(train.parse_args(cell_argv(forwarded, exp, *grid[i])), ds)
+            except Busy as e:  # --busy skip: another worker holds it; come back later
+                tqdm.write(f"  busy ({e}); moving on")
+                continue
+            todo.remove(i)
+            moved, finished = True, finished + 1
+            # after every cell, so an interrupted grid can be plotted (marked partial) and nothing finished is lost
+            table = write_results(exp)
+            record(cells=len(grid), finished_cells=finished)
+        if todo and not moved:
+            time.sleep(0.5)
     train.ON_TRAINED = None
     bar.close()
-    print(f"{len(grid)} cells in {time.perf_counter() - t0:.0f} s; {len(table)} rows -> {exp / 'results.csv'}")
+    rows = 0 if table is None else len(table)
+    print(f"{finished} cells in {time.perf_counter() - t0:.0f} s; {rows} rows -> {exp / 'results.csv'}")
 
 
 if __name__ == "__main__":

@@ -44,6 +44,7 @@ import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
 import prune as pm  # noqa: E402
+import run_folders as rf  # noqa: E402
 import train as tr  # noqa: E402
 from build_datasets import DatasetError, load_dataset  # noqa: E402
 from model import HannunConfig  # noqa: E402
@@ -51,10 +52,10 @@ from model import HannunConfig  # noqa: E402
 
 def seed_args(seed_dir: Path) -> argparse.Namespace:
     """The train.py flags of a seed's dense run, from its config.json."""
-    path = seed_dir / "dense" / tr.CONFIG
+    path = seed_dir / "dense" / rf.CONFIG
     if not path.is_file():
         raise SystemExit(f"error: {path} not found: is {seed_dir} a seed folder of run_experiments.py?")
-    flags = {**tr.ADDED_FLAGS, **json.loads(path.read_text())["flags"]}
+    flags = {**rf.ADDED_FLAGS, **json.loads(path.read_text())["flags"]}
     flags.update(model=HannunConfig(**flags["model"]), milestones=tuple(flags["milestones"]),
                  layer_fraction=[tuple(x) for x in flags.get("layer_fraction", [])], out=seed_dir, quiet=True)
     return argparse.Namespace(**flags)
@@ -124,7 +125,7 @@ def weights_at(ctx: tr.Context, seed_dir: Path, k: int, work: Path) -> dict:
         run.mkdir(parents=True, exist_ok=True)
         tr.train(model, ctx.ds, ctx.cfg, run, ctx.device, ctx.bf16, ctx.checkpoint_minutes, quiet=True,
                  total_steps=k, batcher=ctx.batcher)
-        tr.atomic_save(model.state_dict(), run / tr.FINAL)
+        rf.atomic_save(model.state_dict(), run / tr.FINAL)
         (run / tr.CHECKPOINT).unlink(missing_ok=True)
     return ctx.load(run / tr.FINAL)
 
@@ -181,14 +182,14 @@ def main(argv: list[str] | None = None) -> None:
                 start = weights_at(ctx, seed_dir, k, work)
                 a, b = (train_copy(ctx, start, masks, k, pair / f"copy{c}") for c in (1, 2))
                 path = linear_path(ctx, a, b, args.points, args.bn_batches)
-                tr.atomic_write_text(path.to_csv(index=False, float_format="%.6g"), pair / "path.csv")
+                rf.atomic_write_text(path.to_csv(index=False, float_format="%.6g"), pair / "path.csv")
             rows.append({"seed": args.seed, "masks": source, "compression": pm.compression_ratio(masks),
                          "k": k, "rewind_to": text, **barriers(path),
                          "end_errors": f"{path['val_error'].iloc[0]:.4f}/{path['val_error'].iloc[-1]:.4f}"})
             print(f"{source} k={text} ({k} steps): error barrier {rows[-1]['error_barrier']:+.4f}, "
                   f"F1 barrier {rows[-1]['f1_barrier']:+.4f}", flush=True)
     table = pd.DataFrame(rows)
-    tr.atomic_write_text(table.to_csv(index=False, float_format="%.6g"), work / "stability.csv")
+    rf.atomic_write_text(table.to_csv(index=False, float_format="%.6g"), work / "stability.csv")
     plot(table, work / "stability.png")
     print(f"wrote {work / 'stability.csv'} and stability.png")
 

@@ -33,7 +33,6 @@ import functools
 import io
 import json
 import math
-import pickle
 import sys
 import time
 import warnings
@@ -49,23 +48,26 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import prune as pm
-from build_datasets import DatasetError, ECGDataset, atomic_write, code_version, load_dataset, sha256_of
+from build_datasets import DatasetError, ECGDataset, load_dataset
 from model import CLASSES, RECORD_SAMPLES, HannunConfig, HannunNet, count_parameters, flops, output_positions
+from run_folders import (
+    CHECKPOINT,
+    atomic_save,
+    atomic_write_text,
+    code_version,
+    load_pt,
+    locked,
+    prepare_run,
+)
 
-CHECKPOINT = "checkpoint.pt"
 FINAL = "model.pt"
 INIT = "init.pt"
-CONFIG = "config.json"
 METRICS = "metrics.json"
 HISTORY = "history.csv"
 PREDICTIONS = "predictions.csv"
 """Per-record class of the validation and test records: for bootstrap intervals."""
 LOG = "train.log"
 """Everything a training printed, appended at each start (resume) under a dated header."""
-RESUME_NEUTRAL = {"device", "checkpoint_minutes", "quiet", "step_mode"}
-"""Flags that may differ when a run is resumed (they do not change its results)."""
-ADDED_FLAGS = {"max_steps": 0, "definitions_version": 1}
-"""Flags added after the first results were made, with the default that older runs had."""
 ON_TRAINED: Callable[[Path], None] | None = None
 """Called with the run folder after each training finishes (run_experiments.py's progress bar)."""
 # eager steps (warm-up, odd-sized batches) of the capturable Adam that a CUDA-graph step uses
@@ -264,17 +266,6 @@ def use_bf16(amp: str, device: torch.device) -> bool:
         return False
 
 
-def atomic_save(obj: object, path: Path) -> None:
-    """torch.save, written atomically (a crash leaves the previous file intact)."""
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)
-    atomic_write(path, buffer.getvalue())
-
-
-def atomic_write_text(text: str, path: Path) -> None:
-    atomic_write(path, text.encode())
-
-
 class _Tee:
     """A text stream that writes to the terminal and to a log file; progress-bar redraws
     (text with a carriage return) stay on the terminal."""
@@ -301,6 +292,7 @@ def logged(run_dir: Path) -> Iterator[None]:
     with open(run_dir / LOG, "a", encoding="utf-8") as log:
         log.write(f"=== {time.strftime('%Y-%m-%d %H:%M:%S %z')}  code {code_version()}  "
                   f"command: {' '.join(sys.argv)}\n")
+        log.flush()  # a training killed before it prints anything still shows that it started
         out, err = sys.stdout, sys.stderr
         sys.stdout, sys.stderr = _Tee(out, log), _Tee(err, log)
         try:
@@ -310,27 +302,6 @@ def logged(run_dir: Path) -> Iterator[None]:
             raise
         finally:
             sys.stdout, sys.stderr = out, err
-
-
-def load_pt(path: Path, device: torch.device | str = "cpu") -> dict:
-    """``torch.load`` (weights only) that names a missing or damaged file and says how to
-    recover: every training is seeded per step, so redoing one gives the same weights."""
-    try:
-        return torch.load(path, map_location=device, weights_only=True)
-    except FileNotFoundError:
-        problem = "is missing"
-    except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError) as e:
-        problem = f"is damaged ({type(e).__name__}: {str(e).splitlines()[0][:120]})"
-    if path.name == CHECKPOINT:
-        advice = ("delete it and re-run the same command: this training restarts from its first step and ends "
-                  "with the same weights")
-    elif path.parent.name.startswith("round_"):
-        advice = (f"delete {path.parent} and any later round of {path.parent.parent.name}, then re-run: "
-                  "those rounds are redone from the earlier ones, which are kept")
-    else:
-        advice = (f"delete {path.parent} and re-run: that training is redone (the same weights); "
-                  "the runs that need it are kept")
-    raise SystemExit(f"error: {path} {problem}; {advice}")
 
 
 @torch.no_grad()
@@ -663,6 +634,8 @@ class Context:
     checkpoint_minutes: float
     quiet: bool
     step_mode: str = "auto"
+    wait: bool = True
+    """When a run folder is locked by another worker: wait for it (True) or raise run_folders.Busy."""
 
     @classmethod
     def make(cls, ds: ECGDataset, args: argparse.Namespace) -> Context:
@@ -671,7 +644,7 @@ class Context:
         norm = Normalizer.fit(ds, ds.indices("train"))
         return cls(ds, cfg, device, use_bf16(args.amp, device), Batcher(ds, norm, cfg.model.stride, device),
                    math.ceil(len(ds.indices("train")) / cfg.batch_size), args.checkpoint_minutes, args.quiet,
-                   args.step_mode)
+                   args.step_mode, args.busy == "wait")
 
     @property
     def total_steps(self) -> int:
@@ -754,12 +727,18 @@ def run_dense(ctx: Context, run_dir: Path, flags: dict, data: Path, rewind_step:
     that snapshot is an error only when ``need_snapshot``."""
     prepare_run(run_dir, flags, data)
     snapshot = run_dir / f"rewind_{rewind_step}.pt"
-    if (run_dir / METRICS).is_file():
-        if need_snapshot and rewind_step and not snapshot.is_file():
-            have = sorted(p.name for p in run_dir.glob("rewind_*.pt"))
-            raise SystemExit(f"error: {run_dir} finished without weights at step {rewind_step} "
-                             f"(it has {have or 'none'}); use that --rewind-to or another --out")
-        return json.loads((run_dir / METRICS).read_text())
+    if not (run_dir / METRICS).is_file():
+        with locked(run_dir, ctx.wait):  # another worker may finish it while this one waits
+            if not (run_dir / METRICS).is_file():
+                return _train_dense(ctx, run_dir, rewind_step, snapshot)
+    if need_snapshot and rewind_step and not snapshot.is_file():
+        have = sorted(p.name for p in run_dir.glob("rewind_*.pt"))
+        raise SystemExit(f"error: {run_dir} finished without weights at step {rewind_step} "
+                         f"(it has {have or 'none'}); use that --rewind-to or another --out")
+    return json.loads((run_dir / METRICS).read_text())
+
+
+def _train_dense(ctx: Context, run_dir: Path, rewind_step: int, snapshot: Path) -> dict:
     model = ctx.new_model(ctx.cfg.seed)
     if not (run_dir / INIT).is_file():
         atomic_save(model.state_dict(), run_dir / INIT)
@@ -866,66 +845,67 @@ def run_lottery(ctx: Context, args: argparse.Namespace, flags: dict, data: Path)
             prepare_run(args.out / f"{args.retrain}+{args.control}", flags, data)
         return finished
     dense = run_dense(ctx, seed_dir / "dense", dense_flags, data, k, need_snapshot=method == "late_reset")
-    prepare_run(method_dir, {f: v for f, v in flags.items() if f not in CONTROL_FLAGS}, data)
-    final_lr = ctx.cfg.lr * ctx.cfg.gamma ** len(ctx.cfg.milestones)
-    lr_fn = ((lambda i: final_lr) if method == "finetune"
-             else (lambda i: lr_at(ctx.cfg, start_step + i, ctx.steps_per_epoch)))
-    init = ctx.load(seed_dir / "dense" / INIT)
-    early = ctx.load(seed_dir / "dense" / f"rewind_{k}.pt") if k and method == "late_reset" else init
+    with locked(method_dir, ctx.wait):  # one worker trains a method's rounds; others wait or move on
+        prepare_run(method_dir, {f: v for f, v in flags.items() if f not in CONTROL_FLAGS}, data)
+        final_lr = ctx.cfg.lr * ctx.cfg.gamma ** len(ctx.cfg.milestones)
+        lr_fn = ((lambda i: final_lr) if method == "finetune"
+                 else (lambda i: lr_at(ctx.cfg, start_step + i, ctx.steps_per_epoch)))
+        init = ctx.load(seed_dir / "dense" / INIT)
+        early = ctx.load(seed_dir / "dense" / f"rewind_{k}.pt") if k and method == "late_reset" else init
 
-    def start_weights(previous_trained: dict) -> dict:
-        return {"weight_rewind": init, "late_reset": early}.get(method, previous_trained)
+        def start_weights(previous_trained: dict) -> dict:
+            return {"weight_rewind": init, "late_reset": early}.get(method, previous_trained)
 
-    model = ctx.new_model(ctx.cfg.seed)
-    parameters = count_parameters(model)
-    dense_layers = tuple(args.dense_layers)
-    masks = pm.full_masks(model, dense_layers)
-    trained = ctx.load(seed_dir / "dense" / FINAL)
-    exp = seed_dir.parent
-    rows = [row_for((seed_dir / "dense").relative_to(exp), args.seed, method, "none", 0, 0, 0.0, masks, dense,
-                    True, parameters, flops=ctx.flops(masks))]
-    history = [(0, masks, trained)]  # accepted rounds: (round, masks, trained weights)
-    fraction, r, attempt = args.prune_fraction, 1, 0
-    while (r <= baseline_rounds(args) if baseline
-           else r <= args.rounds and not pm.reached(masks, args.target_ratio)):
-        f = 0.0 if baseline else pm.fraction_to_reach(masks, fraction, args.target_ratio)
-        d = round_dir(method_dir, r, attempt)
-        if baseline:
-            new_masks = masks
-            d.mkdir(parents=True, exist_ok=True)
-        elif (d / MASK).is_file():
-            new_masks = ctx.load(d / MASK)
-        else:
-            model.load_state_dict(trained)
-            new_masks = pm.magnitude_prune(model, masks, f, args.prune_scope, dict(args.layer_fraction))
-            if pm.count(new_masks)[0] == pm.count(masks)[0]:  # e.g. layerwise rounding at the very end
-                if not ctx.quiet:
-                    print(f"{d}: a fraction of {f:.4g} prunes no weight; "
-                          f"stopping at {pm.compression_ratio(masks):.1f}x")
+        model = ctx.new_model(ctx.cfg.seed)
+        parameters = count_parameters(model)
+        dense_layers = tuple(args.dense_layers)
+        masks = pm.full_masks(model, dense_layers)
+        trained = ctx.load(seed_dir / "dense" / FINAL)
+        exp = seed_dir.parent
+        rows = [row_for((seed_dir / "dense").relative_to(exp), args.seed, method, "none", 0, 0, 0.0, masks, dense,
+                        True, parameters, flops=ctx.flops(masks))]
+        history = [(0, masks, trained)]  # accepted rounds: (round, masks, trained weights)
+        fraction, r, attempt = args.prune_fraction, 1, 0
+        while (r <= baseline_rounds(args) if baseline
+               else r <= args.rounds and not pm.reached(masks, args.target_ratio)):
+            f = 0.0 if baseline else pm.fraction_to_reach(masks, fraction, args.target_ratio)
+            d = round_dir(method_dir, r, attempt)
+            if baseline:
+                new_masks = masks
+                d.mkdir(parents=True, exist_ok=True)
+            elif (d / MASK).is_file():
+                new_masks = ctx.load(d / MASK)
+            else:
+                model.load_state_dict(trained)
+                new_masks = pm.magnitude_prune(model, masks, f, args.prune_scope, dict(args.layer_fraction))
+                if pm.count(new_masks)[0] == pm.count(masks)[0]:  # e.g. layerwise rounding at the very end
+                    if not ctx.quiet:
+                        print(f"{d}: a fraction of {f:.4g} prunes no weight; "
+                              f"stopping at {pm.compression_ratio(masks):.1f}x")
+                    break
+                d.mkdir(parents=True, exist_ok=True)
+                atomic_save(new_masks, d / MASK)
+                atomic_write_text(pm.sparsity_report(new_masks).to_csv(index=False), d / "sparsity.csv")
+            if (d / METRICS).is_file():
+                metrics = json.loads((d / METRICS).read_text())
+            else:
+                metrics = retrain(ctx, d, start_weights(trained), new_masks, lr_fn, steps,
+                                  {"round": r, "attempt": attempt, "fraction": f,
+                                   "compression": pm.compression_ratio(new_masks)})
+            accepted, fraction = (pm.next_fraction(f, metrics["val"]["challenge_f1"], dense["val"]["challenge_f1"],
+                                                   args.tolerance, args.alpha, args.min_fraction)
+                                  if args.goal and not baseline else (True, fraction))
+            rows.append(row_for(d.relative_to(exp), args.seed, method, "none", r, attempt, f, new_masks, metrics,
+                                accepted, parameters, flops=ctx.flops(new_masks)))
+            write_rounds(rows, method_dir / ROUNDS)
+            if accepted:
+                masks, trained = new_masks, ctx.load(d / FINAL)
+                history.append((r, masks, trained))
+                r, attempt = r + 1, 0
+            elif fraction < args.min_fraction:
                 break
-            d.mkdir(parents=True, exist_ok=True)
-            atomic_save(new_masks, d / MASK)
-            atomic_write_text(pm.sparsity_report(new_masks).to_csv(index=False), d / "sparsity.csv")
-        if (d / METRICS).is_file():
-            metrics = json.loads((d / METRICS).read_text())
-        else:
-            metrics = retrain(ctx, d, start_weights(trained), new_masks, lr_fn, steps,
-                              {"round": r, "attempt": attempt, "fraction": f,
-                               "compression": pm.compression_ratio(new_masks)})
-        accepted, fraction = (pm.next_fraction(f, metrics["val"]["challenge_f1"], dense["val"]["challenge_f1"],
-                                               args.tolerance, args.alpha, args.min_fraction)
-                              if args.goal and not baseline else (True, fraction))
-        rows.append(row_for(d.relative_to(exp), args.seed, method, "none", r, attempt, f, new_masks, metrics,
-                            accepted, parameters, flops=ctx.flops(new_masks)))
-        write_rounds(rows, method_dir / ROUNDS)
-        if accepted:
-            masks, trained = new_masks, ctx.load(d / FINAL)
-            history.append((r, masks, trained))
-            r, attempt = r + 1, 0
-        elif fraction < args.min_fraction:
-            break
-        else:
-            attempt += 1
+            else:
+                attempt += 1
     table = pd.DataFrame(rows)
     if args.control:
         table = pd.concat([table, run_control(ctx, args, flags, data, history, start_weights, lr_fn,
@@ -973,6 +953,13 @@ def run_control(ctx: Context, args: argparse.Namespace, flags: dict, data: Path,
     """
     control_dir = args.out / f"{args.retrain}+{args.control}"
     prepare_run(control_dir, flags, data)
+    with locked(control_dir, ctx.wait):
+        return _run_control(ctx, args, control_dir, history, start_weights, lr_fn, steps, parameters)
+
+
+def _run_control(ctx: Context, args: argparse.Namespace, control_dir: Path, history: list,
+                 start_weights: Callable[[dict], dict], lr_fn: Callable[[int], float], steps: int,
+                 parameters: int) -> pd.DataFrame:
     last = history[-1][0]
     rows = []
     for (r, masks, _), (_, _, previous) in zip(history[1:], history[:-1], strict=True):
@@ -1070,6 +1057,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     r.add_argument("--checkpoint-minutes", type=float, default=5.0,
                    help="also checkpoint within an epoch at this interval")
     r.add_argument("--quiet", action="store_true", help="no progress bars or per-epoch lines")
+    r.add_argument("--busy", default="wait", choices=["wait", "skip"],
+                   help="a run folder another worker is training: wait for it, or stop with run_folders.Busy "
+                   "(run_experiments.py then moves on to another cell and comes back)")
     r.add_argument("--max-steps", type=int, default=0,
                    help="stop every training after this many steps, LR schedule unchanged (a smoke test of a "
                    "configuration on a few batches; 0 = off)")
@@ -1119,35 +1109,6 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig(**{k: v for k, v in vars(args).items() if k in names})
 
 
-def prepare_run(run_dir: Path, flags: dict, data: Path) -> dict:
-    """Write (or check) ``config.json``: the flags, code version and data fingerprint.
-
-    A run folder made with other flags or other data is refused rather than mixed.
-    """
-    record = {"flags": flags, "data_fingerprint": sha256_of(data / "records.csv")[:16] + "-"
-              + sha256_of(data / "samples.i16d.xz")[:16]}
-    path = run_dir / CONFIG
-    if path.is_file():
-        old = json.loads(path.read_text())
-        # a flag added to train.py after the folder was made counts as its default there
-        # (a flag's default never changes what older runs did)
-        before = {**{k: v for k, v in ADDED_FLAGS.items() if k in flags}, **old["flags"]}
-        keys = (set(flags) | set(before)) - RESUME_NEUTRAL
-        diff = {k: (before.get(k), flags.get(k)) for k in sorted(keys) if before.get(k) != flags.get(k)}
-        if diff:
-            raise SystemExit(f"error: {run_dir} was started with other flags: "
-                             + ", ".join(f"--{k.replace('_', '-')} {a!r} (now {b!r})" for k, (a, b) in diff.items())
-                             + "; use another --out or delete the folder")
-        if old["data_fingerprint"] != record["data_fingerprint"]:
-            raise SystemExit(f"error: {run_dir} was trained on other data than {data} "
-                             f"({old['data_fingerprint']} vs {record['data_fingerprint']})")
-        return old
-    run_dir.mkdir(parents=True, exist_ok=True)
-    record["code_version"] = code_version()
-    atomic_write_text(json.dumps(record, indent=2) + "\n", path)
-    return record
-
-
 def run(args: argparse.Namespace, ds: ECGDataset | None = None) -> pd.DataFrame | dict:
     """What main() does, for callers that hold the data already (run_experiments.py)."""
     data = Path(args.data)
@@ -1170,9 +1131,10 @@ def run(args: argparse.Namespace, ds: ECGDataset | None = None) -> pd.DataFrame 
         dense_flags = {f: v for f, v in flags.items() if f not in PRUNING_FLAGS}
         results = run_dense(ctx, args.out / "dense", dense_flags, data,
                             parse_rewind(args.rewind_to, ctx.steps_per_epoch))
-        if done:
-            print(f"{args.out / 'dense'} is finished; its metrics:")
-        print_metrics(results)
+        if not args.quiet:
+            if done:
+                print(f"{args.out / 'dense'} is finished; its metrics:")
+            print_metrics(results)
         return results
     table = run_lottery(ctx, args, flags, data)
     if not args.quiet:

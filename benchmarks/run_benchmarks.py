@@ -53,6 +53,7 @@ sys.path.insert(0, str(ROOT))
 
 import export_ticket as et  # noqa: E402
 import prune as pm  # noqa: E402
+import run_folders as rf  # noqa: E402
 import train as tr  # noqa: E402
 from build_datasets import load_dataset  # noqa: E402
 from model import HannunConfig, HannunNet  # noqa: E402
@@ -355,7 +356,7 @@ def write(out: Path, rows: list[dict]) -> None:
         rows = sorted(kept + rows, key=lambda r: SECTIONS.index(r["section"]))
     out.mkdir(parents=True, exist_ok=True)
     # atomic: a run killed while writing must not lose the rows of the sections it keeps
-    tr.atomic_write_text(json.dumps({"machine": machine, "rows": rows}, indent=2) + "\n", path)
+    rf.atomic_write_text(json.dumps({"machine": machine, "rows": rows}, indent=2) + "\n", path)
     lines = [f"Measured by `python benchmarks/run_benchmarks.py` on {machine}; ratios only within one "
              "section of one run (see the date of each row).", "",
              "| section | what | figures | measured |", "| --- | --- | --- | --- |"]
@@ -363,7 +364,7 @@ def write(out: Path, rows: list[dict]) -> None:
         figures = ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}"
                             for k, v in r.items() if k not in ("section", "label", "measured"))
         lines.append(f"| {r['section']} | {r['label']} | {figures} | {r.get('measured', '')} |")
-    tr.atomic_write_text("\n".join(lines) + "\n", out / "results.md")
+    rf.atomic_write_text("\n".join(lines) + "\n", out / "results.md")
     print(f"wrote {out / 'results.md'}")
 
 

@@ -19,6 +19,7 @@ import plot_results
 import predict
 import prune as pm
 import run_experiments
+import run_folders as rf
 import train as tr
 from build_datasets import synthetic_record
 
@@ -218,7 +219,7 @@ def test_damaged_or_diverged_runs_are_refused_by_name(ticket_run: Path, tmp_path
     assert not (tmp_path / "out" / "ticket-fp32.npz").exists()
     with pytest.raises(SystemExit, match="checkpoint.pt is damaged .*restarts from its first step"):
         (run / tr.CHECKPOINT).write_bytes(b"PK\x03\x04garbage")
-        tr.load_pt(run / tr.CHECKPOINT)
+        rf.load_pt(run / rf.CHECKPOINT)
 
 
 def test_a_ticket_with_nan_weights_is_not_loaded(exported: tuple[Path, dict], tmp_path: Path) -> None:

@@ -20,6 +20,7 @@ from conftest import TINY_FLAGS, tiny_train_args
 import export_ticket
 import plot_results
 import run_experiments
+import run_folders as rf
 import train as tr
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -94,7 +95,7 @@ def test_runs_made_under_older_method_definitions_are_refused(tiny_data: Path, t
     seed_dir = tmp_path / "seed0"
     argv = tiny_train_args(tiny_data, seed_dir, "--retrain", "weight_rewind", "--rounds", "1", "--max-steps", "1")
     tr.main(argv)
-    config = seed_dir / "weight_rewind" / tr.CONFIG
+    config = seed_dir / "weight_rewind" / rf.CONFIG
     record = json.loads(config.read_text())
     del record["flags"]["definitions_version"]  # as a version-1 folder has it
     config.write_text(json.dumps(record))
@@ -242,9 +243,11 @@ def test_grid_runs_each_method_then_its_controls() -> None:
     args, _ = run_experiments.parse_args(["--exp", "x", "--seeds", "0,1", "--methods",
                                           "lr_rewind,dense_equal_steps,finetune", "--controls", "random_prune",
                                           "--control-methods", "all"])
-    assert run_experiments.cells(args)[:4] == [(0, "lr_rewind", None), (0, "lr_rewind", "random_prune"),
-                                               (0, "dense_equal_steps", None), (0, "finetune", None)]
-    assert len(run_experiments.cells(args)) == 10
+    grid = run_experiments.cells(args)
+    assert grid[:5] == [(0, "dense", None), (0, "lr_rewind", None), (0, "lr_rewind", "random_prune"),
+                        (0, "dense_equal_steps", None), (0, "finetune", None)]
+    assert len(grid) == 12
+    assert [run_experiments.needs(grid, i) for i in range(6)] == [[], [0], [1], [0], [0], [4]]
 
 
 @pytest.mark.parametrize("argv", [["--methods", "magic"], ["--controls", "nope"], ["--seeds", "a"],

@@ -11,6 +11,7 @@ import pytest
 import torch
 from conftest import tiny_train_args
 
+import run_folders as rf
 import train as tr
 from build_datasets import load_dataset
 from model import HannunNet
@@ -98,7 +99,7 @@ def test_short_training_lowers_the_loss(tiny_data: Path, tmp_path: Path) -> None
     metrics = json.loads((tmp_path / "run" / "dense" / tr.METRICS).read_text())
     assert set(metrics) >= {"val", "test", "parameters", "seconds_per_epoch"}
     assert metrics["test"]["records"] == 32 and len(metrics["val"]["confusion"]) == 4
-    config = json.loads((tmp_path / "run" / "dense" / tr.CONFIG).read_text())
+    config = json.loads((tmp_path / "run" / "dense" / rf.CONFIG).read_text())
     assert config["flags"]["epochs"] == 5 and config["code_version"]
 
 
@@ -202,7 +203,7 @@ def test_a_training_keeps_its_console_output_in_a_log(tiny_data: Path, tmp_path:
     tr.main(argv)
     log = (out / "dense" / tr.LOG).read_text()
     headers = [line for line in log.splitlines() if line.startswith("=== ")]
-    assert len(headers) == 2 and all(f"code {tr.code_version()}" in h for h in headers)
+    assert len(headers) == 2 and all(f"code {rf.code_version()}" in h for h in headers)
     assert "dense: " in log and "epoch   1" in log and "epoch   2" in log
     assert "stopped: KeyboardInterrupt" in log and "resuming" in log and "\r" not in log
     lines = log.splitlines()
@@ -249,9 +250,9 @@ def test_runs_made_before_a_flag_existed_still_resume(tiny_data: Path, tmp_path:
     tr.main(tiny_train_args(tiny_data, out, "--epochs", "1", "--max-steps", "2"))
     history = pd.read_csv(out / "dense" / tr.HISTORY)
     assert history["step"].tolist() == [2]
-    config = json.loads((out / "dense" / tr.CONFIG).read_text())
+    config = json.loads((out / "dense" / rf.CONFIG).read_text())
     del config["flags"]["max_steps"]
-    (out / "dense" / tr.CONFIG).write_text(json.dumps(config))
+    (out / "dense" / rf.CONFIG).write_text(json.dumps(config))
     with pytest.raises(SystemExit, match=r"--max-steps 0 \(now 2\)"):
         tr.main(tiny_train_args(tiny_data, out, "--epochs", "1", "--max-steps", "2"))
     tr.main(tiny_train_args(tiny_data, out, "--epochs", "1"))  # default: accepted, finished

@@ -1,0 +1,216 @@
+"""Run-folder bookkeeping shared by every script that writes results: atomic writes, the
+code version, file digests, the check that a folder is resumed only with the flags and data
+it was made with, and locks that keep two workers off the same run folder.
+
+A result folder is only ever changed by whole-file atomic replaces, so a crash or
+``kill -9`` leaves each file old or new, never torn; and a training runs under the folder's
+lock (an ``fcntl`` lock on ``.lock`` in it), which dies with its process, so a worker killed
+mid-training leaves the folder resumable by the next one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import io
+import json
+import os
+import pickle
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+CONFIG = "config.json"
+CHECKPOINT = "checkpoint.pt"
+LOCK = ".lock"
+RESUME_NEUTRAL = {"device", "checkpoint_minutes", "quiet", "step_mode", "busy"}
+"""Flags that may differ when a run is resumed (they do not change its results)."""
+ADDED_FLAGS = {"max_steps": 0, "definitions_version": 1}
+"""Flags added after the first results were made, with the default that older runs had."""
+
+
+class Busy(Exception):
+    """A run folder is locked by another worker (and the caller asked not to wait)."""
+
+
+# --------------------------------------------------------------------------- versions, digests
+
+
+def code_version() -> str:
+    """``git describe``-style version of this checkout, '+dirty' when it has local edits,
+    as it was when this process imported the code (a long run records the code it runs,
+    not what the checkout holds by the time a folder is written)."""
+    return _CODE_VERSION
+
+
+def _git_version() -> str:
+    here = Path(__file__).resolve().parent
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=here,
+                             capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               cwd=here, capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return rev + ("+dirty" if dirty.strip() else "")
+
+
+_CODE_VERSION = _git_version()
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+
+# --------------------------------------------------------------------------- atomic files
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write ``data`` to a temporary file beside ``path``, fsync, then ``os.replace``: a crash
+    at any point leaves either the old file or the new one, never a torn one. The temporary
+    name holds the writer's pid (``<name>.<pid>.tmp``), so two processes writing the same
+    file never rename each other's half-written copy; the leftover of a writer killed
+    half-way (its pid gone) is removed by the next write of the same file."""
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    for stale in path.parent.glob(f"{path.name}.*tmp"):
+        pid = stale.name[len(path.name) + 1:].removesuffix("tmp").removesuffix(".")
+        if not pid.isdigit() or not _alive(int(pid)):
+            stale.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def atomic_save(obj: object, path: Path) -> None:
+    """torch.save, written atomically (a crash leaves the previous file intact)."""
+    import torch  # noqa: PLC0415 - here, so that the data scripts do not import torch
+
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    atomic_write(path, buffer.getvalue())
+
+
+def atomic_write_text(text: str, path: Path) -> None:
+    atomic_write(path, text.encode())
+
+
+def load_pt(path: Path, device: object = "cpu") -> dict:
+    """``torch.load`` (weights only) that names a missing or damaged file and says how to
+    recover: every training is seeded per step, so redoing one gives the same weights."""
+    import torch  # noqa: PLC0415
+
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except FileNotFoundError:
+        problem = "is missing"
+    except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError) as e:
+        problem = f"is damaged ({type(e).__name__}: {str(e).splitlines()[0][:120]})"
+    if path.name == CHECKPOINT:
+        advice = ("delete it and re-run the same command: this training restarts from its first step and ends "
+                  "with the same weights")
+    elif path.parent.name.startswith("round_"):
+        advice = (f"delete {path.parent} and any later round of {path.parent.parent.name}, then re-run: "
+                  "those rounds are redone from the earlier ones, which are kept")
+    else:
+        advice = (f"delete {path.parent} and re-run: that training is redone (the same weights); "
+                  "the runs that need it are kept")
+    raise SystemExit(f"error: {path} {problem}; {advice}")
+
+
+
+# --------------------------------------------------------------------------- locks
+
+
+@contextlib.contextmanager
+def locked(folder: Path, wait: bool = True, poll: float = 0.5) -> Iterator[None]:
+    """Hold ``folder``'s lock (``folder/.lock``, created if needed) for the ``with`` block.
+
+    ``wait``: block until the holder finishes; otherwise raise ``Busy`` at once. The lock is
+    an advisory ``fcntl.flock``: the kernel drops it when its holder exits, however it exits,
+    so a killed worker never leaves a folder locked. Re-entrant within one process (a nested
+    ``locked`` of a folder this process holds passes through).
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    key = str(folder.resolve())
+    if key in _HELD:
+        yield
+        return
+    with open(folder / LOCK, "a+") as f:
+        while True:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if not wait:
+                    raise Busy(f"{folder} is locked by another worker") from None
+                time.sleep(poll)
+        _HELD.add(key)
+        try:
+            yield
+        finally:
+            _HELD.discard(key)
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+_HELD: set[str] = set()
+
+
+def update_json(path: Path, change: Callable[[dict], dict]) -> dict:
+    """Read-modify-write of a JSON file under its folder's lock: ``change(old) -> new``
+    (old is {} for a missing file); concurrent writers never lose each other's changes."""
+    with locked(path.parent):
+        old = json.loads(path.read_text()) if path.is_file() else {}
+        new = change(old)
+        atomic_write_text(json.dumps(new, indent=2) + "\n", path)
+    return new
+
+
+# --------------------------------------------------------------------------- run-folder checks
+
+
+def prepare_run(run_dir: Path, flags: dict, data: Path) -> dict:
+    """Write (or check) ``config.json``: the flags, code version and data fingerprint.
+
+    A run folder made with other flags or other data is refused rather than mixed.
+    """
+    record = {"flags": flags, "data_fingerprint": sha256_of(data / "records.csv")[:16] + "-"
+              + sha256_of(data / "samples.i16d.xz")[:16]}
+    path = run_dir / CONFIG
+    if path.is_file():
+        old = json.loads(path.read_text())
+        # a flag added to train.py after the folder was made counts as its default there
+        # (a flag's default never changes what older runs did)
+        before = {**{k: v for k, v in ADDED_FLAGS.items() if k in flags}, **old["flags"]}
+        keys = (set(flags) | set(before)) - RESUME_NEUTRAL
+        diff = {k: (before.get(k), flags.get(k)) for k in sorted(keys) if before.get(k) != flags.get(k)}
+        if diff:
+            raise SystemExit(f"error: {run_dir} was started with other flags: "
+                             + ", ".join(f"--{k.replace('_', '-')} {a!r} (now {b!r})" for k, (a, b) in diff.items())
+                             + "; use another --out or delete the folder")
+        if old["data_fingerprint"] != record["data_fingerprint"]:
+            raise SystemExit(f"error: {run_dir} was trained on other data than {data} "
+                             f"({old['data_fingerprint']} vs {record['data_fingerprint']})")
+        return old
+    run_dir.mkdir(parents=True, exist_ok=True)
+    record["code_version"] = code_version()
+    atomic_write_text(json.dumps(record, indent=2) + "\n", path)
+    return record

@@ -1,0 +1,123 @@
+"""Several workers on one grid: run-folder locks, the cell list, concurrent workers and a
+worker killed mid-cell (run_folders.py, run_experiments.py --list/--cell/--busy)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from conftest import TINY_FLAGS
+
+import run_experiments
+import run_folders as rf
+
+ROOT = Path(__file__).resolve().parents[1]
+F1 = ["val_challenge_f1", "test_challenge_f1", "val_f1_A", "test_f1_A"]
+
+
+def grid_argv(exp: Path, data: Path) -> list[str]:
+    """2 seeds x (dense, weight_rewind + random_prune, lr_rewind), 2 rounds: 12 trainings."""
+    return ["--exp", str(exp), "--seeds", "0,1", "--methods", "weight_rewind,lr_rewind", "--controls",
+            "random_prune", "--control-methods", "weight_rewind", "--prune-fraction", "0.5", "--rounds", "2",
+            "--control-every", "2", "--data", str(data), *TINY_FLAGS]
+
+
+ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
+"""Workers share the 2 cores without oversubscribing them; the reference runs the same way,
+so every run does its float arithmetic identically."""
+
+
+def worker(argv: list[str], log: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "run_experiments.py", *argv], cwd=ROOT, stdout=open(log, "ab"),
+                            stderr=subprocess.STDOUT, env=ONE_THREAD)
+
+
+def results(exp: Path) -> pd.DataFrame:
+    keys = ["seed", "method", "control", "round", "attempt"]
+    return pd.read_csv(exp / "results.csv").sort_values(keys)[keys + F1].reset_index(drop=True)
+
+
+def starts(exp: Path) -> dict[str, int]:
+    """How often each run folder's training was started (headers in its train.log)."""
+    return {str(p.parent.relative_to(exp)): sum(line.startswith("=== ") for line in p.read_text().splitlines())
+            for p in exp.rglob("train.log")}
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The grid run by one process: what any set of workers must reproduce."""
+    exp = tmp_path_factory.mktemp("one") / "exp"
+    assert worker(grid_argv(exp, tiny_data), exp.parent / "log").wait(300) == 0, (exp.parent / "log").read_text()
+    return exp
+
+
+def test_lock_is_exclusive_and_dies_with_its_holder(tmp_path: Path) -> None:
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time, pathlib, run_folders as rf\n"
+                               "with rf.locked(pathlib.Path(sys.argv[1])):\n    print('held', flush=True)\n"
+                               "    time.sleep(60)", str(tmp_path)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    with pytest.raises(rf.Busy, match="locked by another worker"):
+        with rf.locked(tmp_path, wait=False):
+            pass
+    holder.send_signal(signal.SIGKILL)
+    holder.wait()
+    with rf.locked(tmp_path, wait=False):  # the kernel dropped the dead holder's lock
+        with rf.locked(tmp_path, wait=False):  # re-entrant within a process
+            pass
+
+
+def test_concurrent_json_updates_lose_nothing(tmp_path: Path) -> None:
+    path = tmp_path / "counter.json"
+    code = ("import sys, pathlib, run_folders as rf\n"
+            "for _ in range(25): rf.update_json(pathlib.Path(sys.argv[1]), lambda d: {'n': d.get('n', 0) + 1})")
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(path)], cwd=ROOT) for _ in range(3)]
+    assert all(p.wait(60) == 0 for p in procs)
+    assert json.loads(path.read_text())["n"] == 75
+
+
+def test_list_gives_a_train_command_per_cell(tmp_path: Path, tiny_data: Path, capsys: pytest.CaptureFixture) -> None:
+    run_experiments.main([*grid_argv(tmp_path / "exp", tiny_data), "--list"])
+    lines = [line.split("\t") for line in capsys.readouterr().out.splitlines()]
+    assert [line[0] for line in lines] == [str(i) for i in range(8)]
+    assert [line[1] for line in lines[:4]] == ["-", "0", "1", "0"]  # dense; its methods; the control after its method
+    assert lines[0][2].startswith("python train.py ") and "--retrain" not in lines[0][2]
+    assert "--retrain weight_rewind --control random_prune" in lines[2][2] and "--seed 0" in lines[2][2]
+    assert not (tmp_path / "exp").exists()  # listing runs nothing
+    with pytest.raises(SystemExit, match="--cell 9 is not a cell"):
+        run_experiments.main([*grid_argv(tmp_path / "exp", tiny_data), "--cell", "9"])
+
+
+def test_three_concurrent_workers_match_one_process(reference: Path, tiny_data: Path, tmp_path: Path) -> None:
+    exp = tmp_path / "exp"
+    procs = [worker([*grid_argv(exp, tiny_data), "--busy", "skip"], tmp_path / f"w{i}.log") for i in range(3)]
+    assert all(p.wait(300) == 0 for p in procs), [(tmp_path / f"w{i}.log").read_text()[-800:] for i in range(3)]
+    pd.testing.assert_frame_equal(results(exp), results(reference))
+    assert set(starts(exp).values()) == {1}  # no run folder was trained twice
+    assert starts(exp).keys() == starts(reference).keys()
+    commands = json.loads((exp / "experiment.json").read_text())["commands"]
+    assert len(commands) == 3 and all(c["finished_cells"] == 8 for c in commands)  # each saw the grid done
+
+
+def test_a_worker_killed_mid_cell_loses_nothing(reference: Path, tiny_data: Path, tmp_path: Path) -> None:
+    exp = tmp_path / "exp"
+    argv = [*grid_argv(exp, tiny_data), "--checkpoint-minutes", "0"]  # a checkpoint after every step
+    victim = worker(argv, tmp_path / "victim.log")
+    deadline = time.time() + 120
+    while not list(exp.glob("seed0/weight_rewind/round_01/checkpoint.pt")) and time.time() < deadline:
+        time.sleep(0.05)
+    os.kill(victim.pid, signal.SIGKILL)  # mid-cell: inside weight_rewind's first pruned training
+    victim.wait()
+    assert not (exp / "seed0" / "weight_rewind" / "round_01" / "metrics.json").is_file()
+    procs = [worker([*argv, "--busy", "skip"], tmp_path / f"w{i}.log") for i in range(2)]
+    assert all(p.wait(300) == 0 for p in procs), [(tmp_path / f"w{i}.log").read_text()[-800:] for i in range(2)]
+    pd.testing.assert_frame_equal(results(exp), results(reference))
+    counts = starts(exp)
+    assert counts.pop("seed0/weight_rewind/round_01") == 2  # started, killed, resumed once
+    assert set(counts.values()) == {1}
