@@ -40,6 +40,10 @@ ALPHA=2
 TOLERANCE=0.01
 MIN_FRACTION=0.01          # GOAL: stop when the fraction would fall below this
 EXTRA=""                   # more train.py flags, e.g. "--eval-batch-size 256 --step-mode graph"
+# --- where the grid runs
+EXECUTOR=local             # local: this process walks the grid | slurm: one SLURM array job per stage
+SBATCH_OPTIONS="--time=04:00:00 --mem=16G"   # slurm: options of every job, e.g. add --partition=gpu --gres=gpu:1
+SLURM_WAIT=1               # slurm: 1 = wait for the jobs, then plot; 0 = return once submitted
 EXP=results/demo           # experiment folder
 DATA_DIR=""                # built data set folder (default data/$DATASET)
 
@@ -72,11 +76,20 @@ fi
 goal=()
 if [ "$GOAL" = 1 ]; then goal=(--goal --alpha "$ALPHA" --tolerance "$TOLERANCE" --min-fraction "$MIN_FRACTION"); fi
 read -r -a extra_flags <<< "$EXTRA"
+executor=(--executor "$EXECUTOR")
+if [ "$EXECUTOR" = slurm ]; then
+    executor+=("--sbatch=$SBATCH_OPTIONS")
+    if [ "$SLURM_WAIT" = 1 ]; then executor+=(--slurm-wait); fi
+fi
 step python run_experiments.py --exp "$EXP" --seeds "$SEEDS" --methods "$METHODS" \
     --controls "$CONTROLS" --control-methods "$CONTROL_METHODS" --control-every "$CONTROL_EVERY" "${goal[@]}" \
     --data "$DATA_DIR" --width "$WIDTH" --blocks "$BLOCKS" --crop "$CROP" --epochs "$EPOCHS" --batch-size "$BATCH" \
     --lr "$LR" --milestones "$MILESTONES" --device "$DEVICE" \
-    --prune-fraction "$FRACTION" --target-ratio "$TARGET" --rewind-to "$REWIND_TO" "${extra_flags[@]}" --quiet
+    --prune-fraction "$FRACTION" --target-ratio "$TARGET" --rewind-to "$REWIND_TO" "${extra_flags[@]}" "${executor[@]}" --quiet
+if [ "$EXECUTOR" = slurm ] && [ "$SLURM_WAIT" != 1 ]; then
+    echo "submitted; when the jobs are done: python plot_results.py --exp $EXP"
+    exit 0
+fi
 
 step python plot_results.py --exp "$EXP" --tolerance "$TOLERANCE"
 

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import scipy.io
 
@@ -58,3 +62,39 @@ TINY_FLAGS = ["--width", "0.125", "--epochs", "2", "--crop", "1024", "--batch-si
 
 def tiny_train_args(data: Path, out: Path, *extra: str) -> list[str]:
     return ["--data", str(data), "--out", str(out), *TINY_FLAGS, *extra]
+
+
+# --------------------------------------------------------------------------- a shared small grid
+
+ROOT = Path(__file__).resolve().parents[1]
+F1 = ["val_challenge_f1", "test_challenge_f1", "val_f1_A", "test_f1_A"]
+
+
+def grid_argv(exp: Path, data: Path) -> list[str]:
+    """2 seeds x (dense, weight_rewind + random_prune, lr_rewind), 2 rounds: 12 trainings."""
+    return ["--exp", str(exp), "--seeds", "0,1", "--methods", "weight_rewind,lr_rewind", "--controls",
+            "random_prune", "--control-methods", "weight_rewind", "--prune-fraction", "0.5", "--rounds", "2",
+            "--control-every", "2", "--data", str(data), *TINY_FLAGS]
+
+
+ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
+"""Workers share the 2 cores without oversubscribing them; the reference runs the same way,
+so every run does its float arithmetic identically."""
+
+
+def worker(argv: list[str], log: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "run_experiments.py", *argv], cwd=ROOT, stdout=open(log, "ab"),
+                            stderr=subprocess.STDOUT, env=ONE_THREAD)
+
+
+def results(exp: Path) -> pd.DataFrame:
+    keys = ["seed", "method", "control", "round", "attempt"]
+    return pd.read_csv(exp / "results.csv").sort_values(keys)[keys + F1].reset_index(drop=True)
+
+
+@pytest.fixture(scope="session")
+def reference(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The grid run by one process: what any set of workers must reproduce."""
+    exp = tmp_path_factory.mktemp("one") / "exp"
+    assert worker(grid_argv(exp, tiny_data), exp.parent / "log").wait(300) == 0, (exp.parent / "log").read_text()
+    return exp

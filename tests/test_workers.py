@@ -13,49 +13,18 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from conftest import TINY_FLAGS
+from conftest import grid_argv, results, worker
 
 import run_experiments
 import run_folders as rf
 
 ROOT = Path(__file__).resolve().parents[1]
-F1 = ["val_challenge_f1", "test_challenge_f1", "val_f1_A", "test_f1_A"]
-
-
-def grid_argv(exp: Path, data: Path) -> list[str]:
-    """2 seeds x (dense, weight_rewind + random_prune, lr_rewind), 2 rounds: 12 trainings."""
-    return ["--exp", str(exp), "--seeds", "0,1", "--methods", "weight_rewind,lr_rewind", "--controls",
-            "random_prune", "--control-methods", "weight_rewind", "--prune-fraction", "0.5", "--rounds", "2",
-            "--control-every", "2", "--data", str(data), *TINY_FLAGS]
-
-
-ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
-"""Workers share the 2 cores without oversubscribing them; the reference runs the same way,
-so every run does its float arithmetic identically."""
-
-
-def worker(argv: list[str], log: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "run_experiments.py", *argv], cwd=ROOT, stdout=open(log, "ab"),
-                            stderr=subprocess.STDOUT, env=ONE_THREAD)
-
-
-def results(exp: Path) -> pd.DataFrame:
-    keys = ["seed", "method", "control", "round", "attempt"]
-    return pd.read_csv(exp / "results.csv").sort_values(keys)[keys + F1].reset_index(drop=True)
 
 
 def starts(exp: Path) -> dict[str, int]:
     """How often each run folder's training was started (headers in its train.log)."""
     return {str(p.parent.relative_to(exp)): sum(line.startswith("=== ") for line in p.read_text().splitlines())
             for p in exp.rglob("train.log")}
-
-
-@pytest.fixture(scope="module")
-def reference(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The grid run by one process: what any set of workers must reproduce."""
-    exp = tmp_path_factory.mktemp("one") / "exp"
-    assert worker(grid_argv(exp, tiny_data), exp.parent / "log").wait(300) == 0, (exp.parent / "log").read_text()
-    return exp
 
 
 def test_lock_is_exclusive_and_dies_with_its_holder(tmp_path: Path) -> None:
