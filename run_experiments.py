@@ -292,7 +292,7 @@ def main(argv: list[str] | None = None) -> None:
             bar.set_postfix_str(f"cell {i + 1}/{len(grid)}: {label(grid[i])}")
             tqdm.write(f"[{i + 1}/{len(grid)}] {label(grid[i])}")
             try:
-                train.run(train.parse_args(cell_argv(forwarded, exp, *grid[i])), ds)
+                train.run(train.parse_args(cell_argv(forwarded, exp, *grid[i])), ds, report=False)
             except Busy as e:  # --busy skip: another worker holds it; come back later
                 tqdm.write(f"  busy ({e}); moving on")
                 continue

@@ -395,8 +395,7 @@ def match_optimizer(opt: torch.optim.Optimizer, device: torch.device, graph: boo
     """After load_state_dict: the loaded groups carry the settings of the run that saved them;
     put back this run's (a float LR would be frozen into a graph)."""
     for group in opt.param_groups:
-        if device.type == "cuda":
-            group["fused"], group["capturable"] = True, graph
+        group["fused"], group["capturable"] = device.type == "cuda", graph  # as make_optimizer makes them
         lr = float(group["lr"])
         group["lr"] = torch.tensor(lr, device=device) if graph else lr
     if device.type == "cuda":
@@ -431,6 +430,7 @@ class GraphedStep:
         self.graph: torch.cuda.CUDAGraph | None = None
         self.static: tuple[torch.Tensor, ...] | None = None
         self.loss: torch.Tensor | None = None
+        self.side: torch.cuda.Stream | None = None
         self.calls = 0
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
@@ -439,17 +439,18 @@ class GraphedStep:
         for dst, src in zip(self.static, (x, y, steps), strict=True):
             dst.copy_(src)
         if self.graph is None:
+            if self.side is None:
+                self.side = torch.cuda.Stream()  # one side stream for warm-up and capture
             if self.calls < self.WARMUP:
                 self.calls += 1
-                side = torch.cuda.Stream()
-                side.wait_stream(torch.cuda.current_stream())
-                with torch.cuda.stream(side):
+                self.side.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(self.side):
                     loss = train_step(self.model, self.opt, *self.static, self.clip, self.bf16)
-                torch.cuda.current_stream().wait_stream(side)
+                torch.cuda.current_stream().wait_stream(self.side)
                 return loss
             self.opt.zero_grad(set_to_none=True)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
+            with torch.cuda.graph(graph, stream=self.side):
                 self.loss = train_step(self.model, self.opt, *self.static, self.clip, self.bf16)
             self.graph = graph
         self.graph.replay()
@@ -1109,8 +1110,9 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig(**{k: v for k, v in vars(args).items() if k in names})
 
 
-def run(args: argparse.Namespace, ds: ECGDataset | None = None) -> pd.DataFrame | dict:
-    """What main() does, for callers that hold the data already (run_experiments.py)."""
+def run(args: argparse.Namespace, ds: ECGDataset | None = None, report: bool = True) -> pd.DataFrame | dict:
+    """What main() does, for callers that hold the data already (run_experiments.py, which
+    passes ``report=False``: a dense cell of a grid prints no metrics)."""
     data = Path(args.data)
     try:  # before any work: a typo must not cost a dense training
         pm.check_layer_names(HannunNet(args.model), tuple(args.dense_layers), dict(args.layer_fraction))
@@ -1131,7 +1133,7 @@ def run(args: argparse.Namespace, ds: ECGDataset | None = None) -> pd.DataFrame 
         dense_flags = {f: v for f, v in flags.items() if f not in PRUNING_FLAGS}
         results = run_dense(ctx, args.out / "dense", dense_flags, data,
                             parse_rewind(args.rewind_to, ctx.steps_per_epoch))
-        if not args.quiet:
+        if report:
             if done:
                 print(f"{args.out / 'dense'} is finished; its metrics:")
             print_metrics(results)

@@ -142,7 +142,9 @@ def main(argv: list[str] | None = None) -> None:
         "eval": lambda: eval_rows(add, seconds, args.data),
         "inference": lambda: inference_rows(add, seconds),
         "compile": lambda: compile_rows(add, seconds),
-        "gpu": lambda: gpu_rows(add, seconds, args.data, gpu_batch, gpu_length),
+        # every GPU row is written as soon as it is measured: a sitting may be cut short
+        "gpu": lambda: gpu_rows(lambda *a, **k: (add(*a, **k), write(args.out, rows)), seconds, args.data,
+                                gpu_batch, gpu_length),
     }
     for name in only:
         if name in sections:
@@ -259,10 +261,16 @@ def compile_rows(add: Callable[..., None], seconds: float) -> None:
                 records_per_s=batch / times[how], speedup=times["eager"] / times[how], first_call_s=first)
 
 
+CUDA_REPEATS = 5
+
+
 def cuda_timed(fn: Callable[[], object]) -> Callable[[], None]:
-    """``fn`` followed by a device synchronisation, so wall time counts the GPU's work."""
+    """``fn`` CUDA_REPEATS times, then a device synchronisation, so wall time counts the GPU's
+    work while the host runs ahead as in training (one sync per call would expose launch
+    latency that training overlaps). Divide the time by CUDA_REPEATS."""
     def run() -> None:
-        fn()
+        for _ in range(CUDA_REPEATS):
+            fn()
         torch.cuda.synchronize()
     return run
 
@@ -272,7 +280,6 @@ def gpu_rows(add: Callable[..., None], seconds: float, data: Path, batch: int, l
     if not torch.cuda.is_available():
         print("gpu: no CUDA device; section skipped")
         return
-    import train_together as tt  # noqa: PLC0415
     dev = torch.device("cuda")
     torch.backends.cudnn.benchmark = True
     name = torch.cuda.get_device_name()
@@ -280,7 +287,8 @@ def gpu_rows(add: Callable[..., None], seconds: float, data: Path, batch: int, l
     for dtype, label in ((torch.float32, "fp32"), (torch.bfloat16, "bf16")):
         a = torch.randn(8192, 8192, device=dev, dtype=dtype)
         b = torch.randn(8192, 8192, device=dev, dtype=dtype)
-        peak[label] = 2 * 8192**3 / et.median_seconds(cuda_timed(lambda a=a, b=b: a @ b), seconds) / 1e12
+        t = et.median_seconds(cuda_timed(lambda a=a, b=b: a @ b), seconds) / CUDA_REPEATS
+        peak[label] = 2 * 8192**3 / t / 1e12
         add("gpu", f"{name}: matmul 8192^3 {label}", tflops=peak[label])
     cfg = HannunConfig(width=1.0)
     flops = 3 * forward_flops(HannunNet(cfg), length)  # per record, forward + backward
@@ -307,16 +315,61 @@ def gpu_rows(add: Callable[..., None], seconds: float, data: Path, batch: int, l
                 tr.train_step(model, opt, x, y, steps, 1.0, bf16)
             masked.apply()
 
-        t = et.median_seconds(cuda_timed(step), seconds, warmup=tr.GraphedStep.WARMUP + 2)
+        try:
+            # warm-up: 2 calls of CUDA_REPEATS steps, past GraphedStep's eager warm-up and its capture
+            t = et.median_seconds(cuda_timed(step), seconds) / CUDA_REPEATS
+        except Exception as e:  # noqa: BLE001 - a failed mode is a finding, the other rows still count
+            add("gpu", f"full w1, masked step, batch {batch} x {length}, {how}",
+                failed=f"{type(e).__name__}: {e}"[:200])
+            continue
         base = base or t
         tf = batch * flops / t / 1e12
         add("gpu", f"full w1, masked step, batch {batch} x {length}, {how}", records_per_s=batch / t,
             tflops=tf, mfu_bf16=tf / peak["bf16"], speedup=base / t)
     try:
+        graph_check(add, dev, batch, length)
+    except Exception as e:  # noqa: BLE001
+        add("gpu", "CUDA graph = eager (losses of the same steps)", agrees="error", error=str(e)[:200])
+    try:
         ds = load_dataset(data if data.is_dir() else ROOT / "data" / "synthetic")
-    except Exception as e:  # noqa: BLE001 - a benchmark row, not a pipeline step
-        print(f"gpu: no data set for the together rows ({e}); skipped")
-        return
+        together_rows(add, ds, dev, batch, length)
+    except Exception as e:  # noqa: BLE001 - never run on CUDA before: a failure is a finding
+        print(f"gpu: the together rows failed ({type(e).__name__}: {e})")
+
+
+def graph_check(add: Callable[..., None], dev: torch.device, batch: int, length: int, steps: int = 8) -> None:
+    """The same steps (dropout off, same weights, batches and LR) eager and as a CUDA graph:
+    their losses must agree to bf16 rounding, or the sitting trains eager."""
+    cfg = HannunConfig(width=1.0, dropout=0.0)
+    torch.manual_seed(1)
+    xs = torch.randn(steps, batch, 1, length, device=dev)
+    ys = torch.randint(0, 4, (steps, batch), device=dev)
+    n = torch.full((batch,), length // cfg.stride, device=dev)
+    losses = {}
+    for graph in (False, True):
+        torch.manual_seed(0)
+        model = HannunNet(cfg).to(dev).train()
+        masked = pm.MaskedModel(model, pruned_masks(model, 16.0))
+        opt = tr.make_optimizer(model, tr.TrainConfig(batch_size=batch, crop=length, model=cfg), dev, graph)
+        graphed = tr.GraphedStep(model, opt, 1.0, True) if graph else None
+        out = []
+        for i in range(steps):
+            tr.set_lr(opt, 1e-3 * (0.5 if i >= steps // 2 else 1.0))  # the schedule must reach the graph
+            loss = (graphed(xs[i], ys[i], n) if graphed is not None
+                    else tr.train_step(model, opt, xs[i], ys[i], n, 1.0, True))
+            out.append(float(loss))
+            masked.apply()
+        losses[graph] = out
+    diff = max(abs(a - b) / max(abs(a), 1e-6) for a, b in zip(losses[False], losses[True], strict=True))
+    add("gpu", "CUDA graph = eager (losses of the same steps)", agrees="yes" if diff < 0.02 else "no",
+        max_relative_difference=diff, steps=float(steps))
+
+
+def together_rows(add: Callable[..., None], ds: object, dev: torch.device, batch: int, length: int) -> None:
+    """4 tickets trained together (train_together.py, vmap) against one by one."""
+    import train_together as tt  # noqa: PLC0415
+
+    cfg = HannunConfig(width=1.0)
     tcfg = tr.TrainConfig(batch_size=batch // 2, crop=length, model=cfg)
     batcher = tr.Batcher(ds, tr.Normalizer.fit(ds, ds.indices("train")), cfg.stride, dev)
     masks = pruned_masks(HannunNet(cfg), 16.0)

@@ -120,6 +120,7 @@ def test_sitting_refuses_a_missing_data_set_and_a_cpu_machine(tmp_path: Path, ti
     done = sitting(cfg, tmp_path / "out", "--skip-smoke", "--skip-bench")
     assert done.returncode != 0 and "nowhere is missing" in done.stderr
     if not torch.cuda.is_available():
+        cfg = config(tmp_path, tiny_data, 2, tmp_path / "exp")
         done = subprocess.run([sys.executable, "gpu_sitting.py", "run", "--config", str(cfg), "--out",
                                str(tmp_path / "out")], cwd=ROOT, capture_output=True, text=True, timeout=120)
         assert done.returncode != 0 and "no CUDA device" in done.stderr
