@@ -46,6 +46,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from run_folders import atomic_write, atomic_write_text
+
 ROOT = Path(__file__).resolve().parent
 SMALL_FILES = {"config.json", "metrics.json", "history.csv", "predictions.csv", "sparsity.csv", "rounds.csv",
                "train.log", "results.csv", "experiment.json"}
@@ -59,9 +61,7 @@ def log(msg: str) -> None:
 
 
 def write_json(obj: dict, path: Path) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
+    atomic_write_text(json.dumps(obj, indent=2) + "\n", path)
 
 
 # --------------------------------------------------------------------------- the grid command
@@ -105,9 +105,7 @@ def pack(exp: Path, dest: Path) -> int:
     with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
         for p in files:
             tar.add(p, arcname=p.relative_to(exp).as_posix())
-    tmp = dest.with_suffix(".tmp")
-    tmp.write_bytes(buffer.getvalue())
-    os.replace(tmp, dest)
+    atomic_write(dest, buffer.getvalue())
     return len(files)
 
 
@@ -309,9 +307,7 @@ def merge(args: argparse.Namespace) -> None:
         (exp / name).parent.mkdir(parents=True, exist_ok=True)
         (exp / name).write_bytes(data)
         written += 1
-    sys.path.insert(0, str(ROOT))
     import run_experiments  # noqa: PLC0415
-    import run_folders  # noqa: PLC0415
 
     (exp / "sittings").mkdir(parents=True, exist_ok=True)
     stamp = record.get("started", time.strftime("%Y-%m-%dT%H%M%S")).replace(":", "")
@@ -319,8 +315,7 @@ def merge(args: argparse.Namespace) -> None:
     if "experiment.json" in files:
         (exp / "sittings" / f"seed{record.get('seed', 'unknown')}-{stamp}-experiment.json").write_bytes(
             files["experiment.json"])
-    table = run_experiments.collect(exp)
-    run_folders.atomic_write_text(table.to_csv(index=False, float_format="%.6g"), exp / "results.csv")
+    table = run_experiments.write_results(exp)
     bench = src / "bench" / "results.json"
     if bench.is_file() and args.bench_out is not None:
         sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -329,7 +324,8 @@ def merge(args: argparse.Namespace) -> None:
         rows = [r for r in json.loads(bench.read_text())["rows"] if r["section"] == "gpu"]
         if rows:
             run_benchmarks.write(args.bench_out, rows)
-    print(f"merged {written} files of seed {record.get('seed', '?')} into {exp}; {len(table)} rows in "
+    rows = 0 if table is None else len(table)
+    print(f"merged {written} files of seed {record.get('seed', '?')} into {exp}; {rows} rows in "
           f"{exp / 'results.csv'}" + (" (cut short at the deadline: partial)" if record.get("stopped_by_deadline")
                                       else ""))
 

@@ -113,6 +113,10 @@ def test_deadline_stops_the_seed_and_keeps_finished_rounds(tmp_path: Path, tiny_
         names = set(tar.getnames())
     assert "seed1/dense/metrics.json" in names and "seed1/dense/history.csv" in names
     assert len([n for n in names if n.endswith("metrics.json")]) == record["trainings_finished"] + 1
+    merged = tmp_path / "merged"  # what came back of a cut seed merges too (seed 1 only: seed 0 was ours)
+    gs.main(["merge", str(out), "--exp", str(merged), "--bench-out", str(tmp_path / "bench")])
+    dense = Path("seed1") / "dense" / "metrics.json"
+    assert (merged / dense).read_bytes() == (exp / dense).read_bytes()
 
 
 def test_sitting_refuses_a_missing_data_set_and_a_cpu_machine(tmp_path: Path, tiny_data: Path) -> None:
