@@ -205,20 +205,20 @@ def test_an_interrupted_grid_keeps_its_finished_cells_and_plots_them_as_partial(
             "--prune-fraction", "0.5", "--data", str(tiny_data), *TINY_FLAGS]
     real, calls = tr.run, []
 
-    def interrupted(args, ds):  # noqa: ANN001, ANN202
+    def interrupted(args, ds, **kw):  # noqa: ANN001, ANN003, ANN202
         calls.append(args.retrain)
-        if len(calls) == 2:
-            raise KeyboardInterrupt  # Ctrl-C in the second cell
-        return real(args, ds)
+        if args.retrain == "finetune":
+            raise KeyboardInterrupt  # Ctrl-C in the last cell (after the dense cell and lr_rewind)
+        return real(args, ds, **kw)
 
     monkeypatch.setattr(tr, "run", interrupted)
     with pytest.raises(KeyboardInterrupt):
         run_experiments.main(argv)
     table = pd.read_csv(exp / "results.csv")
     assert set(table["method"]) == {"lr_rewind"} and len(table) == 2  # the finished cell, saved
-    assert plot_results.partial(exp) == "partial: 1 of 2 cells finished"
+    assert plot_results.partial(exp) == "partial: 2 of 3 cells finished"
     plot_results.main(["--exp", str(exp)])
-    assert (exp / "plots" / "summary.md").read_text().startswith("**Partial: 1 of 2 cells finished**")
+    assert (exp / "plots" / "summary.md").read_text().startswith("**Partial: 2 of 3 cells finished**")
     monkeypatch.setattr(tr, "run", real)
     run_experiments.main(argv)  # the rest, then nothing is partial
     assert set(pd.read_csv(exp / "results.csv")["method"]) == {"lr_rewind", "finetune"}
