@@ -83,9 +83,16 @@ class SameConv1d(nn.Conv1d):
         super().__init__(in_channels, out_channels, kernel_size, stride=stride, padding=padding)
         self.same_pad = (kernel_size // 2 - 1, kernel_size // 2) if stride == 1 else None
 
+    fp32_under_autocast = False
+    """Set (per layer, by :func:`guard_bf16`) where bf16 autocast computes this layer wrongly:
+    the layer then runs in fp32 inside an autocast region."""
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.same_pad is not None:
             x = F.pad(x, self.same_pad)
+        if self.fp32_under_autocast and torch.is_autocast_enabled(x.device.type):
+            with torch.autocast(x.device.type, enabled=False):
+                return super().forward(x.float())
         return super().forward(x)
 
 
@@ -189,6 +196,61 @@ def flops(positions: dict[str, int], weights: dict[str, int]) -> int:
     layer's output positions and its number of (non-zero) weights. BatchNorm, ReLU and
     pooling (under 1 % here) are left out."""
     return 2 * sum(positions[n] * weights[n] for n in positions)
+
+
+def bf16_faulty_convs(model: nn.Module, x: torch.Tensor, tolerance: float = 0.05) -> list[str]:
+    """Names of the conv layers that bf16 autocast computes wrongly on ``x``'s device.
+
+    Why: on CPUs with AMX, PyTorch 2.13's oneDNN bf16 kernel for stride-1 conv1d with 4, 6,
+    8 or 12 input channels returns outputs unrelated to the right ones (relative error ~1.0,
+    measured 2026-11-27; fp32, and other channel counts, are right). The width-0.25 network's
+    first four blocks have 8 channels, so every bf16 CPU run there trained a different,
+    broken function. Each layer is checked on the input it really gets from ``x`` (an fp32
+    forward pass in eval mode): the output, the input gradient and the weight gradient under
+    bf16 autocast against fp32. bf16 rounding alone gives ~0.3 % relative error; a layer is
+    faulty above ``tolerance``.
+    """
+    convs = {n: m for n, m in model.named_modules() if isinstance(m, SameConv1d)}
+    inputs: dict[str, torch.Tensor] = {}
+
+    def keep(name: str) -> Callable:
+        return lambda m, args: inputs.__setitem__(name, args[0].detach())
+
+    handles = [m.register_forward_pre_hook(keep(n)) for n, m in convs.items()]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
+            model(x.float())
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+    faulty = []
+    for name, conv in convs.items():
+        xin, flag = inputs[name], conv.fp32_under_autocast
+        conv.fp32_under_autocast = False
+        try:
+            results = []
+            for bf16 in (False, True):
+                xi = xin.clone().requires_grad_()
+                with torch.enable_grad():
+                    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
+                        y = conv(xi).float()
+                    g = torch.randn(y.shape, generator=torch.Generator().manual_seed(0)).to(y.device)
+                    results.append((y.detach(), *torch.autograd.grad(y, (xi, conv.weight), g)))
+        finally:
+            conv.fp32_under_autocast = flag
+        error = max(float((b - a).norm() / a.norm().clamp_min(1e-30)) for a, b in zip(*results, strict=True))
+        if error > tolerance:
+            faulty.append(name)
+    return faulty
+
+
+def guard_bf16(model: nn.Module, names: list[str] | tuple[str, ...]) -> None:
+    """Run the conv layers ``names`` (from :func:`bf16_faulty_convs`) in fp32 under autocast."""
+    for name in names:
+        model.get_submodule(name).fp32_under_autocast = True
 
 
 def layer_table(model: nn.Module) -> list[tuple[str, str, int]]:

@@ -49,7 +49,17 @@ from tqdm import tqdm
 
 import prune as pm
 from build_datasets import DatasetError, ECGDataset, load_dataset
-from model import CLASSES, RECORD_SAMPLES, HannunConfig, HannunNet, count_parameters, flops, output_positions
+from model import (
+    CLASSES,
+    RECORD_SAMPLES,
+    HannunConfig,
+    HannunNet,
+    bf16_faulty_convs,
+    count_parameters,
+    flops,
+    guard_bf16,
+    output_positions,
+)
 from run_folders import (
     CHECKPOINT,
     atomic_save,
@@ -254,16 +264,17 @@ def resolve_device(name: str) -> torch.device:
 
 
 def use_bf16(amp: str, device: torch.device) -> bool:
-    """bf16 autocast on CUDA, and on CPUs with native bf16 (avx512_bf16/AMX), where it
-    measured ~1.3-2x faster than fp32 (see results/README.md); fp32 elsewhere."""
+    """bf16 autocast on CUDA (where supported); fp32 on the CPU unless --amp bf16.
+
+    Why not bf16 on CPUs with AMX: PyTorch 2.13's oneDNN bf16 conv1d is wrong there for the
+    width-0.25 network's 8-channel layers (model.bf16_faulty_convs). Those layers now run
+    in fp32 under autocast, which leaves bf16 only ~1.1x faster than fp32 at CPU scale
+    (0.24 vs 0.27 s per step of 32 x 2048 samples, measured 2026-11-27): not worth the
+    risk. Earlier runs under 'auto' on this machine used the broken kernels
+    (results/README.md)."""
     if amp != "auto":
         return amp == "bf16"
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
+    return device.type == "cuda" and torch.cuda.is_bf16_supported()
 
 
 class _Tee:
@@ -607,6 +618,12 @@ BASELINES = ("dense_equal_steps",)
 round after round exactly as lr_rewind retrains its tickets (same start, LR and steps), so
 at round r it has had the same cumulative steps as lr_rewind's round-r ticket."""
 CONTROLS = ("random_reinit", "random_prune")
+NUMERICS_VERSION = 2
+"""Stored in every run folder's flags (a folder made under other numerics is refused, not
+resumed): 2 = bf16 autocast only on CUDA by default, every conv layer checked against fp32
+and the faulty ones run in fp32 (model.bf16_faulty_convs). Version 1 (runs before
+2026-11-27 21:45 UTC) used bf16 on CPUs with AMX unchecked, where the width-0.25 network's
+8-channel convs computed wrong outputs."""
 DEFINITIONS_VERSION = 2
 """What the methods mean (stored in every method folder's flags; a folder made under other
 definitions is refused, not resumed): 2 = weight_rewind from the initial weights over the
@@ -637,15 +654,20 @@ class Context:
     step_mode: str = "auto"
     wait: bool = True
     """When a run folder is locked by another worker: wait for it (True) or raise run_folders.Busy."""
+    fp32_convs: tuple[str, ...] = ()
+    """Conv layers that bf16 autocast computes wrongly on this device: they run in fp32."""
 
     @classmethod
     def make(cls, ds: ECGDataset, args: argparse.Namespace) -> Context:
         cfg = config_from_args(args)
         device = resolve_device(args.device)
         norm = Normalizer.fit(ds, ds.indices("train"))
-        return cls(ds, cfg, device, use_bf16(args.amp, device), Batcher(ds, norm, cfg.model.stride, device),
-                   math.ceil(len(ds.indices("train")) / cfg.batch_size), args.checkpoint_minutes, args.quiet,
-                   args.step_mode, args.busy == "wait")
+        ctx = cls(ds, cfg, device, use_bf16(args.amp, device), Batcher(ds, norm, cfg.model.stride, device),
+                  math.ceil(len(ds.indices("train")) / cfg.batch_size), args.checkpoint_minutes, args.quiet,
+                  args.step_mode, args.busy == "wait")
+        if ctx.bf16:
+            ctx.fp32_convs = checked_bf16_convs(ctx)
+        return ctx
 
     @property
     def total_steps(self) -> int:
@@ -653,7 +675,9 @@ class Context:
 
     def new_model(self, seed: int) -> HannunNet:
         torch.manual_seed(seed)
-        return HannunNet(self.cfg.model).to(self.device)
+        model = HannunNet(self.cfg.model).to(self.device)
+        guard_bf16(model, self.fp32_convs)
+        return model
 
     @functools.cached_property
     def layers(self) -> tuple[dict[str, int], dict[str, int]]:
@@ -672,6 +696,26 @@ class Context:
 
     def load(self, path: Path) -> dict:
         return load_pt(path, self.device)
+
+
+_BF16_NOTED: set[tuple[str, ...]] = set()
+
+
+def checked_bf16_convs(ctx: Context) -> tuple[str, ...]:
+    """The conv layers that bf16 autocast gets wrong on ``ctx.device`` for this network, checked
+    on a few real training windows with a throw-away model (the RNG is left as it was), and
+    said once per process: they will run in fp32."""
+    with torch.random.fork_rng(devices=[ctx.device] if ctx.device.type == "cuda" else []):
+        probe = HannunNet(ctx.cfg.model).to(ctx.device)
+        idx = ctx.ds.indices("train")[:4]
+        x, _, _ = ctx.batcher(idx, ctx.cfg.crop, np.random.default_rng(0))
+        faulty = tuple(bf16_faulty_convs(probe, x))
+    if faulty and faulty not in _BF16_NOTED:
+        _BF16_NOTED.add(faulty)
+        print(f"note: bf16 autocast computes {len(faulty)} conv layer(s) of this network wrongly on "
+              f"{ctx.device} (a PyTorch/oneDNN kernel bug: {', '.join(faulty)}); they run in fp32",
+              file=sys.stderr)
+    return faulty
 
 
 def parse_rewind(text: str, steps_per_epoch: int) -> int:
@@ -705,6 +749,7 @@ def fit_and_report(ctx: Context, model: HannunNet, run_dir: Path, extra: dict, *
     train_seconds = sum(h["train_seconds"] for h in history)
     results.update({
         "parameters": count_parameters(model), "device": str(ctx.device), "bf16": ctx.bf16,
+        "bf16_fp32_convs": list(ctx.fp32_convs),
         "epochs_run": len(history), "steps": history[-1]["step"] if history else 0,
         "train_seconds": train_seconds, "seconds_per_epoch": train_seconds / max(len(history), 1),
         "wall_seconds_this_sitting": time.perf_counter() - t0,
@@ -1006,7 +1051,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="seed of init, batch order, dropout, crops")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp32"],
-                   help="bf16 autocast: auto = on CUDA and on CPUs with native bf16")
+                   help="bf16 autocast: auto = on CUDA only (on the CPU, PyTorch 2.13 computes some bf16 "
+                   "convs wrongly; with 'bf16' every conv is checked and those run in fp32)")
     p.add_argument("--step-mode", default="auto", choices=STEP_MODES,
                    help="CUDA only: 'graph' replays each full-size training step as a captured CUDA graph; "
                    "auto = graph on CUDA with --crop (fixed shapes), else eager. The CPU is always eager")
@@ -1127,6 +1173,7 @@ def run(args: argparse.Namespace, ds: ECGDataset | None = None, report: bool = T
     flags["model"] = asdict(args.model)
     flags["layer_fraction"] = [list(x) for x in args.layer_fraction]
     flags["definitions_version"] = DEFINITIONS_VERSION
+    flags["numerics_version"] = NUMERICS_VERSION
     ctx = Context.make(ds, args)
     if args.retrain is None:
         done = (args.out / "dense" / METRICS).is_file()

@@ -32,7 +32,7 @@ from torch.func import functional_call, stack_module_state, vmap
 import prune as pm
 import train as tr
 from build_datasets import ECGDataset
-from model import HannunConfig, HannunNet
+from model import HannunConfig, HannunNet, bf16_faulty_convs, guard_bf16
 
 
 def train_together(models: list[HannunNet], masks: list[pm.Masks | None], lr_fns: list[Callable[[int], float]],
@@ -147,8 +147,14 @@ def main(argv: list[str] | None = None) -> None:
     masks = pm.magnitude_prune(HannunNet(cfg.model), pm.full_masks(HannunNet(cfg.model)), 0.9)
     print(f"width {args.width}, {args.blocks} blocks, batch {args.batch_size} x {args.crop} samples, "
           f"{'bf16' if bf16 else 'fp32'}, {torch.get_num_threads()} threads, {args.steps} steps per ticket")
+    faulty = []
+    if bf16:  # the layers PyTorch's bf16 conv gets wrong run in fp32, as in train.py
+        probe = batcher(ds.indices("train")[:4], cfg.crop, np.random.default_rng(0))[0]
+        faulty = bf16_faulty_convs(HannunNet(cfg.model), probe)
     for k in [int(v) for v in args.ks.split(",")]:
         models = [HannunNet(cfg.model) for _ in range(k)]
+        for model in models:
+            guard_bf16(model, faulty)
         train_one_by_one(models[0], masks, ds, cfg, 2, bf16, batcher)  # warm-up
         t0 = time.perf_counter()
         for model in models:

@@ -56,7 +56,7 @@ import prune as pm  # noqa: E402
 import run_folders as rf  # noqa: E402
 import train as tr  # noqa: E402
 from build_datasets import load_dataset  # noqa: E402
-from model import HannunConfig, HannunNet  # noqa: E402
+from model import HannunConfig, HannunNet, bf16_faulty_convs, guard_bf16  # noqa: E402
 
 
 def matmul_peak(dtype: torch.dtype, seconds: float, n: int = 2048) -> float:
@@ -79,6 +79,8 @@ def train_step_fn(model: HannunNet, batch: int, length: int, bf16: bool,
     y = torch.randint(0, 4, (batch,))
     steps = torch.full((batch,), length // model.cfg.stride)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    if bf16:  # the layers PyTorch's bf16 conv gets wrong run in fp32, as in training
+        guard_bf16(model, bf16_faulty_convs(model, x[:2]))
     model.train()
 
     def step() -> None:

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from model import HannunConfig, HannunNet, count_parameters, layer_table
+from model import HannunConfig, HannunNet, SameConv1d, bf16_faulty_convs, count_parameters, guard_bf16, layer_table
 
 
 def test_published_network_has_10_466_148_parameters() -> None:
@@ -61,3 +61,49 @@ def test_shortcut_carries_the_input_where_convs_are_zero() -> None:
     for p in (block.conv1, block.conv2):
         nn.init.zeros_(p.weight), nn.init.zeros_(p.bias)
     assert torch.equal(block(x), torch.nn.functional.max_pool1d(x, 2))
+
+
+def _broken_under_bf16(conv: SameConv1d) -> None:
+    """Make one layer behave like the oneDNN bug: garbage whenever it computes in bf16."""
+    right = conv._conv_forward
+
+    def forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        y = right(x, weight, bias)
+        return y.flip(-1) * 3 if torch.is_autocast_enabled("cpu") else y
+
+    conv._conv_forward = forward
+
+
+def test_bf16_check_names_the_broken_layer_and_the_guard_fixes_it() -> None:
+    torch.manual_seed(0)
+    model = HannunNet(HannunConfig(width=0.5, blocks=4)).eval()  # 16+ channels: right in bf16 here
+    x = torch.randn(2, 1, 512)
+    _broken_under_bf16(model.blocks[2].conv1)
+    assert bf16_faulty_convs(model, x) == ["blocks.2.conv1"]
+    with torch.no_grad():
+        right = model(x)
+
+        def relative_error() -> float:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                return float((model(x).float() - right).norm() / right.norm())
+
+        assert relative_error() > 0.5
+        guard_bf16(model, ["blocks.2.conv1"])
+        assert relative_error() < 0.05
+    assert model.training is False  # the check leaves the mode as it found it
+    assert bf16_faulty_convs(model, x) == ["blocks.2.conv1"]  # the kernel is checked, not the guard
+
+
+def test_width_quarter_network_is_right_under_bf16_once_guarded() -> None:
+    """On CPUs where PyTorch's bf16 conv1d is wrong for 8-channel layers (AMX, torch 2.13, the
+    bug this guard exists for) the unguarded output is unrelated to fp32; guarded, it matches.
+    Elsewhere both match (the first assert then holds trivially)."""
+    torch.manual_seed(0)
+    model = HannunNet(HannunConfig(width=0.25, blocks=8)).eval()
+    x = torch.randn(4, 1, 1024)
+    guard_bf16(model, bf16_faulty_convs(model, x))
+    with torch.no_grad():
+        right = model(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            guarded = model(x).float()
+    assert float((guarded - right).norm() / right.norm()) < 0.05

@@ -14,7 +14,7 @@ from conftest import tiny_train_args
 import run_folders as rf
 import train as tr
 from build_datasets import load_dataset
-from model import HannunNet
+from model import HannunConfig, HannunNet
 
 
 def test_metrics_match_a_hand_computed_confusion_matrix() -> None:
@@ -256,3 +256,25 @@ def test_runs_made_before_a_flag_existed_still_resume(tiny_data: Path, tmp_path:
     with pytest.raises(SystemExit, match=r"--max-steps 0 \(now 2\)"):
         tr.main(tiny_train_args(tiny_data, out, "--epochs", "1", "--max-steps", "2"))
     tr.main(tiny_train_args(tiny_data, out, "--epochs", "1"))  # default: accepted, finished
+
+
+def test_bf16_is_opt_in_on_the_cpu_guarded_and_older_numerics_are_refused(tiny_data: Path, tmp_path: Path) -> None:
+    """'auto' trains in fp32 on the CPU; --amp bf16 checks every conv against fp32 and stores
+    the ones run in fp32; a folder made before that check (numerics 1) is refused."""
+    assert not tr.use_bf16("auto", torch.device("cpu"))
+    out = tmp_path / "run"
+    argv = tiny_train_args(tiny_data, out, "--epochs", "1", "--max-steps", "2", "--amp", "bf16")
+    tr.main(argv)
+    metrics = json.loads((out / "dense" / tr.METRICS).read_text())
+    convs = {n for n, m in HannunNet(HannunConfig(width=0.125)).named_modules() if isinstance(m, torch.nn.Conv1d)}
+    assert metrics["bf16"] is True and set(metrics["bf16_fp32_convs"]) <= convs
+    plain = tmp_path / "plain"
+    tr.main(tiny_train_args(tiny_data, plain, "--epochs", "1", "--max-steps", "2"))
+    metrics = json.loads((plain / "dense" / tr.METRICS).read_text())
+    assert metrics["bf16"] is False and metrics["bf16_fp32_convs"] == []
+    config = json.loads((out / "dense" / rf.CONFIG).read_text())
+    assert config["flags"]["numerics_version"] == tr.NUMERICS_VERSION == 2
+    del config["flags"]["numerics_version"]  # as a folder made before the check has it
+    (out / "dense" / rf.CONFIG).write_text(json.dumps(config))
+    with pytest.raises(SystemExit, match=r"--numerics-version 1 \(now 2\)"):
+        tr.main(argv)
