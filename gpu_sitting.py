@@ -74,10 +74,11 @@ def grid_command(config: Path) -> list[str]:
                          text=True, cwd=ROOT)
     if out.returncode:
         raise SystemExit(f"error: bash run.sh {config} --dry-run failed: {out.stderr.strip()}")
-    for line in out.stdout.splitlines():
+    for line in out.stdout.splitlines():  # the first worker's command (a sitting runs one)
         argv = shlex.split(line)
-        if len(argv) > 1 and argv[1] == "run_experiments.py":
-            return argv[1:]
+        if "run_experiments.py" in argv:
+            argv = argv[argv.index("run_experiments.py"):]
+            return argv[:-2] if argv[-2:] == ["--busy", "skip"] else argv
     raise SystemExit(f"error: run.sh {config} --dry-run printed no run_experiments.py command")
 
 

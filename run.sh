@@ -18,10 +18,10 @@ SPLIT_SEED=0               # seed of the stratified train/val/test split
 # --- network and dense training (train.py)
 WIDTH=0.25                 # filter multiplier: 1 = the published 10.47 M-parameter network
 BLOCKS=8                   # residual blocks: 16 = the published 34-layer network
-CROP=1024                  # train on random windows of this many samples (0 = whole records)
-EPOCHS=5                   # dense schedule length T; every pruning round retrains steps [k, T)
+CROP=512                   # train on random windows of this many samples (0 = whole records)
+EPOCHS=6                   # dense schedule length T; every pruning round retrains steps [k, T)
 BATCH=16
-LR=0.001
+LR=0.003
 MILESTONES=0.7             # fractions of T where the LR drops x0.1 (published recipe: 0.5,0.75)
 DEVICE=auto                # auto | cpu | cuda
 # --- pruning rounds (run_experiments.py -> train.py --retrain)
@@ -42,6 +42,8 @@ MIN_FRACTION=0.01          # GOAL: stop when the fraction would fall below this
 EXTRA=""                   # more train.py flags, e.g. "--eval-batch-size 256 --step-mode graph"
 # --- where the grid runs
 EXECUTOR=local             # local: this process walks the grid | slurm: one SLURM array job per stage
+WORKERS=2                  # local: grid workers side by side, the cores shared out (a small network
+                           # uses 2 cores poorly: 2 one-thread workers train ~2x as fast; 1 for a GPU)
 SBATCH_OPTIONS="--time=04:00:00 --mem=16G"   # slurm: options of every job, e.g. add --partition=gpu --gres=gpu:1
 SLURM_WAIT=1               # slurm: 1 = wait for the jobs, then plot; 0 = return once submitted
 EXP=results/demo           # experiment folder
@@ -81,11 +83,33 @@ if [ "$EXECUTOR" = slurm ]; then
     executor+=("--sbatch=$SBATCH_OPTIONS")
     if [ "$SLURM_WAIT" = 1 ]; then executor+=(--slurm-wait); fi
 fi
-step python run_experiments.py --exp "$EXP" --seeds "$SEEDS" --methods "$METHODS" \
+grid=(run_experiments.py --exp "$EXP" --seeds "$SEEDS" --methods "$METHODS" \
     --controls "$CONTROLS" --control-methods "$CONTROL_METHODS" --control-every "$CONTROL_EVERY" "${goal[@]}" \
     --data "$DATA_DIR" --width "$WIDTH" --blocks "$BLOCKS" --crop "$CROP" --epochs "$EPOCHS" --batch-size "$BATCH" \
     --lr "$LR" --milestones "$MILESTONES" --device "$DEVICE" \
-    --prune-fraction "$FRACTION" --target-ratio "$TARGET" --rewind-to "$REWIND_TO" "${extra_flags[@]}" "${executor[@]}" --quiet
+    --prune-fraction "$FRACTION" --target-ratio "$TARGET" --rewind-to "$REWIND_TO" "${extra_flags[@]}" "${executor[@]}" --quiet)
+if [ "$EXECUTOR" != local ] || [ "$WORKERS" -le 1 ]; then
+    step python "${grid[@]}"
+else
+    # WORKERS processes walk the same grid; a cell another worker holds is skipped and come back
+    # to (--busy skip). Extra workers log to $EXP/worker-N.log; this one shows the progress.
+    threads=$(( $(nproc) / WORKERS )); if [ "$threads" -lt 1 ]; then threads=1; fi
+    pids=()
+    if [ "$DRY" = 0 ]; then mkdir -p "$EXP"; trap 'if [ ${#pids[@]} -gt 0 ]; then kill "${pids[@]}" 2>/dev/null || true; fi' EXIT; fi
+    for w in $(seq 2 "$WORKERS"); do
+        if [ "$DRY" = 1 ]; then
+            step env OMP_NUM_THREADS="$threads" python "${grid[@]}" --busy skip
+        else
+            env OMP_NUM_THREADS="$threads" python "${grid[@]}" --busy skip > "$EXP/worker-$w.log" 2>&1 &
+            pids+=($!)
+        fi
+    done
+    step env OMP_NUM_THREADS="$threads" python "${grid[@]}" --busy skip
+    for pid in "${pids[@]}"; do
+        if ! wait "$pid"; then echo "error: a grid worker failed; see $EXP/worker-*.log" >&2; exit 1; fi
+    done
+    pids=()
+fi
 if [ "$EXECUTOR" = slurm ] && [ "$SLURM_WAIT" != 1 ]; then
     echo "submitted; when the jobs are done: python plot_results.py --exp $EXP"
     exit 0

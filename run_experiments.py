@@ -284,17 +284,25 @@ def main(argv: list[str] | None = None) -> None:
     done = sum(len(list((exp / f"seed{s}").rglob(train.METRICS))) for s in args.seeds)
     bar = tqdm(total=max(expected_trainings(args, first), done), initial=done, unit="training", desc="grid",
                disable=None, smoothing=0.1)
-    train.ON_TRAINED = lambda run_dir: bar.update()
-    finished, table = 0, None
+
+    def trained(run_dir: Path) -> None:  # counted on disk: other workers' trainings count too
+        bar.n = max(bar.n + 1, sum(len(list((exp / f"seed{s}").rglob(train.METRICS))) for s in args.seeds))
+        bar.refresh()
+
+    train.ON_TRAINED = trained
+    finished, table, said_busy = 0, None, set()
     while todo:
         moved = False
         for i in list(todo):
             bar.set_postfix_str(f"cell {i + 1}/{len(grid)}: {label(grid[i])}")
-            tqdm.write(f"[{i + 1}/{len(grid)}] {label(grid[i])}")
+            if i not in said_busy:
+                tqdm.write(f"[{i + 1}/{len(grid)}] {label(grid[i])}")
             try:
                 train.run(train.parse_args(cell_argv(forwarded, exp, *grid[i])), ds, report=False)
-            except Busy as e:  # --busy skip: another worker holds it; come back later
-                tqdm.write(f"  busy ({e}); moving on")
+            except Busy as e:  # --busy skip: another worker holds it; come back later (said once)
+                if i not in said_busy:
+                    tqdm.write(f"  busy ({e}); moving on")
+                    said_busy.add(i)
                 continue
             todo.remove(i)
             moved, finished = True, finished + 1

@@ -21,4 +21,5 @@ METHODS=lr_rewind,dense_equal_steps,weight_rewind,late_reset,finetune
 CONTROL_METHODS=all
 CONTROL_EVERY=1000
 SEEDS=0,1,2
+WORKERS=1
 EXP=results/cinc2017-cpu

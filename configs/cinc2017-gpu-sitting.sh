@@ -27,4 +27,5 @@ CONTROL_EVERY=2
 SEEDS=0,1,2
 DEVICE=cuda
 EXTRA="--eval-batch-size 256"
+WORKERS=1
 EXP=results/cinc2017-gpu-sitting

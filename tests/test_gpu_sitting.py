@@ -4,6 +4,8 @@ deadline, the packed results, and the merge back (gpu_sitting.py)."""
 from __future__ import annotations
 
 import json
+import os
+import shlex
 import subprocess
 import sys
 import tarfile
@@ -138,3 +140,16 @@ def test_cuda_paths_fall_back_on_the_cpu() -> None:
     assert not opt.param_groups[0].get("fused") and opt.param_groups[0]["lr"] == 3e-3
     train.set_lr(opt, 1e-4)
     assert opt.param_groups[0]["lr"] == 1e-4
+
+
+def test_run_sh_starts_workers_side_by_side_and_the_sitting_takes_one(tmp_path: Path, tiny_data: Path) -> None:
+    cfg = config(tmp_path, tiny_data, 2, tmp_path / "exp")
+    cfg.write_text(cfg.read_text() + "WORKERS=3\n")
+    out = subprocess.run(["bash", str(ROOT / "run.sh"), str(cfg), "--dry-run"], capture_output=True, text=True,
+                         cwd=ROOT, check=True).stdout
+    workers = [shlex.split(line) for line in out.splitlines() if "run_experiments.py" in line]
+    threads = max(1, len(os.sched_getaffinity(0)) // 3)  # what nproc counts
+    assert len(workers) == 3 and all(w[:3] == ["env", f"OMP_NUM_THREADS={threads}", "python"] for w in workers)
+    assert all(w[-2:] == ["--busy", "skip"] for w in workers)
+    argv = gs.grid_command(cfg)
+    assert argv[0] == "run_experiments.py" and "--busy" not in argv

@@ -90,3 +90,22 @@ def test_a_worker_killed_mid_cell_loses_nothing(reference: Path, tiny_data: Path
     counts = starts(exp)
     assert counts.pop("seed0/weight_rewind/round_01") == 2  # started, killed, resumed once
     assert set(counts.values()) == {1}
+
+
+def test_run_sh_walks_the_grid_with_two_workers(tmp_path: Path) -> None:
+    """The driver's WORKERS=2: two processes share the grid, each cell trained once, both
+    recorded in experiment.json, the second one's output in its log; then the plot."""
+    exp = tmp_path / "exp"
+    cfg = tmp_path / "two.sh"
+    cfg.write_text(f"SYNTHETIC_RECORDS=120\nDATA_DIR={tmp_path / 'data'}\nWIDTH=0.125\nBLOCKS=2\nCROP=512\n"
+                   "EPOCHS=2\nMETHODS=weight_rewind,lr_rewind\nCONTROLS=random_prune\n"
+                   "CONTROL_METHODS=weight_rewind\nCONTROL_EVERY=2\nTARGET=4\nSEEDS=0,1\nWORKERS=2\n"
+                   f"EXP={exp}\n")
+    done = subprocess.run(["bash", "run.sh", str(cfg)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    commands = json.loads((exp / "experiment.json").read_text())["commands"]
+    assert len(commands) == 2 and all(c["finished_cells"] == c["cells"] == 8 for c in commands)
+    assert set(starts(exp).values()) == {1} and len(starts(exp)) == 2 * (1 + 2 + 2 + 1)
+    assert "cells in" in (exp / "worker-2.log").read_text()
+    table = pd.read_csv(exp / "results.csv")
+    assert set(table["method"]) == {"weight_rewind", "lr_rewind"} and (exp / "plots" / "summary.md").is_file()
