@@ -3,7 +3,7 @@
 # Edit the variables below. Every step skips work that is already done, so re-running this
 # script after an interruption (Ctrl-C, kill -9, power cut) continues where it stopped.
 #
-# Default: the built-in synthetic demo: every method and control, 2 seeds (4.5 min on 2 CPU cores).
+# Default: the built-in synthetic demo: every method and control, 2 seeds, 2 workers (7 min on 2 CPU cores).
 # Real CinC 2017 data: a shipped configuration (configs/cinc2017-cpu.sh, configs/cinc2017-gpu.sh)
 # as the first argument, or set DATASET=cinc2017 and SOURCE (or DOWNLOAD=1) below.
 set -euo pipefail
@@ -100,7 +100,7 @@ else
         if [ "$DRY" = 1 ]; then
             step env OMP_NUM_THREADS="$threads" python "${grid[@]}" --busy skip
         else
-            env OMP_NUM_THREADS="$threads" python "${grid[@]}" --busy skip > "$EXP/worker-$w.log" 2>&1 &
+            env OMP_NUM_THREADS="$threads" python "${grid[@]}" --busy skip >> "$EXP/worker-$w.log" 2>&1 &
             pids+=($!)
         fi
     done

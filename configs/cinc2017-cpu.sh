@@ -1,8 +1,9 @@
 # CPU scale on the real CinC 2017 data: `bash run.sh configs/cinc2017-cpu.sh`.
-# A width-0.25 Hannun network (all 16 residual blocks and 33 convolutions, 16-128 filters:
+# A width-0.25 Hannun network (all 16 residual blocks and 33 convolutions, 8-64 filters:
 # 656,604 parameters, compression relative to its own dense size) on random training windows,
 # with the recipe chosen on the validation split by configs/cinc2017-recipe-sweep.sh (same
-# compute as before: 1,284 steps of 32 x 2048 samples; results/cinc2017-recipe/sweep.md).
+# compute as before: 1,284 steps of 32 x 2048 samples; results/cinc2017-recipe/sweep.md, re-run in
+# fp32 after the bf16 kernel bug of results/README.md).
 # Every method pruned by 50 % per round to 142x (8 rounds, the last cut to land on 142x),
 # methods in the order they run (each followed by its controls, at the last round), with the
 # budget-matched dense baseline right after lr_rewind. Method budgets: README "Retraining".
