@@ -698,24 +698,26 @@ class Context:
         return load_pt(path, self.device)
 
 
-_BF16_NOTED: set[tuple[str, ...]] = set()
+_BF16_CHECKED: dict[tuple, tuple[str, ...]] = {}
+"""The check's answer per (device, network, window length): a grid runs it once per process,
+not once per cell."""
 
 
 def checked_bf16_convs(ctx: Context) -> tuple[str, ...]:
     """The conv layers that bf16 autocast gets wrong on ``ctx.device`` for this network, checked
     on a few real training windows with a throw-away model (the RNG is left as it was), and
     said once per process: they will run in fp32."""
-    with torch.random.fork_rng(devices=[ctx.device] if ctx.device.type == "cuda" else []):
-        probe = HannunNet(ctx.cfg.model).to(ctx.device)
-        idx = ctx.ds.indices("train")[:4]
-        x, _, _ = ctx.batcher(idx, ctx.cfg.crop, np.random.default_rng(0))
-        faulty = tuple(bf16_faulty_convs(probe, x))
-    if faulty and faulty not in _BF16_NOTED:
-        _BF16_NOTED.add(faulty)
-        print(f"note: bf16 autocast computes {len(faulty)} conv layer(s) of this network wrongly on "
-              f"{ctx.device} (a PyTorch/oneDNN kernel bug: {', '.join(faulty)}); they run in fp32",
-              file=sys.stderr)
-    return faulty
+    key = (str(ctx.device), ctx.cfg.model, ctx.cfg.crop)
+    if key not in _BF16_CHECKED:
+        with torch.random.fork_rng(devices=[ctx.device] if ctx.device.type == "cuda" else []):
+            probe = HannunNet(ctx.cfg.model).to(ctx.device)
+            x, _, _ = ctx.batcher(ctx.ds.indices("train")[:4], ctx.cfg.crop, np.random.default_rng(0))
+            faulty = _BF16_CHECKED[key] = tuple(bf16_faulty_convs(probe, x))
+        if faulty:
+            print(f"note: bf16 autocast computes {len(faulty)} conv layer(s) of this network wrongly on "
+                  f"{ctx.device} (a PyTorch/oneDNN kernel bug: {', '.join(faulty)}); they run in fp32",
+                  file=sys.stderr)
+    return _BF16_CHECKED[key]
 
 
 def parse_rewind(text: str, steps_per_epoch: int) -> int:
