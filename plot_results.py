@@ -10,7 +10,7 @@ Reads ``EXP/results.csv`` (from run_experiments.py) and writes into ``EXP/plots/
   summary.md            the winning ticket of each method: the largest compression whose
                         mean validation challenge F1 stays within --tolerance of the dense
                         network's, with its test F1 (mean +- sd over seeds) and a 95 %
-                        bootstrap interval over the test records; validation and test F1
+                        bootstrap interval (test records and seeds); validation and test F1
                         per compression level and method; each ticket against its random
                         controls with a paired bootstrap interval of the difference
   winners.csv           the same table, best first, for export_ticket.py --winner
@@ -165,15 +165,26 @@ def predictions_of(exp: Path, rows: pd.DataFrame, split: str = "test"
 
 def bootstrap(labels: np.ndarray, preds: list[np.ndarray], minus: list[np.ndarray] | None = None,
               replicates: int = 1000, seed: int = 0) -> tuple[float, float]:
-    """95 % percentile-bootstrap interval of the mean challenge F1 of ``preds`` (over seeds),
-    less that of ``minus`` when given: test records are resampled with replacement, the same
-    records for every seed and both sides, so a difference is paired record by record."""
-    picks = np.random.default_rng(seed).integers(0, len(labels), (replicates, len(labels)))
+    """95 % percentile-bootstrap interval of the mean challenge F1 of ``preds`` (one array per
+    seed), less that of ``minus`` (the same seeds in the same order) when given.
 
-    def f1(group: list[np.ndarray]) -> np.ndarray:
-        return np.mean([class_f1(confusion(labels[picks], p[picks]))[:, :3].mean(1) for p in group], axis=0)
+    Two levels, so that the interval covers both sources of doubt: each replicate draws the
+    test records with replacement (the same records for every seed and both sides, so a
+    difference is paired record by record) and, with several seeds, the seeds with
+    replacement (the same seeds on both sides, so seed s's ticket is compared with seed s's
+    dense). With one seed it covers the records only; with three, the seed level can take
+    only ten distinct draws, so it is coarse and, like any bootstrap of three values, on the
+    narrow side: the per-seed differences are reported beside it.
+    """
+    rng = np.random.default_rng(seed)
+    picks = rng.integers(0, len(labels), (replicates, len(labels)))
+    which = rng.integers(0, len(preds), (replicates, len(preds)))  # seeds drawn per replicate
 
-    scores = f1(preds) - (f1(minus) if minus else 0.0)
+    def f1(group: list[np.ndarray]) -> np.ndarray:  # (seeds, replicates)
+        return np.stack([class_f1(confusion(labels[picks], p[picks]))[:, :3].mean(1) for p in group])
+
+    per_seed = f1(preds) - (f1(minus) if minus else 0.0)
+    scores = per_seed[which, np.arange(replicates)[:, None]].mean(1)
     low, high = np.percentile(scores, [2.5, 97.5])
     return float(low), float(high)
 
@@ -206,7 +217,7 @@ def compression_table(table: pd.DataFrame, metric: str) -> list[str]:
 def controls_table(exp: Path, table: pd.DataFrame) -> list[str]:
     """Markdown table: at each level where a control ran, the ticket's and the control's
     test challenge F1 (mean over the seeds both have) and the difference with its paired
-    95 % bootstrap interval over the test records."""
+    95 % bootstrap interval (records and seeds, see ``bootstrap``)."""
     test = curves(table, "test_challenge_f1")
     lines = ["| method | control | compression | seeds | ticket test F1 | control test F1 | "
              "ticket - control (95 % CI) |", "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
@@ -238,8 +249,9 @@ def dense_rows(table: pd.DataFrame) -> pd.DataFrame:
 
 def paired(exp: Path, split: str, mine: pd.DataFrame, theirs: pd.DataFrame) -> dict | None:
     """``mine - theirs`` in challenge F1 on ``split``, over the seeds both have (each seed's
-    run paired with the same seed's): the mean difference, its 95 % bootstrap interval over
-    the records (the same resampled records on both sides) and the per-seed differences.
+    run paired with the same seed's): the mean difference, its 95 % two-level bootstrap
+    interval (records and seeds, the same on both sides; see ``bootstrap``) and the per-seed
+    differences.
     None when they share no seed; no interval when a predictions.csv is missing."""
     seeds = sorted(set(mine["seed"]) & set(theirs["seed"]))
     if not seeds:
@@ -309,7 +321,7 @@ def versus_dense_table(exp: Path, table: pd.DataFrame) -> list[str]:
 
 def methods_table(exp: Path, table: pd.DataFrame) -> list[str]:
     """Per level, every pair of methods: the difference of test challenge F1 with its paired
-    95 % interval (same seeds, same resampled records)."""
+    95 % interval (the same resampled seeds and records on both sides)."""
     names = [m for m in methods_in(table) if m not in BASELINES]
     pairs = [(a, b) for i, a in enumerate(names) for b in names[i + 1:]]
     if not pairs:
@@ -495,10 +507,10 @@ def summary(table: pd.DataFrame, best: pd.DataFrame, tolerance: float, exp: Path
                   "behind compression.png):", "", *compression_table(table, f"{split}_challenge_f1")]
     if exp is None:
         return "\n".join(lines) + "\n"
-    how = ("The intervals resample the records (the same resampled records on both sides of a difference, "
-           "each seed's run paired with the same seed's), so they cover the sampling of the records for these "
-           "trained networks, not the spread between seeds; that spread is given as the per-seed differences "
-           "(`seeds min..max`).")
+    how = ("The intervals are a two-level bootstrap: each replicate draws the records and the seeds with "
+           "replacement (the same records and seeds on both sides of a difference, each seed's run paired with "
+           "the same seed's), so they cover the sampling of the records and the spread between seeds; with few "
+           "seeds the seed level is coarse, so the per-seed differences are given too (`seeds min..max`).")
     lines += ["", f"Winning tickets with their uncertainty (the interval rule; chosen on validation). {how}", "",
               *interval_winners(exp, table, tolerance)]
     lines += ["", "Each method against the dense network of its own seed, and against the dense network trained "

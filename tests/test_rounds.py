@@ -315,6 +315,25 @@ def test_bootstrap_interval_of_the_test_f1(tmp_path: Path) -> None:
     assert plot_results.bootstrap_interval(tmp_path, table, best) is None
 
 
+def test_bootstrap_covers_the_seeds_as_well_as_the_records() -> None:
+    """Two identical seeds give the one-seed interval (the seed level adds nothing); a seed
+    that is right and one that is always wrong give an interval reaching towards both (a
+    records-only interval of their mean would stay near 0.5), and a paired difference whose
+    every seed agrees stays narrow however far the seeds lie apart."""
+    rng = np.random.default_rng(1)
+    labels = rng.integers(0, 4, 200)
+    noisy = np.where(rng.random(200) < 0.3, rng.integers(0, 4, 200), labels)
+    one = plot_results.bootstrap(labels, [noisy])
+    assert plot_results.bootstrap(labels, [noisy, noisy.copy()]) == one
+    wrong = (labels + 1) % 4
+    low, high = plot_results.bootstrap(labels, [labels, wrong])
+    assert low < 0.25 and high > 0.75
+    worse = np.where(rng.random(200) < 0.1, wrong, labels)  # 10 % of the records made wrong
+    low, high = plot_results.bootstrap(labels, [labels, noisy], [worse, np.where(worse == labels, noisy, worse)])
+    spread = np.subtract(*plot_results.bootstrap(labels, [labels, noisy])[::-1])
+    assert 0 < low < high and high - low < 0.1 < 0.25 < spread
+
+
 def _run_with_predictions(exp: Path, folder: str, labels: np.ndarray, predicted: np.ndarray, **row) -> dict:
     """Write one run's predictions.csv and return its results.csv row."""
     (exp / folder).mkdir(parents=True)
