@@ -6,7 +6,11 @@ nothing in a 1D network; ``prunable_weights`` finds every ``Conv1d``, which a te
 
 How much per round: ``fraction`` of the weights still alive. ``scope="global"`` ranks all
 pruned layers' surviving weights together by magnitude (one threshold); ``"layerwise"``
-removes ``fraction`` of each layer. ``layer_fractions`` overrides the fraction of named
+removes ``fraction`` of each layer; ``"fanin"`` ranks them together by |w| sqrt(fan-in),
+the magnitude in units of the He initialisation's standard deviation (sqrt(2 / fan-in)),
+so that a layer with a large fan-in, whose weights are born small, is not emptied first
+for that reason alone (global magnitude pruning keeps 84 of the stem's 128 weights at 142x
+but a handful of a late convolution's 65,536). ``layer_fractions`` overrides the fraction of named
 layers, which are then pruned on their own (e.g. the output layer at half rate, as
 Frankle & Carbin did for their conv nets).
 
@@ -35,6 +39,7 @@ import torch
 from torch import nn
 
 Masks = dict[str, torch.Tensor]
+SCOPES = ("global", "layerwise", "fanin")
 
 
 def prunable_weights(model: nn.Module, dense_layers: tuple[str, ...] = ()) -> dict[str, nn.Parameter]:
@@ -69,8 +74,8 @@ def magnitude_prune(model: nn.Module, masks: Masks, fraction: float, scope: str 
     """
     if not 0 <= fraction < 1:
         raise ValueError(f"pruning fraction must be in [0, 1), got {fraction}")
-    if scope not in ("global", "layerwise"):
-        raise ValueError(f"scope must be 'global' or 'layerwise', got {scope!r}")
+    if scope not in SCOPES:
+        raise ValueError(f"scope must be one of {', '.join(SCOPES)}, got {scope!r}")
     layer_fractions = layer_fractions or {}
     unknown = set(layer_fractions) - set(masks)
     if unknown:
@@ -81,7 +86,8 @@ def magnitude_prune(model: nn.Module, masks: Masks, fraction: float, scope: str 
     pools += [([n], fraction) for n in rest] if scope == "layerwise" else [(rest, fraction)]
     new = {n: m.clone() for n, m in masks.items()}
     for names, frac in pools:
-        scores = torch.cat([torch.where(masks[n], weights[n].detach().abs(), math.inf).flatten().float()
+        scale = {n: math.sqrt(weights[n][0].numel()) if scope == "fanin" else 1.0 for n in names}
+        scores = torch.cat([torch.where(masks[n], weights[n].detach().abs() * scale[n], math.inf).flatten().float()
                             for n in names])
         alive = int(sum(masks[n].sum() for n in names))
         k = round(frac * alive)

@@ -1091,7 +1091,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="k: '500it' or '2ep'. late_reset starts from the dense weights at step k; it, lr_rewind "
                    "and finetune retrain steps [k, T); weight_rewind always retrains [0, T)")
     q.add_argument("--prune-fraction", type=float, default=0.2, help="share of surviving weights pruned per round")
-    q.add_argument("--prune-scope", default="global", choices=["global", "layerwise"])
+    q.add_argument("--prune-scope", default="global", choices=pm.SCOPES,
+                   help="global: one magnitude threshold; layerwise: --prune-fraction of each layer; fanin: one "
+                        "threshold on |w| sqrt(fan-in) (magnitude relative to the He init)")
     q.add_argument("--layer-fraction", action="append", default=[], metavar="LAYER=F",
                    help="own fraction for a layer, e.g. head=0.1 (repeatable)")
     q.add_argument("--dense-layers", default="", help="comma-separated layers never pruned, e.g. stem")

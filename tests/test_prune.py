@@ -127,6 +127,22 @@ def test_schedule_lands_on_the_target_without_extra_rounds(scope: str) -> None:
     assert pm.next_fraction(0.2, val_f1=0.7919, **rule) == (False, 0.1)
 
 
+def test_fanin_scope_ranks_weights_relative_to_their_init_scale() -> None:
+    """At He initialisation every conv's weights, divided by their init scale, are alike: the
+    fan-in scope keeps about the same share of each big layer (here 10 % +- 3 %), where
+    global magnitude pruning keeps far more of the small-fan-in stem than of a late block."""
+    model = small_net()
+    fanin = pm.magnitude_prune(model, pm.full_masks(model), 0.9, scope="fanin")
+    glob = pm.magnitude_prune(model, pm.full_masks(model), 0.9, scope="global")
+    assert pm.count(fanin) == pm.count(glob)  # the same number pruned, allocated differently
+    kept = {n: float(m.float().mean()) for n, m in fanin.items() if m.numel() >= 2000 and n != "head"}
+    assert len(kept) >= 16 and all(0.07 < k < 0.13 for k in kept.values()), kept
+    last = [n for n in glob if n != "head"][-1]
+    assert glob["stem"].float().mean() > 3 * glob[last].float().mean()
+    with pytest.raises(ValueError, match="scope must be one of global, layerwise, fanin"):
+        pm.magnitude_prune(model, fanin, 0.5, scope="erk")
+
+
 def test_sparsity_report() -> None:
     model = small_net()
     masks = pm.magnitude_prune(model, pm.full_masks(model), 0.5, scope="layerwise")
