@@ -47,6 +47,7 @@ WORKERS=2                  # local: grid workers side by side, the cores shared 
 SBATCH_OPTIONS="--time=04:00:00 --mem=16G"   # slurm: options of every job, e.g. add --partition=gpu --gres=gpu:1
 SLURM_WAIT=1               # slurm: 1 = wait for the jobs, then plot; 0 = return once submitted
 EXP=results/demo           # experiment folder
+DENSE_FROM=""               # another experiment whose finished dense runs this one reuses (same data and dense flags)
 DATA_DIR=""                # built data set folder (default data/$DATASET)
 
 # a configuration file given as the first argument overrides the variables above, e.g.
@@ -75,6 +76,8 @@ else
     step python build_datasets.py --source "$SOURCE" --seed "$SPLIT_SEED" --out "$DATA_DIR" "${extra[@]}"
 fi
 
+dense_from=()
+if [ -n "$DENSE_FROM" ]; then dense_from=(--dense-from "$DENSE_FROM"); fi
 goal=()
 if [ "$GOAL" = 1 ]; then goal=(--goal --alpha "$ALPHA" --tolerance "$TOLERANCE" --min-fraction "$MIN_FRACTION"); fi
 read -r -a extra_flags <<< "$EXTRA"
@@ -84,7 +87,7 @@ if [ "$EXECUTOR" = slurm ]; then
     if [ "$SLURM_WAIT" = 1 ]; then executor+=(--slurm-wait); fi
 fi
 grid=(run_experiments.py --exp "$EXP" --seeds "$SEEDS" --methods "$METHODS" \
-    --controls "$CONTROLS" --control-methods "$CONTROL_METHODS" --control-every "$CONTROL_EVERY" "${goal[@]}" \
+    --controls "$CONTROLS" --control-methods "$CONTROL_METHODS" --control-every "$CONTROL_EVERY" "${goal[@]}" "${dense_from[@]}" \
     --data "$DATA_DIR" --width "$WIDTH" --blocks "$BLOCKS" --crop "$CROP" --epochs "$EPOCHS" --batch-size "$BATCH" \
     --lr "$LR" --milestones "$MILESTONES" --device "$DEVICE" \
     --prune-fraction "$FRACTION" --target-ratio "$TARGET" --rewind-to "$REWIND_TO" "${extra_flags[@]}" "${executor[@]}" --quiet)

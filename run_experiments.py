@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
+import shutil
 import socket
 import subprocess
 import sys
@@ -46,6 +47,36 @@ DENSE = "dense"
 """The cell that trains a seed's dense network (every method of the seed starts from it)."""
 
 
+def reuse_dense(exp: Path, source: Path, seeds: list[int]) -> None:
+    """Link each seed's finished dense run from the experiment ``source`` into ``exp`` (files
+    hard-linked where the file system allows, else copied; every later write replaces a file
+    atomically, so the source is never changed). A seed that already has a dense folder keeps
+    it. Whether the flags and data match is checked by train.py when it reads the folder back
+    (``run_folders.prepare_run``), before any method trains from it."""
+    for seed in seeds:
+        dst = exp / f"seed{seed}" / DENSE
+        if dst.exists():
+            continue
+        src = source / f"seed{seed}" / DENSE
+        if not (src / train.METRICS).is_file():
+            sys.exit(f"error: --dense-from {source}: {src} holds no finished dense run (no {train.METRICS})")
+
+        def link(a: str, b: str) -> None:
+            try:
+                os.link(a, b)
+            except OSError:
+                shutil.copy2(a, b)
+        tmp = dst.with_name(f".{DENSE}-{os.getpid()}.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(src, tmp, copy_function=link, ignore=shutil.ignore_patterns(".lock"))
+        try:
+            tmp.rename(dst)  # atomic: a concurrent worker either sees the whole folder or none
+        except OSError:  # another worker linked it first
+            shutil.rmtree(tmp)
+            continue
+        print(f"seed {seed}: dense network reused from {src}", flush=True)
+
+
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -58,6 +89,10 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
                    help="comma-separated controls ('' for none)")
     p.add_argument("--control-methods", default="weight_rewind",
                    help="methods whose tickets get the controls (comma-separated, or 'all')")
+    p.add_argument("--dense-from", default="",
+                   help="another experiment whose finished dense runs this one reuses (hard-linked, not retrained): "
+                        "for a variant of a grid (another pruning scope, one-shot); its data and dense flags must "
+                        "match, which is checked")
     w = p.add_argument_group("workers (run parts of the grid, or submit it to SLURM)")
     w.add_argument("--list", action="store_true",
                    help="print the grid, one line per cell: index, the cells it needs first, its train.py command")
@@ -254,6 +289,8 @@ def main(argv: list[str] | None = None) -> None:
     if bad:
         sys.exit(f"error: --cell {bad[0]} is not a cell of this grid (0-{len(grid) - 1}; see --list)")
     first = train.parse_args(forwarded)  # flag errors before any work
+    if args.dense_from:
+        reuse_dense(exp, Path(args.dense_from), args.seeds)
     if args.executor == "slurm":
         submit_slurm(args, forwarded, grid)
         return

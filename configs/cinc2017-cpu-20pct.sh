@@ -7,3 +7,4 @@ METHODS=weight_rewind
 CONTROL_METHODS=weight_rewind
 FRACTION=0.2
 EXP=results/cinc2017-cpu-20pct
+DENSE_FROM=results/cinc2017-cpu   # the same dense networks as the 50 % grid: linked, not retrained

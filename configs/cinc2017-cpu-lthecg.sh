@@ -16,3 +16,4 @@ ALPHA=1.1
 TOLERANCE=0.01
 MIN_FRACTION=0.1
 EXP=results/cinc2017-cpu-lthecg
+DENSE_FROM=results/cinc2017-cpu   # the same dense networks as the 50 % grid: linked, not retrained

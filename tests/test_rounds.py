@@ -237,6 +237,30 @@ def test_mismatched_flags_are_refused(tiny_data: Path, tmp_path: Path) -> None:
         run_experiments.main(base[:-1] + ["--epochs", "2", "--quiet"])
 
 
+def test_a_variant_reuses_the_dense_runs_of_another_experiment(tiny_data: Path, tmp_path: Path) -> None:
+    """--dense-from links the finished dense run instead of retraining it (same files, same
+    results), leaves the source untouched, and refuses a source with other
+    dense flags or without a finished dense run."""
+    base = ["--methods", "finetune", "--seeds", "0", "--controls", "", "--rounds", "1", "--data", str(tiny_data),
+            "--width", "0.125", "--crop", "1024", "--batch-size", "16", "--quiet", "--epochs", "1"]
+    run_experiments.main(["--exp", str(tmp_path / "a"), *base])
+    source = tmp_path / "a" / "seed0" / "dense"
+    before = {f.name: f.read_bytes() for f in source.iterdir() if f.is_file()}
+    run_experiments.main(["--exp", str(tmp_path / "b"), "--dense-from", str(tmp_path / "a"), *base,
+                          "--prune-scope", "fanin"])
+    dense = tmp_path / "b" / "seed0" / "dense"
+    assert (dense / "model.pt").samefile(source / "model.pt")  # linked, not retrained
+    a, b = (pd.read_csv(tmp_path / e / "results.csv") for e in "ab")
+    assert a.loc[a["round"] == 0, "test_challenge_f1"].item() == b.loc[b["round"] == 0, "test_challenge_f1"].item()
+    assert (tmp_path / "b" / "seed0" / "finetune" / "round_01" / "metrics.json").is_file()
+    assert {f.name: f.read_bytes() for f in source.iterdir() if f.is_file()} == before
+    with pytest.raises(SystemExit, match=r"seed0/dense was started with other flags: --epochs 1 \(now 2\)"):
+        run_experiments.main(["--exp", str(tmp_path / "c"), "--dense-from", str(tmp_path / "a"),
+                              *base[:-1], "2"])
+    with pytest.raises(SystemExit, match="holds no finished dense run"):
+        run_experiments.main(["--exp", str(tmp_path / "d"), "--dense-from", str(tmp_path / "nowhere"), *base])
+
+
 def test_grid_runs_each_method_then_its_controls() -> None:
     """A control needs its method's checkpoints, so it runs right after it; 'all' means the
     pruning methods, never the unpruned baseline."""

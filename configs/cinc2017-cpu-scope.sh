@@ -1,0 +1,21 @@
+# Where pruning cuts (issue "Why tickets win or fail here"): lr_rewind at 50 % per round to
+# 142x as in configs/cinc2017-cpu.sh (same network, recipe, seeds and dense networks), with
+# another allocation of each round's cut across layers, SCOPE one of
+#   layerwise  50 % of every layer
+#   fanin      one global threshold on |w| sqrt(fan-in) (magnitude relative to the He init)
+#   headhalf   global magnitude, the output layer at half rate (25 % per round; Frankle & Carbin)
+# against global magnitude pruning, the 50 % grid itself:
+#   for S in layerwise fanin headhalf; do SCOPE=$S bash run.sh configs/cinc2017-cpu-scope.sh; done
+# shellcheck source=/dev/null
+source "$(dirname "${BASH_SOURCE[0]}")/cinc2017-cpu.sh"
+SCOPE=${SCOPE:-fanin}
+case "$SCOPE" in
+    layerwise|fanin) EXTRA="--prune-scope $SCOPE" ;;
+    headhalf) EXTRA="--layer-fraction head=0.25" ;;
+    *) echo "SCOPE must be layerwise, fanin or headhalf, got '$SCOPE'" >&2; exit 2 ;;
+esac
+METHODS=lr_rewind
+CONTROLS=""
+SEEDS=0,1
+EXP=results/cinc2017-cpu-scope-$SCOPE
+DENSE_FROM=results/cinc2017-cpu
