@@ -173,9 +173,10 @@ def bootstrap(labels: np.ndarray, preds: list[np.ndarray], minus: list[np.ndarra
     difference is paired record by record) and, with several seeds, the seeds with
     replacement (the same seeds on both sides, so seed s's ticket is compared with seed s's
     dense). With one seed it covers the records only; with three, the seed level can take
-    only ten distinct draws, so it is coarse and, like any bootstrap of three values, on the
-    narrow side: the per-seed differences are reported beside it.
+    only ten distinct draws, so it is coarse: the per-seed differences are reported beside it.
     """
+    if minus is not None and len(minus) != len(preds):
+        raise ValueError(f"a paired difference needs the same seeds on both sides, got {len(preds)} and {len(minus)}")
     rng = np.random.default_rng(seed)
     picks = rng.integers(0, len(labels), (replicates, len(labels)))
     which = rng.integers(0, len(preds), (replicates, len(preds)))  # seeds drawn per replicate
@@ -230,7 +231,8 @@ def controls_table(exp: Path, table: pd.DataFrame) -> list[str]:
         if not seeds:
             lines.append(f"{head} no ticket at this level | {theirs['test_challenge_f1'].mean():.3f} | |")
             continue
-        mine, theirs = mine[mine["seed"].isin(seeds)], theirs[theirs["seed"].isin(seeds)]
+        mine = mine[mine["seed"].isin(seeds)].sort_values("seed")  # paired seed by seed in bootstrap
+        theirs = theirs[theirs["seed"].isin(seeds)].sort_values("seed")
         ticket_f1, control_f1 = mine["test_challenge_f1"].mean(), theirs["test_challenge_f1"].mean()
         found = predictions_of(exp, pd.concat([mine, theirs]))  # also checks they share the records
         ci = " (no predictions.csv)"

@@ -50,16 +50,28 @@ DENSE = "dense"
 def reuse_dense(exp: Path, source: Path, seeds: list[int]) -> None:
     """Link each seed's finished dense run from the experiment ``source`` into ``exp`` (files
     hard-linked where the file system allows, else copied; every later write replaces a file
-    atomically, so the source is never changed). A seed that already has a dense folder keeps
-    it. Whether the flags and data match is checked by train.py when it reads the folder back
-    (``run_folders.prepare_run``), before any method trains from it."""
+    atomically, so the source is never changed). A seed whose dense run finished here keeps
+    it; an unfinished one of its own is refused. Whether the flags and data match is checked
+    by train.py when it reads the folder back (``run_folders.prepare_run``), before any
+    method trains from it."""
     for seed in seeds:
         dst = exp / f"seed{seed}" / DENSE
-        if dst.exists():
-            continue
+        if (dst / train.METRICS).is_file():
+            continue  # finished here already (linked before, or trained)
+        if dst.is_dir() and any(f.name != ".lock" for f in dst.iterdir()):
+            sys.exit(f"error: --dense-from {source}: {dst} holds an unfinished dense run of its own; finish it "
+                     f"without --dense-from, or delete {dst} to link {source}'s")
         src = source / f"seed{seed}" / DENSE
-        if not (src / train.METRICS).is_file():
-            sys.exit(f"error: --dense-from {source}: {src} holds no finished dense run (no {train.METRICS})")
+        missing = [f for f in (train.METRICS, train.INIT, train.FINAL) if not (src / f).is_file()]
+        if missing:  # checkpoints are not kept in git: a clone has the metrics but no weights
+            sys.exit(f"error: --dense-from {source}: {src} holds no finished dense run with its weights "
+                     f"(missing {', '.join(missing)}; checkpoints stay on the machine that trained them)")
+        if dst.is_dir():  # empty, or holding only a lock file
+            (dst / ".lock").unlink(missing_ok=True)
+            try:
+                dst.rmdir()
+            except OSError:
+                pass  # another worker linked it meanwhile
 
         def link(a: str, b: str) -> None:
             try:
@@ -73,6 +85,8 @@ def reuse_dense(exp: Path, source: Path, seeds: list[int]) -> None:
             tmp.rename(dst)  # atomic: a concurrent worker either sees the whole folder or none
         except OSError:  # another worker linked it first
             shutil.rmtree(tmp)
+            if not (dst / train.METRICS).is_file():
+                sys.exit(f"error: --dense-from {source}: could not link {src} to {dst}")
             continue
         print(f"seed {seed}: dense network reused from {src}", flush=True)
 

@@ -139,6 +139,11 @@ def test_fanin_scope_ranks_weights_relative_to_their_init_scale() -> None:
     assert len(kept) >= 16 and all(0.07 < k < 0.13 for k in kept.values()), kept
     last = [n for n in glob if n != "head"][-1]
     assert glob["stem"].float().mean() > 3 * glob[last].float().mean()
+    weights = pm.prunable_weights(model)  # the same cut by hand: in-channels x kernel for a conv
+    scores = torch.cat([(w.abs() * (w.shape[1] * (w.shape[2] if w.dim() == 3 else 1)) ** 0.5).flatten()
+                        for w in weights.values()])
+    kept = torch.cat([fanin[n].flatten() for n in weights])
+    assert scores[kept].min() >= scores[~kept].max()
     with pytest.raises(ValueError, match="scope must be one of global, layerwise, fanin"):
         pm.magnitude_prune(model, fanin, 0.5, scope="erk")
 

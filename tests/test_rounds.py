@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -259,6 +260,14 @@ def test_a_variant_reuses_the_dense_runs_of_another_experiment(tiny_data: Path, 
                               *base[:-1], "2"])
     with pytest.raises(SystemExit, match="holds no finished dense run"):
         run_experiments.main(["--exp", str(tmp_path / "d"), "--dense-from", str(tmp_path / "nowhere"), *base])
+    clone = tmp_path / "clone" / "seed0" / "dense"  # as in a git clone: metrics kept, checkpoints not
+    shutil.copytree(source, clone, ignore=shutil.ignore_patterns("*.pt"))
+    with pytest.raises(SystemExit, match=r"with its weights \(missing init.pt, model.pt"):
+        run_experiments.main(["--exp", str(tmp_path / "e"), "--dense-from", str(tmp_path / "clone"), *base])
+    (tmp_path / "f" / "seed0" / "dense").mkdir(parents=True)
+    (tmp_path / "f" / "seed0" / "dense" / "config.json").write_text("{}")
+    with pytest.raises(SystemExit, match="holds an unfinished dense run of its own"):
+        run_experiments.main(["--exp", str(tmp_path / "f"), "--dense-from", str(tmp_path / "a"), *base])
 
 
 def test_grid_runs_each_method_then_its_controls() -> None:
@@ -348,6 +357,9 @@ def test_bootstrap_covers_the_seeds_as_well_as_the_records() -> None:
     labels = rng.integers(0, 4, 200)
     noisy = np.where(rng.random(200) < 0.3, rng.integers(0, 4, 200), labels)
     one = plot_results.bootstrap(labels, [noisy])
+    picks = np.random.default_rng(0).integers(0, 200, (1000, 200))  # the records-only bootstrap, by hand
+    scores = tr.class_f1(tr.confusion(labels[picks], noisy[picks]))[:, :3].mean(1)
+    assert one == tuple(np.percentile(scores, [2.5, 97.5]))
     assert plot_results.bootstrap(labels, [noisy, noisy.copy()]) == one
     wrong = (labels + 1) % 4
     low, high = plot_results.bootstrap(labels, [labels, wrong])
