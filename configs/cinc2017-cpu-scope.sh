@@ -3,7 +3,8 @@
 # another allocation of each round's cut across layers, SCOPE one of
 #   layerwise  50 % of every layer
 #   fanin      one global threshold on |w| sqrt(fan-in) (magnitude relative to the He init)
-#   headhalf   global magnitude, the output layer at half rate (25 % per round; Frankle & Carbin)
+#   headhalf   global magnitude, the output layer at half rate (25 % per round, Frankle & Carbin;
+#              also in the last, smaller cut that lands on 142x)
 # against global magnitude pruning, the 50 % grid itself:
 #   for S in layerwise fanin headhalf; do SCOPE=$S bash run.sh configs/cinc2017-cpu-scope.sh; done
 # shellcheck source=/dev/null
