@@ -41,10 +41,17 @@ from tqdm import tqdm
 import prune as pm
 import train
 from build_datasets import DatasetError, load_dataset
-from run_folders import Busy, atomic_write_text, code_version, locked, update_json
+from run_folders import LOCK, Busy, atomic_write_text, code_version, locked, update_json
 
 DENSE = "dense"
 """The cell that trains a seed's dense network (every method of the seed starts from it)."""
+
+
+def _link_or_copy(a: str, b: str) -> None:
+    try:
+        os.link(a, b)
+    except OSError:  # another file system
+        shutil.copy2(a, b)
 
 
 def reuse_dense(exp: Path, source: Path, seeds: list[int]) -> None:
@@ -58,7 +65,7 @@ def reuse_dense(exp: Path, source: Path, seeds: list[int]) -> None:
         dst = exp / f"seed{seed}" / DENSE
         if (dst / train.METRICS).is_file():
             continue  # finished here already (linked before, or trained)
-        if dst.is_dir() and any(f.name != ".lock" for f in dst.iterdir()):
+        if dst.is_dir() and any(f.name != LOCK for f in dst.iterdir()):
             sys.exit(f"error: --dense-from {source}: {dst} holds an unfinished dense run of its own; finish it "
                      f"without --dense-from, or delete {dst} to link {source}'s")
         src = source / f"seed{seed}" / DENSE
@@ -67,20 +74,14 @@ def reuse_dense(exp: Path, source: Path, seeds: list[int]) -> None:
             sys.exit(f"error: --dense-from {source}: {src} holds no finished dense run with its weights "
                      f"(missing {', '.join(missing)}; checkpoints stay on the machine that trained them)")
         if dst.is_dir():  # empty, or holding only a lock file
-            (dst / ".lock").unlink(missing_ok=True)
+            (dst / LOCK).unlink(missing_ok=True)
             try:
                 dst.rmdir()
             except OSError:
                 pass  # another worker linked it meanwhile
-
-        def link(a: str, b: str) -> None:
-            try:
-                os.link(a, b)
-            except OSError:
-                shutil.copy2(a, b)
         tmp = dst.with_name(f".{DENSE}-{os.getpid()}.tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(src, tmp, copy_function=link, ignore=shutil.ignore_patterns(".lock"))
+        shutil.copytree(src, tmp, copy_function=_link_or_copy, ignore=shutil.ignore_patterns(LOCK))
         try:
             tmp.rename(dst)  # atomic: a concurrent worker either sees the whole folder or none
         except OSError:  # another worker linked it first
