@@ -270,6 +270,28 @@ def test_a_variant_reuses_the_dense_runs_of_another_experiment(tiny_data: Path, 
         run_experiments.main(["--exp", str(tmp_path / "f"), "--dense-from", str(tmp_path / "a"), *base])
 
 
+def test_a_variant_refuses_a_dense_run_made_from_other_data(tiny_data: Path, tmp_path: Path) -> None:
+    """The data set rebuilt at the same path after the source's dense run (here two records
+    swap splits): the linked dense run is refused before any method trains from it, naming
+    the folder and both fingerprints, and nothing is written into the source."""
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    base = ["--methods", "finetune", "--seeds", "0", "--controls", "", "--rounds", "1", "--data", str(data),
+            "--width", "0.125", "--crop", "1024", "--batch-size", "16", "--quiet", "--epochs", "1"]
+    run_experiments.main(["--exp", str(tmp_path / "a"), *base])
+    records = pd.read_csv(data / "records.csv")
+    i, j = records.index[records["split"] == "train"][0], records.index[records["split"] == "test"][0]
+    records.loc[[i, j], "split"] = records.loc[[j, i], "split"].to_numpy()
+    records.to_csv(data / "records.csv", index=False)
+    source = tmp_path / "a" / "seed0"
+    before = sorted(p.relative_to(source) for p in source.rglob("*"))
+    with pytest.raises(SystemExit, match=r"seed0/dense was trained on other data than .*data \("):
+        run_experiments.main(["--exp", str(tmp_path / "b"), "--dense-from", str(tmp_path / "a"), *base,
+                              "--prune-scope", "fanin"])
+    assert not (tmp_path / "b" / "seed0" / "finetune" / "round_01" / "metrics.json").exists()
+    assert sorted(p.relative_to(source) for p in source.rglob("*")) == before
+
+
 def test_grid_runs_each_method_then_its_controls() -> None:
     """A control needs its method's checkpoints, so it runs right after it; 'all' means the
     pruning methods, never the unpruned baseline."""
