@@ -21,7 +21,6 @@ Tickets are chosen on the validation split; the test split is only reported.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import matplotlib
@@ -32,6 +31,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 import prune as pm  # noqa: E402
+import run_experiments  # noqa: E402
 from model import CLASSES  # noqa: E402
 from run_folders import atomic_write_text  # noqa: E402
 from train import BASELINES, METHODS, PREDICTIONS, class_f1, confusion  # noqa: E402
@@ -47,17 +47,13 @@ CONTROL_STYLE = {"random_reinit": ("--", "random re-init"), "random_prune": (":"
 
 
 def partial(exp: Path) -> str:
-    """'' for a finished grid, else what is missing: the last run_experiments.py command of
-    ``exp`` (experiment.json) stopped before its last cell (interrupted, or still running)."""
-    log = exp / "experiment.json"
-    if not log.is_file():
+    """'' for a finished grid, else how much of it is done: the grid of the last
+    run_experiments.py command recorded in ``exp`` (experiment.json), its cells counted as
+    finished on disk (run_experiments.grid_progress), whoever ran them."""
+    progress = run_experiments.grid_progress(exp)
+    if progress is None or progress[0] == progress[1]:
         return ""
-    last = json.loads(log.read_text())["commands"][-1]
-    if "cells" not in last and last.get("finished_cells") == 0:
-        return "partial: the grid's first cell has not finished"
-    if last.get("finished_cells", 0) < last.get("cells", 0):
-        return f"partial: {last['finished_cells']} of {last['cells']} cells finished"
-    return ""
+    return f"partial: {progress[0]} of {progress[1]} cells finished"
 
 
 def load(exp: Path) -> pd.DataFrame:

@@ -26,6 +26,7 @@ and one killed mid-cell leaves it resumable by the next.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shlex
 import shutil
@@ -233,6 +234,23 @@ def cell_finished(forwarded: list[str], exp: Path, cell: tuple[int, str, str | N
     if cell[1] == DENSE:
         return (targs.out / DENSE / train.METRICS).is_file()
     return train.finished_table(targs, targs.out / cell[1]) is not None
+
+
+def grid_progress(exp: Path) -> tuple[int, int] | None:
+    """(finished, total) cells of the grid that the latest command recorded in
+    ``exp/experiment.json`` belongs to: its whole grid, whichever part of it (``--cell``,
+    ``--shard``, one of several workers) that command ran, each cell counted as finished on
+    disk, so every worker's and every earlier sitting's cells count. None when no command is
+    recorded (an experiment not made by this script)."""
+    log = exp / "experiment.json"
+    if not log.is_file():
+        return None
+    commands = json.loads(log.read_text()).get("commands", [])
+    if not commands:
+        return None
+    args, forwarded = parse_args(commands[-1]["argv"])
+    grid = cells(args)
+    return sum(cell_finished(forwarded, exp, c) for c in grid), len(grid)
 
 
 def submit_slurm(args: argparse.Namespace, forwarded: list[str], grid: list[tuple[int, str, str | None]]) -> None:

@@ -218,6 +218,8 @@ def test_an_interrupted_grid_keeps_its_finished_cells_and_plots_them_as_partial(
     table = pd.read_csv(exp / "results.csv")
     assert set(table["method"]) == {"lr_rewind"} and len(table) == 2  # the finished cell, saved
     assert plot_results.partial(exp) == "partial: 2 of 3 cells finished"
+    run_experiments.main(argv + ["--cell", "1"])  # a worker that ran a finished part: the grid is still partial
+    assert plot_results.partial(exp) == "partial: 2 of 3 cells finished"
     plot_results.main(["--exp", str(exp)])
     assert (exp / "plots" / "summary.md").read_text().startswith("**Partial: 2 of 3 cells finished**")
     monkeypatch.setattr(tr, "run", real)
