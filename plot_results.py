@@ -263,12 +263,15 @@ def paired(exp: Path, split: str, mine: pd.DataFrame, theirs: pd.DataFrame) -> d
             "min": float(diffs.min()), "max": float(diffs.max())}
 
 
-def paired_text(d: dict | None) -> str:
+def paired_text(d: dict | None, seeds: int = 0) -> str:
+    """The difference, its interval and per-seed range; ``seeds``: the experiment's number of
+    seeds, so a difference over fewer of them (a grid still running) says so."""
     if d is None:
         return ""
     ci = "" if np.isnan(d["low"]) else f" ({d['low']:+.3f} to {d['high']:+.3f})"
     spread = f", seeds {d['min']:+.3f}..{d['max']:+.3f}" if d["seeds"] > 1 else ""
-    return f"{d['diff']:+.3f}{ci}{spread}"
+    fewer = f", {d['seeds']} of {seeds} seeds" if d["seeds"] < seeds else ""
+    return f"{d['diff']:+.3f}{ci}{spread}{fewer}"
 
 
 def levels_of(table: pd.DataFrame, method: str) -> list[float]:
@@ -304,14 +307,15 @@ def versus_dense_table(exp: Path, table: pd.DataFrame) -> list[str]:
     has_base = "dense_equal_steps" in names
     dense = dense_rows(table)
     lvls = sorted({lv for m in names for lv in levels_of(table, m)})
+    seeds = table["seed"].nunique()
     cols = [f"{m} - dense" for m in names] + [f"{m} - dense, equal steps" for m in names
                                               if has_base and m not in BASELINES]
     lines = ["| compression | " + " | ".join(cols) + " |", "| ---: |" + " ---: |" * len(cols)]
     for lv in lvls:
-        cells = [paired_text(paired(exp, "test", level_rows(table, m, lv), dense)) for m in names]
+        cells = [paired_text(paired(exp, "test", level_rows(table, m, lv), dense), seeds) for m in names]
         if has_base:
             base = level_rows(table, "dense_equal_steps", lv)
-            cells += [paired_text(paired(exp, "test", level_rows(table, m, lv), base))
+            cells += [paired_text(paired(exp, "test", level_rows(table, m, lv), base), seeds)
                       for m in names if m not in BASELINES]
         lines.append(f"| {ratio_text(table, lv)} | " + " | ".join(cells) + " |")
     return lines
@@ -325,10 +329,11 @@ def methods_table(exp: Path, table: pd.DataFrame) -> list[str]:
     if not pairs:
         return []
     lvls = sorted({lv for m in names for lv in levels_of(table, m)})
+    seeds = table["seed"].nunique()
     lines = ["| compression | " + " | ".join(f"{a} - {b}" for a, b in pairs) + " |",
              "| ---: |" + " ---: |" * len(pairs)]
     for lv in lvls:
-        cells = [paired_text(paired(exp, "test", level_rows(table, a, lv), level_rows(table, b, lv)))
+        cells = [paired_text(paired(exp, "test", level_rows(table, a, lv), level_rows(table, b, lv)), seeds)
                  for a, b in pairs]
         lines.append(f"| {ratio_text(table, lv)} | " + " | ".join(cells) + " |")
     return lines
@@ -513,11 +518,12 @@ def summary(table: pd.DataFrame, best: pd.DataFrame, tolerance: float, exp: Path
               *interval_winners(exp, table, tolerance)]
     lines += ["", "Each method against the dense network of its own seed, and against the dense network trained "
               "for the same cumulative steps (dense_equal_steps, placed at the level of lr_rewind's round with the "
-              "same budget): test challenge F1 difference, mean over seeds (95 % CI, per-seed range).", "",
+              "same budget): test challenge F1 difference, mean over the seeds both sides have (95 % CI, per-seed "
+              "range; 'k of n seeds' where a side has fewer seeds than the experiment).", "",
               *versus_dense_table(exp, table)]
     if methods := methods_table(exp, table):
-        lines += ["", "Method against method at each level: test challenge F1 difference (95 % CI, per-seed "
-                  "range).", "", *methods]
+        lines += ["", "Method against method at each level: test challenge F1 difference over the seeds both "
+                  "methods have (95 % CI, per-seed range; 'k of n seeds' as above).", "", *methods]
     if af := af_table(table):
         lines += ["", "Atrial fibrillation (class A) on the test split: sensitivity / PPV, mean over seeds.", "",
                   *af]

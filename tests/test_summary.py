@@ -106,6 +106,18 @@ def test_methods_table_pairs_methods_level_by_level(tmp_path: Path, experiment: 
     assert _cell(next(line for line in lines if line.startswith("| 4.0x")), 1) == ""  # finetune never got there
 
 
+def test_a_difference_over_fewer_seeds_than_the_experiment_says_so(tmp_path: Path,
+                                                                    experiment: pd.DataFrame) -> None:
+    """A grid still running: seed 1's finetune not there yet; its differences say they are
+    over 1 of 2 seeds, the complete ones say nothing."""
+    fewer = experiment[~((experiment["method"] == "finetune") & (experiment["seed"] == 1))]
+    two = next(line for line in plot_results.versus_dense_table(tmp_path, fewer) if line.startswith("| 2.0x"))
+    assert _cell(two, 1).endswith(", 1 of 2 seeds") and "seeds" not in _cell(two, 1)[:-len(", 1 of 2 seeds")]
+    assert _cell(two, 2).endswith(", seeds +0.000..+0.000")  # lr_rewind: both seeds
+    two = next(line for line in plot_results.methods_table(tmp_path, fewer) if line.startswith("| 2.0x"))
+    assert _cell(two, 1).endswith(", 1 of 2 seeds")
+
+
 def test_interval_rule_stops_at_the_first_level_that_fails(tmp_path: Path, experiment: pd.DataFrame) -> None:
     """lr_rewind holds at 2x, fails at 4x: its interval winner is 2x although 8x holds again;
     finetune fails at its first level."""
