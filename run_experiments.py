@@ -112,7 +112,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     w = p.add_argument_group("workers (run parts of the grid, or submit it to SLURM)")
     w.add_argument("--list", action="store_true",
                    help="print the grid, one line per cell: index, the cells it needs first, its train.py command")
-    w.add_argument("--cell", default="", help="run only these cells (comma-separated indices of --list)")
+    w.add_argument("--cell", default="", help="run only these cells (comma-separated indices of --list), in the "
+                   "order given: several workers given one order split it between them, first cells first")
     w.add_argument("--shard", default="", help="run only shard i of n ('i/n': every n-th cell from cell i)")
     w.add_argument("--collect", action="store_true", help="only rebuild EXP/results.csv from the finished cells")
     w.add_argument("--executor", default="local", choices=["local", "slurm"],
@@ -348,8 +349,8 @@ def main(argv: list[str] | None = None) -> None:
         ds = load_dataset(first.data)
     except DatasetError as e:
         sys.exit(f"error: {e}")
-    todo = [i for i in range(len(grid)) if (not args.cell or i in args.cell)
-            and (args.shard is None or i % args.shard[1] == args.shard[0])]
+    todo = [i for i in (dict.fromkeys(args.cell) if args.cell else range(len(grid)))
+            if args.shard is None or i % args.shard[1] == args.shard[0]]
     t0 = time.perf_counter()
     done = sum(len(list((exp / f"seed{s}").rglob(train.METRICS))) for s in args.seeds)
     bar = tqdm(total=max(expected_trainings(args, first), done), initial=done, unit="training", desc="grid",

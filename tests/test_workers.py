@@ -17,6 +17,7 @@ from conftest import grid_argv, results, worker
 
 import run_experiments
 import run_folders as rf
+import train as tr
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -61,6 +62,14 @@ def test_list_gives_a_train_command_per_cell(tmp_path: Path, tiny_data: Path, ca
     assert not (tmp_path / "exp").exists()  # listing runs nothing
     with pytest.raises(SystemExit, match="--cell 9 is not a cell"):
         run_experiments.main([*grid_argv(tmp_path / "exp", tiny_data), "--cell", "9"])
+
+
+def test_cells_run_in_the_order_given(tmp_path: Path, tiny_data: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--cell 4,0: the second seed's dense run first (a priority order), each cell once."""
+    order = []
+    monkeypatch.setattr(tr, "run", lambda args, ds, **kw: order.append((args.seed, args.retrain)))
+    run_experiments.main([*grid_argv(tmp_path / "exp", tiny_data), "--cell", "4,0,4"])
+    assert order == [(1, None), (0, None)]
 
 
 def test_three_concurrent_workers_match_one_process(reference: Path, tiny_data: Path, tmp_path: Path) -> None:
