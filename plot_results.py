@@ -383,6 +383,16 @@ def af_table(table: pd.DataFrame) -> list[str]:
     return lines
 
 
+def curve_label(method: str, suffix: str, curve: pd.DataFrame, seeds: int) -> str:
+    """The legend entry of one curve; one whose pruned points have fewer seeds than the
+    experiment (a grid still running) says how many, since the title gives the experiment's."""
+    label = LABELS.get(method, method) + (f", {suffix}" if suffix else "")
+    pruned = curve.loc[curve["round"] > 0, "seeds"]
+    if len(pruned) and pruned.max() < seeds:
+        label += f" ({pruned.max()} of {seeds} seeds)"
+    return label
+
+
 def plot_compression(table: pd.DataFrame, split: str, out: Path, note: str = "") -> None:
     """Challenge F1 and accuracy against the compression ratio, and (where results.csv has
     the FLOPs column) challenge F1 against the FLOPs per 30-s record of each round's network."""
@@ -397,7 +407,7 @@ def plot_compression(table: pd.DataFrame, split: str, out: Path, note: str = "")
         ax.axhspan(dense * 0.99, dense, color="black", alpha=0.08, label="dense - 1 %")
         for (method, control), c in curves(table, col).groupby(["method", "control"], sort=False):
             style, suffix = CONTROL_STYLE.get(control, ("-." if method in BASELINES else "-", ""))
-            label = LABELS.get(method, method) + (f", {suffix}" if suffix else "")
+            label = curve_label(method, suffix, c, table["seed"].nunique())
             color = COLORS.get(method, None)
             if x == "flops" and method in BASELINES:
                 continue  # the unpruned baseline has the dense network's FLOPs at every round

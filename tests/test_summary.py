@@ -118,6 +118,13 @@ def test_a_difference_over_fewer_seeds_than_the_experiment_says_so(tmp_path: Pat
     assert _cell(two, 1).endswith(", 1 of 2 seeds")
 
 
+def test_a_curve_over_fewer_seeds_says_so_in_the_legend(experiment: pd.DataFrame) -> None:
+    fewer = experiment[~((experiment["method"] == "finetune") & (experiment["seed"] == 1))]
+    curves = {m: c for (m, _), c in plot_results.curves(fewer, "test_challenge_f1").groupby(["method", "control"])}
+    assert plot_results.curve_label("finetune", "", curves["finetune"], 2).endswith(" (1 of 2 seeds)")
+    assert "seeds" not in plot_results.curve_label("lr_rewind", "", curves["lr_rewind"], 2)
+
+
 def test_interval_rule_stops_at_the_first_level_that_fails(tmp_path: Path, experiment: pd.DataFrame) -> None:
     """lr_rewind holds at 2x, fails at 4x: its interval winner is 2x although 8x holds again;
     finetune fails at its first level."""
