@@ -26,6 +26,8 @@ and one killed mid-cell leaves it resumable by the next.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import os
 import shlex
@@ -242,16 +244,21 @@ def grid_progress(exp: Path) -> tuple[int, int] | None:
     ``exp/experiment.json`` belongs to: its whole grid, whichever part of it (``--cell``,
     ``--shard``, one of several workers) that command ran, each cell counted as finished on
     disk, so every worker's and every earlier sitting's cells count. None when no command is
-    recorded (an experiment not made by this script)."""
+    recorded (an experiment not made by this script), or when this code no longer reads that
+    command's flags (made by an older version: its progress is unknown, not an error)."""
     log = exp / "experiment.json"
     if not log.is_file():
         return None
     commands = json.loads(log.read_text()).get("commands", [])
     if not commands:
         return None
-    args, forwarded = parse_args(commands[-1]["argv"])
-    grid = cells(args)
-    return sum(cell_finished(forwarded, exp, c) for c in grid), len(grid)
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):  # argparse's usage message is not ours to show
+            args, forwarded = parse_args(commands[-1]["argv"])
+            grid = cells(args)
+            return sum(cell_finished(forwarded, exp, c) for c in grid), len(grid)
+    except SystemExit:
+        return None
 
 
 def submit_slurm(args: argparse.Namespace, forwarded: list[str], grid: list[tuple[int, str, str | None]]) -> None:

@@ -226,6 +226,10 @@ def test_an_interrupted_grid_keeps_its_finished_cells_and_plots_them_as_partial(
     run_experiments.main(argv)  # the rest, then nothing is partial
     assert set(pd.read_csv(exp / "results.csv")["method"]) == {"lr_rewind", "finetune"}
     assert plot_results.partial(exp) == ""
+    log = json.loads((exp / "experiment.json").read_text())
+    log["commands"][-1]["argv"] += ["--a-flag-of-an-older-version", "1"]
+    (exp / "experiment.json").write_text(json.dumps(log))
+    assert plot_results.partial(exp) == ""  # progress unknown: no claim, no crash
 
 
 def test_mismatched_flags_are_refused(tiny_data: Path, tmp_path: Path) -> None:
