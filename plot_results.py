@@ -4,7 +4,8 @@ Reads ``EXP/results.csv`` (from run_experiments.py) and writes into ``EXP/plots/
 
   compression.png/.svg  challenge F1 and accuracy (test split by default) against the
                         compression ratio on a log axis: one line per method (mean over
-                        seeds, shaded min-max), controls dashed, the dense level and a
+                        seeds, shaded min-max; one per seed for a --goal chain, whose
+                        seeds stop at different levels), controls dashed, the dense level and a
                         "dense - 1 %" band, the LTH-ECG claim (142x, < 1 % F1 loss) marked
   layers.png/.svg       remaining weights per layer of the best ticket
   summary.md            the winning ticket of each method: the largest compression whose
@@ -12,7 +13,9 @@ Reads ``EXP/results.csv`` (from run_experiments.py) and writes into ``EXP/plots/
                         network's, with its test F1 (mean +- sd over seeds) and a 95 %
                         bootstrap interval (test records and seeds); validation and test F1
                         per compression level and method; each ticket against its random
-                        controls with a paired bootstrap interval of the difference
+                        controls with a paired bootstrap interval of the difference; under
+                        --goal (LTH-ECG's schedule) where each seed's chain stopped and
+                        what its last ticket lost against dense
   winners.csv           the same table, best first, for export_ticket.py --winner
 
 Tickets are chosen on the validation split; the test split is only reported.
@@ -57,6 +60,13 @@ def partial(exp: Path) -> str:
 
 
 def load(exp: Path) -> pd.DataFrame:
+    """The accepted rows of ``exp/results.csv`` (under --goal a rejected try is not a level)."""
+    return place_baselines(load_all(exp).query("accepted"))
+
+
+def load_all(exp: Path) -> pd.DataFrame:
+    """Every row of ``exp/results.csv``, rejected --goal tries included; a clear error when
+    the table is missing or lacks a column this script reads."""
     path = exp / "results.csv"
     if not path.is_file():
         raise SystemExit(f"error: {path} not found; run run_experiments.py --exp {exp} first "
@@ -67,7 +77,7 @@ def load(exp: Path) -> pd.DataFrame:
     missing = needed - set(table.columns)
     if missing:
         raise SystemExit(f"error: {path} lacks columns {', '.join(sorted(missing))}")
-    return place_baselines(table[table["accepted"]])
+    return table
 
 
 def place_baselines(table: pd.DataFrame) -> pd.DataFrame:
@@ -365,6 +375,58 @@ def interval_winners(exp: Path, table: pd.DataFrame, tolerance: float) -> list[s
     return lines
 
 
+def goal_methods(everything: pd.DataFrame) -> set[str]:
+    """Methods whose chains the over-pruning guard (--goal) acted on: a try was rejected.
+    Their seeds stop at different compressions, so they are read seed by seed."""
+    rejected = everything[~everything["accepted"].astype(bool) & (everything["control"] == "none")]
+    return set(rejected["method"])
+
+
+def goal_table(exp: Path, everything: pd.DataFrame, table: pd.DataFrame) -> list[str]:
+    """Under --goal (LTH-ECG's schedule): per method and seed, the compression its chain
+    reached within the tolerance (its last accepted round), the trainings it took (rejected
+    tries included: the search's real cost), its test F1 and AF sensitivity / PPV against its
+    dense network's, and over the seeds the paired difference of these final tickets from
+    dense (95 % two-level interval, see ``bootstrap``): the answer to "how far does the
+    guard let the network shrink, and at what cost"."""
+    methods = sorted(goal_methods(everything))
+    if not methods:
+        return []
+    dense = dense_rows(table)
+    af = "test_sensitivity_A" in table
+    lines = ["| method | seed | trainings (rejected) | last try | compression (prunable; all) | val F1 (dense) | "
+             "test F1 (dense) | test F1 - dense (95 % CI) | AF sens. / PPV (dense) |",
+             "| --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: |"]
+    for method in methods:
+        finals = []
+        for seed, runs in everything[(everything["method"] == method) & (everything["control"] == "none")
+                                     & (everything["round"] > 0)].groupby("seed"):
+            kept = runs[runs["accepted"].astype(bool)]
+            if kept.empty:
+                continue
+            final, last, own = kept.iloc[-1], runs.iloc[-1], dense[dense["seed"] == seed]
+            if own.empty:
+                continue
+            d = own.iloc[0]
+            finals.append(final)
+            tried = "accepted" if bool(last["accepted"]) else f"rejected (p = {last['fraction']:.3f})"
+            all_ratio = f"{final['compression_all']:.1f}x" if "compression_all" in final else "n/a"
+            sens = (f"{final['test_sensitivity_A']:.2f} / {final['test_ppv_A']:.2f} "
+                    f"({d['test_sensitivity_A']:.2f} / {d['test_ppv_A']:.2f})" if af else "n/a")
+            diff = paired(exp, "test", kept.iloc[[-1]], own)
+            lines.append(f"| {method} | {seed} | {len(runs)} ({int((~runs['accepted'].astype(bool)).sum())}) | "
+                         f"{tried} | {final['compression']:.1f}x; {all_ratio} | {final['val_challenge_f1']:.3f} "
+                         f"({d['val_challenge_f1']:.3f}) | {final['test_challenge_f1']:.3f} "
+                         f"({d['test_challenge_f1']:.3f}) | {paired_text(diff)} | {sens} |")
+        if len(finals) > 1:
+            finals = pd.DataFrame(finals)
+            ratio = finals["compression"]
+            lines.append(f"| {method} | all {len(finals)} | | | {np.exp(np.log(ratio).mean()):.1f}x geometric mean "
+                         f"({ratio.min():.1f}-{ratio.max():.1f}x) | | {finals['test_challenge_f1'].mean():.3f} | "
+                         f"{paired_text(paired(exp, 'test', finals, dense))} | |")
+    return lines
+
+
 def af_table(table: pd.DataFrame) -> list[str]:
     """Per level and method: the test sensitivity and PPV of the AF class (mean over seeds)."""
     if "test_sensitivity_A" not in table:
@@ -393,9 +455,12 @@ def curve_label(method: str, suffix: str, curve: pd.DataFrame, seeds: int) -> st
     return label
 
 
-def plot_compression(table: pd.DataFrame, split: str, out: Path, note: str = "") -> None:
+def plot_compression(table: pd.DataFrame, split: str, out: Path, note: str = "",
+                     per_seed: set[str] | frozenset[str] = frozenset()) -> None:
     """Challenge F1 and accuracy against the compression ratio, and (where results.csv has
-    the FLOPs column) challenge F1 against the FLOPs per 30-s record of each round's network."""
+    the FLOPs column) challenge F1 against the FLOPs per 30-s record of each round's network.
+    The methods in ``per_seed`` (the --goal chains, whose seeds stop at different levels)
+    get one line per seed instead of a mean that would jump from seed to seed."""
     with_flops = "flops" in table and table["flops"].notna().all()
     fig, axes = plt.subplots(1, 3 if with_flops else 2, figsize=(18 if with_flops else 12, 4.8))
     f1 = ("challenge_f1", "challenge F1 (mean of N, A, O)")
@@ -411,6 +476,13 @@ def plot_compression(table: pd.DataFrame, split: str, out: Path, note: str = "")
             color = COLORS.get(method, None)
             if x == "flops" and method in BASELINES:
                 continue  # the unpruned baseline has the dense network's FLOPs at every round
+            if method in per_seed and control == "none":
+                for i, (_, rows) in enumerate(table[(table["method"] == method)
+                                                    & (table["control"] == "none")].groupby("seed")):
+                    own = curves(rows, col)
+                    ax.plot(own[x], own["mean"], "-", marker="o", ms=3, color=color, lw=1.1, alpha=0.85,
+                            label=f"{LABELS.get(method, method)}, each seed" if i == 0 else None)
+                continue
             if control != "none":  # controls only where they ran: no line from the dense network
                 c = c[c["round"] > 0]
             ax.plot(c[x], c["mean"], style, marker="o" if control == "none" else "x", ms=3.5,
@@ -520,6 +592,11 @@ def summary(table: pd.DataFrame, best: pd.DataFrame, tolerance: float, exp: Path
                   "behind compression.png):", "", *compression_table(table, f"{split}_challenge_f1")]
     if exp is None:
         return "\n".join(lines) + "\n"
+    if goal := goal_table(exp, load_all(exp), table):
+        lines += ["", "Over-pruning guard (--goal, LTH-ECG's schedule): where each seed's chain stopped. A round "
+                  "whose validation F1 falls below the tolerance is discarded and redone at a smaller rate, so "
+                  "seeds stop at different compressions and the tables above, which average seeds level by "
+                  "level, mix them; this table reads each seed's last accepted ticket.", "", *goal]
     how = ("The intervals are a two-level bootstrap: each replicate draws the records and the seeds with "
            "replacement (the same records and seeds on both sides of a difference, each seed's run paired with "
            "the same seed's), so they cover the sampling of the records and the spread between seeds; with few "
@@ -558,7 +635,7 @@ def main(argv: list[str] | None = None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     table = load(exp)
     note = partial(exp)
-    plot_compression(table, args.split, out, note)
+    plot_compression(table, args.split, out, note, goal_methods(load_all(exp)))
     best = winners(table, args.tolerance)
     tickets = best[(best["control"] == "none") & (best["round"] > 0)]
     if len(tickets):

@@ -148,3 +148,65 @@ def test_af_sensitivity_and_ppv_match_a_plain_count() -> None:
     lines = plot_results.af_table(table)
     assert lines[0] == "| compression | lr_rewind |"
     assert lines[3].endswith("| 0.75 / 0.60 |")
+
+
+@pytest.fixture
+def goal_experiment(tmp_path: Path) -> Path:
+    """LTH-ECG's schedule (--goal) on 2 seeds: seed 0 has round 2 rejected, then accepted
+    at a smaller rate (1.9x, the dense predictions); seed 1 has round 2 rejected twice and
+    stops at round 1 (1.43x). Every accepted ticket predicts as its dense network does."""
+    rng = np.random.default_rng(1)
+    labels = rng.choice(list(CLASSES), 200, p=[0.5, 0.2, 0.2, 0.1])
+    rows = []
+    for seed, tries in ((0, [(2, 0, 0.3, 2.04, False), (2, 1, 0.27, 1.9, True)]),
+                        (1, [(2, 0, 0.3, 2.04, False), (2, 1, 0.27, 1.9, False)])):
+        dense = _noisy(labels, 0.1, rng)
+        rows.append(_run(tmp_path, f"seed{seed}/dense", labels, dense, method="weight_rewind", seed=seed, round=0,
+                         attempt=0, fraction=0.0, compression=1.0, accepted=True))
+        rows.append(_run(tmp_path, f"seed{seed}/weight_rewind/round_01", labels, dense, method="weight_rewind",
+                         seed=seed, round=1, attempt=0, fraction=0.3, compression=1 / 0.7, accepted=True))
+        for r, attempt, fraction, ratio, ok in tries:
+            folder = f"seed{seed}/weight_rewind/round_{r:02d}" + (f"_try{attempt}" if attempt else "")
+            rows.append(_run(tmp_path, folder, labels, dense if ok else _noisy(labels, 0.6, rng),
+                             method="weight_rewind", seed=seed, round=r, attempt=attempt, fraction=fraction,
+                             compression=ratio, accepted=ok))
+    table = pd.DataFrame(rows)
+    table = table.assign(prunable=1000, remaining=(1000 / table["compression"]).round(),
+                         test_accuracy=0.9, val_accuracy=0.9)
+    table.assign(nonzero_parameters=table["remaining"] + 10).to_csv(tmp_path / "results.csv", index=False)
+    return tmp_path
+
+
+def test_goal_table_reads_each_seeds_last_accepted_ticket(goal_experiment: Path) -> None:
+    everything, table = plot_results.load_all(goal_experiment), plot_results.load(goal_experiment)
+    assert plot_results.goal_methods(everything) == {"weight_rewind"}
+    lines = plot_results.goal_table(goal_experiment, everything, table)
+    rows = {_cell(line, 1): line for line in lines[2:]}
+    assert _cell(rows["0"], 2) == "3 (1)" and _cell(rows["0"], 3) == "accepted"
+    assert _cell(rows["0"], 4).startswith("1.9x")
+    assert _cell(rows["1"], 2) == "3 (2)" and _cell(rows["1"], 3) == "rejected (p = 0.270)"
+    assert _cell(rows["1"], 4).startswith("1.4x")  # seed 1 stopped at its round 1
+    for seed in ("0", "1"):  # each final ticket predicts exactly as its dense network
+        assert _cell(rows[seed], 7) == "+0.000 (+0.000 to +0.000)"
+    both = rows["all 2"]
+    assert _cell(both, 4).startswith(f"{np.sqrt(1.9 / 0.7):.1f}x geometric mean (1.4-1.9x)")
+    assert _cell(both, 7).startswith("+0.000 (+0.000 to +0.000)")
+    text = plot_results.summary(table, plot_results.winners(table, 0.01), 0.01, goal_experiment)
+    assert "Over-pruning guard" in text
+
+
+def test_a_grid_without_rejected_tries_has_no_goal_table(tmp_path: Path, experiment: pd.DataFrame) -> None:
+    assert plot_results.goal_methods(experiment) == set()
+    assert plot_results.goal_table(tmp_path, experiment, experiment) == []
+
+
+def test_goal_chains_are_drawn_seed_by_seed(goal_experiment: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Seeds that stop at different levels get a line each, through their own accepted
+    tickets, not a mean that jumps between seeds."""
+    figures = []
+    monkeypatch.setattr(plot_results.plt, "close", figures.append)
+    table = plot_results.load(goal_experiment)
+    plot_results.plot_compression(table, "test", goal_experiment, per_seed={"weight_rewind"})
+    lines = [ln for ln in figures[0].axes[0].lines if ln.get_color() == plot_results.COLORS["weight_rewind"]]
+    assert [list(np.round(ln.get_xdata(), 2)) for ln in lines] == [[1.0, 1.43, 1.9], [1.0, 1.43]]
+    assert lines[0].get_label().endswith(", each seed") and lines[1].get_label().startswith("_")
