@@ -46,7 +46,7 @@ import train
 from build_datasets import DatasetError, load_dataset
 from run_folders import LOCK, Busy, atomic_write_text, code_version, locked, update_json
 
-DENSE = "dense"
+DENSE = train.DENSE
 """The cell that trains a seed's dense network (every method of the seed starts from it)."""
 
 

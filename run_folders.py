@@ -128,8 +128,12 @@ def load_pt(path: Path, device: object = "cpu") -> dict:
         advice = ("delete it and re-run the same command: this training restarts from its first step and ends "
                   "with the same weights")
     elif path.parent.name.startswith("round_"):
-        advice = (f"delete {path.parent} and any later round of {path.parent.parent.name}, then re-run: "
-                  "those rounds are redone from the earlier ones, which are kept")
+        advice = ("on a fresh clone, `python run_state.py restore <experiment>` brings back a chain saved with "
+                  f"`run_state.py save`; else delete {path.parent} and any later round of "
+                  f"{path.parent.parent.name}, then re-run: those rounds are redone from the earlier ones")
+    elif path.parent.name == "dense" and (path.name in ("init.pt", "model.pt") or path.name.startswith("rewind_")):
+        advice = ("checkpoints are not kept in git: `OMP_NUM_THREADS=1 python run_state.py rebuild-dense "
+                  "<experiment>` retrains that dense run and keeps its weights if it repeats the recorded one")
     else:
         advice = (f"delete {path.parent} and re-run: that training is redone (the same weights); "
                   "the runs that need it are kept")

@@ -33,6 +33,7 @@ import functools
 import io
 import json
 import math
+import platform
 import sys
 import time
 import warnings
@@ -70,6 +71,8 @@ from run_folders import (
     prepare_run,
 )
 
+DENSE = "dense"
+"""A seed's dense run folder (every method of the seed starts from it)."""
 FINAL = "model.pt"
 INIT = "init.pt"
 METRICS = "metrics.json"
@@ -735,6 +738,22 @@ def parse_rewind(text: str, steps_per_epoch: int) -> int:
     raise ValueError(f"--rewind-to must look like '500it' or '2ep' (or 0), got {text!r}")
 
 
+@functools.cache
+def machine() -> dict:
+    """What a run's numerics depend on beyond its flags: a seeded run repeats bit for bit
+    on the same CPU model, torch and thread count, but not on another CPU (measured: a dense
+    run retrained on another machine of this project drifted from epoch 1 and ended 0.025
+    validation F1 away), so metrics.json names them."""
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    return {"cpu": cpu, "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "cuda_device": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
+
+
 def fit_and_report(ctx: Context, model: HannunNet, run_dir: Path, extra: dict, **train_kw: object) -> dict:
     """Train (resuming), evaluate on val and test, and write model.pt, history.csv and
     metrics.json (last, the marker of a finished run). Returns the metrics."""
@@ -757,7 +776,7 @@ def fit_and_report(ctx: Context, model: HannunNet, run_dir: Path, extra: dict, *
         "wall_seconds_this_sitting": time.perf_counter() - t0,
         "train_records_per_second": float(np.mean([h["records_per_second"] for h in history])),
         "eval_records_per_second": (results["val"]["records"] + results["test"]["records"]) / eval_seconds,
-        "normalizer": asdict(ctx.batcher.norm), "code_version": code_version(), **extra})
+        "normalizer": asdict(ctx.batcher.norm), "code_version": code_version(), "machine": machine(), **extra})
     atomic_save(model.state_dict(), run_dir / FINAL)
     atomic_write_text(predictions.to_csv(index=False), run_dir / PREDICTIONS)
     write_history(history, run_dir / HISTORY)
@@ -898,21 +917,23 @@ def run_lottery(ctx: Context, args: argparse.Namespace, flags: dict, data: Path)
         final_lr = ctx.cfg.lr * ctx.cfg.gamma ** len(ctx.cfg.milestones)
         lr_fn = ((lambda i: final_lr) if method == "finetune"
                  else (lambda i: lr_at(ctx.cfg, start_step + i, ctx.steps_per_epoch)))
-        init = ctx.load(seed_dir / "dense" / INIT)
-        early = ctx.load(seed_dir / "dense" / f"rewind_{k}.pt") if k and method == "late_reset" else init
+        # weights are files, read only when a round must be computed: a chain carried to a
+        # fresh clone by run_state.py has its masks and last weights, not every round's
+        init = seed_dir / "dense" / INIT
+        early = seed_dir / "dense" / f"rewind_{k}.pt" if k and method == "late_reset" else init
 
-        def start_weights(previous_trained: dict) -> dict:
-            return {"weight_rewind": init, "late_reset": early}.get(method, previous_trained)
+        def start_weights(previous_trained: Path) -> dict:
+            return ctx.load({"weight_rewind": init, "late_reset": early}.get(method, previous_trained))
 
         model = ctx.new_model(ctx.cfg.seed)
         parameters = count_parameters(model)
         dense_layers = tuple(args.dense_layers)
         masks = pm.full_masks(model, dense_layers)
-        trained = ctx.load(seed_dir / "dense" / FINAL)
+        trained = seed_dir / "dense" / FINAL
         exp = seed_dir.parent
         rows = [row_for((seed_dir / "dense").relative_to(exp), args.seed, method, "none", 0, 0, 0.0, masks, dense,
                         True, parameters, flops=ctx.flops(masks))]
-        history = [(0, masks, trained)]  # accepted rounds: (round, masks, trained weights)
+        history = [(0, masks, trained)]  # accepted rounds: (round, masks, file of trained weights)
         fraction, r, attempt = args.prune_fraction, 1, 0
         while (r <= baseline_rounds(args) if baseline
                else r <= args.rounds and not pm.reached(masks, args.target_ratio)):
@@ -924,7 +945,7 @@ def run_lottery(ctx: Context, args: argparse.Namespace, flags: dict, data: Path)
             elif (d / MASK).is_file():
                 new_masks = ctx.load(d / MASK)
             else:
-                model.load_state_dict(trained)
+                model.load_state_dict(ctx.load(trained))
                 new_masks = pm.magnitude_prune(model, masks, f, args.prune_scope, dict(args.layer_fraction))
                 if pm.count(new_masks)[0] == pm.count(masks)[0]:  # e.g. layerwise rounding at the very end
                     if not ctx.quiet:
@@ -947,7 +968,7 @@ def run_lottery(ctx: Context, args: argparse.Namespace, flags: dict, data: Path)
                                 accepted, parameters, flops=ctx.flops(new_masks)))
             write_rounds(rows, method_dir / ROUNDS)
             if accepted:
-                masks, trained = new_masks, ctx.load(d / FINAL)
+                masks, trained = new_masks, d / FINAL
                 history.append((r, masks, trained))
                 r, attempt = r + 1, 0
             elif fraction < args.min_fraction:
@@ -990,7 +1011,7 @@ def finished_table(args: argparse.Namespace, method_dir: Path) -> pd.DataFrame |
 
 
 def run_control(ctx: Context, args: argparse.Namespace, flags: dict, data: Path, history: list,
-                start_weights: Callable[[dict], dict], lr_fn: Callable[[int], float], steps: int,
+                start_weights: Callable[[Path], dict], lr_fn: Callable[[int], float], steps: int,
                 parameters: int) -> pd.DataFrame:
     """The control for every --control-every-th accepted round of the method (and its last):
 
@@ -1006,7 +1027,7 @@ def run_control(ctx: Context, args: argparse.Namespace, flags: dict, data: Path,
 
 
 def _run_control(ctx: Context, args: argparse.Namespace, control_dir: Path, history: list,
-                 start_weights: Callable[[dict], dict], lr_fn: Callable[[int], float], steps: int,
+                 start_weights: Callable[[Path], dict], lr_fn: Callable[[int], float], steps: int,
                  parameters: int) -> pd.DataFrame:
     last = history[-1][0]
     rows = []

@@ -1,0 +1,140 @@
+"""run_state.py: a chain carried to a fresh clone goes on exactly as if it had never stopped,
+and a dense run rebuilt from its flags is kept only when it repeats the recorded run."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+import run_state as rs
+import train as tr
+from tests.conftest import tiny_train_args
+
+CHAIN = ["--seed", "0", "--retrain", "lr_rewind", "--prune-fraction", "0.5", "--target-ratio", "8",
+         "--rewind-to", "1ep"]
+
+
+def chain(data: Path, out: Path) -> pd.DataFrame:
+    return tr.run(tr.parse_args(tiny_train_args(data, out, *CHAIN)), report=False)
+
+
+def drop_weights(exp: Path) -> None:
+    """What a fresh clone of the repository holds: no *.pt file."""
+    for p in exp.rglob("*.pt"):
+        p.unlink()
+
+
+@pytest.fixture(scope="module")
+def finished(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 3-round lr_rewind chain (2x, 4x, 8x) run without a stop: the reference."""
+    exp = tmp_path_factory.mktemp("ref") / "exp"
+    chain(tiny_data, exp / "seed0")
+    return exp
+
+
+def stopped_after_round_2(finished: Path, dest: Path) -> Path:
+    """The chain as it was when round 2 had finished (rounds.csv is rewritten after each round)."""
+    shutil.copytree(finished, dest)
+    method = dest / "seed0" / "lr_rewind"
+    shutil.rmtree(method / "round_03")
+    table = pd.read_csv(method / tr.ROUNDS)
+    table[table["round"] <= 2].to_csv(method / tr.ROUNDS, index=False)
+    return dest
+
+
+def test_tensors_round_trip_exactly() -> None:
+    torch.manual_seed(0)
+    w = torch.randn(4, 3, 5)
+    w[w.abs() < 0.5] = 0
+    tensors = {"w": w, "mask": w != 0, "steps": torch.tensor(7), "empty": torch.zeros(0)}
+    arrays: dict = {}
+    rs.pack_tensors("p", tensors, arrays)
+    back = rs.unpack_tensors("p", arrays)
+    assert set(back) == set(tensors)
+    for name, t in tensors.items():
+        assert back[name].dtype == t.dtype and torch.equal(back[name], t), name
+
+
+def test_carried_chain_continues_exactly(finished: Path, tiny_data: Path, tmp_path: Path) -> None:
+    exp = stopped_after_round_2(finished, tmp_path / "exp")
+    method = exp / "seed0" / "lr_rewind"
+    assert rs.unfinished(method)
+    rs.main(["save", str(exp)])
+    assert (method / rs.STATE).is_file()
+    drop_weights(exp)
+
+    with pytest.raises(SystemExit, match="init.pt is missing|model.pt is missing"):
+        chain(tiny_data, exp / "seed0")  # a fresh clone without the state cannot go on
+
+    rs.main(["restore", str(exp)])
+    assert (exp / "seed0" / "dense" / tr.INIT).is_file() and (method / "round_02" / tr.FINAL).is_file()
+    assert not (exp / "seed0" / "dense" / tr.FINAL).is_file()  # only what the next rounds need
+    table = chain(tiny_data, exp / "seed0")
+    reference = pd.read_csv(finished / "seed0" / "lr_rewind" / tr.ROUNDS)
+    pd.testing.assert_frame_equal(table.drop(columns="train_seconds").reset_index(drop=True),
+                                  reference.drop(columns="train_seconds"), check_dtype=False)
+    assert ((method / "round_03" / tr.PREDICTIONS).read_bytes()
+            == (finished / "seed0" / "lr_rewind" / "round_03" / tr.PREDICTIONS).read_bytes())
+
+
+def test_save_skips_finished_chains_and_keeps_a_state_without_weights(finished: Path, tmp_path: Path,
+                                                                         capsys: pytest.CaptureFixture) -> None:
+    exp = tmp_path / "exp"
+    shutil.copytree(finished, exp)
+    method = exp / "seed0" / "lr_rewind"
+    assert not rs.unfinished(method)
+    rs.main(["save", str(exp)])
+    assert not (method / rs.STATE).exists()
+
+    exp2 = stopped_after_round_2(finished, tmp_path / "exp2")
+    rs.main(["save", str(exp2)])
+    state = (exp2 / "seed0" / "lr_rewind" / rs.STATE).read_bytes()
+    drop_weights(exp2)
+    rs.main(["save", str(exp2)])  # a fresh clone: nothing to save from, the saved state stays
+    assert (exp2 / "seed0" / "lr_rewind" / rs.STATE).read_bytes() == state
+    assert "weights are not here (kept its earlier state.npz)" in capsys.readouterr().out
+
+
+def test_restore_refuses_other_flags_and_other_initial_weights(finished: Path, tmp_path: Path) -> None:
+    exp = stopped_after_round_2(finished, tmp_path / "exp")
+    method = exp / "seed0" / "lr_rewind"
+    rs.main(["save", str(exp)])
+    drop_weights(exp)
+    config = json.loads((exp / "seed0" / "dense" / "config.json").read_text())
+    config["flags"]["seed"] = 1  # the seed's init would differ from the saved digest
+    (exp / "seed0" / "dense" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(SystemExit, match="initial weights .* differ"):
+        rs.main(["restore", str(exp)])
+    flags = json.loads((method / "config.json").read_text())
+    flags["flags"]["prune_fraction"] = 0.3
+    (method / "config.json").write_text(json.dumps(flags))
+    with pytest.raises(SystemExit, match="saved with other flags"):
+        rs.main(["restore", str(exp)])
+
+
+def test_rebuild_dense_repeats_the_run_or_refuses(finished: Path, tmp_path: Path) -> None:
+    exp, other = tmp_path / "exp", tmp_path / "other"
+    shutil.copytree(finished, exp)
+    shutil.copytree(finished / "seed0" / "dense", other / "seed0" / "dense")  # linked by --dense-from
+    drop_weights(exp)
+    drop_weights(other)
+    rs.main(["rebuild-dense", str(exp), str(other)])
+    ref = finished / "seed0" / "dense"
+    for d in (exp / "seed0" / "dense", other / "seed0" / "dense"):
+        for name in (tr.INIT, tr.FINAL, "rewind_6.pt"):  # 1ep = 6 steps of the tiny data
+            assert rs.state_digest(torch.load(d / name)) == rs.state_digest(torch.load(ref / name)), (d, name)
+    assert not (exp / "seed0" / ".dense-rebuild").exists()
+
+    drop_weights(exp)
+    history = exp / "seed0" / "dense" / tr.HISTORY
+    table = pd.read_csv(history)
+    table.loc[0, "train_loss"] += 1e-5  # a run that went otherwise, with the same predictions
+    table.to_csv(history, index=False)
+    with pytest.raises(SystemExit, match="does not repeat the recorded run"):
+        rs.main(["rebuild-dense", str(exp)])
+    assert not (exp / "seed0" / "dense" / tr.FINAL).exists()  # nothing taken from a run that differs
