@@ -11,7 +11,10 @@ minutes) is longer than one sitting, so this script carries it:
                                (bit-packed), the trained weights of its last two accepted
                                rounds (non-zero values only), a late_reset chain's weights at
                                the rewind step, and the digest of the seed's initial weights.
-                               A few hundred kB per chain, small enough to commit.
+                               A few hundred kB to a few MB per chain, small enough to commit.
+                               With ``--dense`` (or when a chain has no round yet) also
+                               ``dense/state.npz``: the dense run's trained and rewind weights
+                               (~2.6 MB each at width 0.25), for runs that start from them.
   restore EXP [EXP ...]        write those back as mask.pt / model.pt / rewind_<k>.pt, and
                                re-create the seed's init.pt from its seed (``torch.manual_seed``
                                then the network's own initialisation), checked against the
@@ -130,34 +133,35 @@ def unfinished(method_dir: Path) -> bool:
                 or stopped)
 
 
-def save(method_dir: Path) -> Path | None:
-    """Write ``state.npz`` for one chain (see the module docstring); returns its path, or
-    None when the chain's weights are not on this machine (a ``state.npz`` already there,
-    from an earlier save, is kept)."""
+def chain_files(method_dir: Path) -> list[Path] | None:
+    """What a chain needs to go on: every round's mask, the trained weights of its last two
+    accepted rounds (the last starts the next round; the one before starts a
+    weight-keeping method's random-pruning control) and late_reset's rewind weights. None
+    when they are not on this machine."""
     exp_dir = method_dir.parent.parent
     table = pd.read_csv(method_dir / tr.ROUNDS)
-    accepted = [exp_dir / f for f in table.loc[table["accepted"], "folder"]]
-    needed = [method_dir.parent / tr.DENSE / tr.INIT] + [d / tr.FINAL for d in accepted if d.parent == method_dir][-1:]
-    if not all(p.is_file() for p in needed):
-        return None
+    own = [exp_dir / f for f in table["folder"] if (exp_dir / f).parent == method_dir]
+    accepted = [exp_dir / f for f in table.loc[table["accepted"], "folder"] if (exp_dir / f).parent == method_dir]
+    masks = [d / tr.MASK for d in own]
+    models = [d / tr.FINAL for d in accepted[-2:]]
+    rewind = sorted((method_dir.parent / tr.DENSE).glob("rewind_*.pt")) if method_dir.name == "late_reset" else []
+    files = masks + models + rewind
+    return files if all(f.is_file() for f in files) else None
+
+
+def save(folder: Path, files: list[Path]) -> Path:
+    """Write ``folder/state.npz``: ``files`` (paths in the seed folder) packed, the digest of
+    the seed's initial weights, and ``folder``'s flags (a restore checks both)."""
+    seed_dir = folder.parent
     arrays: dict[str, np.ndarray] = {}
-    for folder in table["folder"]:
-        d = exp_dir / folder
-        if d.parent == method_dir and (d / tr.MASK).is_file():
-            pack_tensors(f"mask:{d.name}", rf.load_pt(d / tr.MASK), arrays)
-    for d in [d for d in accepted if d.parent == method_dir][-2:]:
-        pack_tensors(f"model:{d.name}", rf.load_pt(d / tr.FINAL), arrays)
-    dense = method_dir.parent / tr.DENSE
-    arrays["init_digest"] = np.asarray(state_digest(rf.load_pt(dense / tr.INIT)))
-    flags = json.loads((method_dir / rf.CONFIG).read_text())["flags"]
-    if method_dir.name == "late_reset":
-        for path in dense.glob("rewind_*.pt"):
-            pack_tensors(f"rewind:{path.stem}", rf.load_pt(path), arrays)
-    arrays["flags"] = np.asarray(json.dumps(flags, sort_keys=True))
+    for f in files:
+        pack_tensors(f.relative_to(seed_dir).as_posix(), rf.load_pt(f), arrays)
+    arrays["init_digest"] = np.asarray(state_digest(rf.load_pt(seed_dir / tr.DENSE / tr.INIT)))
+    arrays["flags"] = np.asarray(json.dumps(json.loads((folder / rf.CONFIG).read_text())["flags"], sort_keys=True))
     buffer = io.BytesIO()
     np.savez_compressed(buffer, **arrays)
-    rf.atomic_write(method_dir / STATE, buffer.getvalue())
-    return method_dir / STATE
+    rf.atomic_write(folder / STATE, buffer.getvalue())
+    return folder / STATE
 
 
 def initial_weights(seed_dir: Path) -> dict[str, torch.Tensor]:
@@ -167,36 +171,27 @@ def initial_weights(seed_dir: Path) -> dict[str, torch.Tensor]:
     return HannunNet(HannunConfig(**flags["model"])).state_dict()
 
 
-def restore(method_dir: Path) -> list[Path]:
-    """Write back what ``save`` kept (never over an existing file); returns the files written."""
-    arrays = dict(np.load(method_dir / STATE))
-    if json.loads(str(arrays["flags"])) != json.loads((method_dir / rf.CONFIG).read_text())["flags"]:
-        raise SystemExit(f"error: {method_dir / STATE} was saved with other flags than {method_dir / rf.CONFIG}; "
+def restore(folder: Path) -> list[Path]:
+    """Write back what ``save`` kept in ``folder/state.npz`` (never over an existing file),
+    and the seed's init.pt; returns the files written."""
+    seed_dir, state = folder.parent, folder / STATE
+    arrays = dict(np.load(state))
+    if json.loads(str(arrays["flags"])) != json.loads((folder / rf.CONFIG).read_text())["flags"]:
+        raise SystemExit(f"error: {state} was saved with other flags than {folder / rf.CONFIG}; "
                          "it belongs to another run: delete it")
+    init = initial_weights(seed_dir)
+    if state_digest(init) != str(arrays["init_digest"]):
+        raise SystemExit(f"error: the initial weights made from {seed_dir / tr.DENSE / rf.CONFIG}'s seed differ "
+                         f"from those {state} was saved with (another torch version?): the run cannot go on here")
     written = []
-
-    def put(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    contents = {seed_dir / tr.DENSE / tr.INIT: init}
+    contents.update({seed_dir / rel: unpack_tensors(rel, arrays)
+                     for rel in sorted({k.split(SEP)[0] for k in arrays if SEP in k})})
+    for path, tensors in contents.items():
         if not path.is_file():
             path.parent.mkdir(parents=True, exist_ok=True)
             rf.atomic_save(tensors, path)
             written.append(path)
-
-    dense = method_dir.parent / tr.DENSE
-    init = initial_weights(method_dir.parent)
-    if state_digest(init) != str(arrays["init_digest"]):
-        raise SystemExit(f"error: the initial weights made from {dense / rf.CONFIG}'s seed differ from those "
-                         f"{method_dir / STATE} was saved with (another torch version?): the chain cannot go on "
-                         "here; re-run it from its dense network")
-    put(init, dense / tr.INIT)
-    for prefix in sorted({k.split(SEP)[0] for k in arrays if SEP in k}):
-        kind, name = prefix.split(":", 1)
-        tensors = unpack_tensors(prefix, arrays)
-        if kind == "mask":
-            put(tensors, method_dir / name / tr.MASK)
-        elif kind == "model":
-            put(tensors, method_dir / name / tr.FINAL)
-        else:  # rewind
-            put(tensors, dense / f"{name}.pt")
     return written
 
 
@@ -272,6 +267,9 @@ def main(argv: list[str] | None = None) -> None:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("action", choices=["save", "restore", "rebuild-dense"])
     p.add_argument("exps", nargs="+", type=Path, help="experiment folders of run_experiments.py")
+    p.add_argument("--dense", action="store_true",
+                   help="save: also each seed's dense weights (model.pt, rewind_<k>.pt; ~2.6 MB each at width "
+                        "0.25), for variants that will start from them on the next machine")
     args = p.parse_args(argv)
     for exp in args.exps:
         if not exp.is_dir():
@@ -284,19 +282,42 @@ def main(argv: list[str] | None = None) -> None:
             rebuild_dense(group)
         return
     for exp in args.exps:
-        for method_dir in method_folders(exp):
-            if args.action == "save" and unfinished(method_dir):
-                path = save(method_dir)
-                if path is None:
-                    kept = "kept its earlier state.npz" if (method_dir / STATE).is_file() else "nothing saved"
-                    print(f"{method_dir}: unfinished, but its weights are not here ({kept})")
-                else:
-                    print(f"{path}: {path.stat().st_size / 1e3:.0f} kB")
-            elif args.action == "save":
-                (method_dir / STATE).unlink(missing_ok=True)  # finished: read back from its text files
-            elif (method_dir / STATE).is_file():
-                written = restore(method_dir)
-                print(f"{method_dir}: restored {len(written)} file(s)")
+        if args.action == "restore":
+            for state in sorted(exp.glob(f"seed*/*/{STATE}")):
+                print(f"{state.parent}: restored {len(restore(state.parent))} file(s)")
+            continue
+        for seed_dir in sorted(p for p in exp.glob("seed*") if (p / tr.DENSE / rf.CONFIG).is_file()):
+            save_seed(seed_dir, args.dense)
+
+
+def save_seed(seed_dir: Path, with_dense: bool) -> None:
+    """``save`` for every unfinished chain of a seed (a finished one loses its state.npz: it
+    is read back from its text files), and for its dense run when asked or when a chain has
+    no round of its own yet (its first round needs the dense weights)."""
+    need_dense = with_dense
+    for method_dir in method_folders(seed_dir.parent):
+        if method_dir.parent != seed_dir:
+            continue
+        if not unfinished(method_dir):
+            (method_dir / STATE).unlink(missing_ok=True)
+            continue
+        table = pd.read_csv(method_dir / tr.ROUNDS)
+        need_dense |= int(table["round"].max()) == 0
+        files = chain_files(method_dir)
+        if files is None or not (seed_dir / tr.DENSE / tr.INIT).is_file():
+            kept = "kept its earlier state.npz" if (method_dir / STATE).is_file() else "nothing saved"
+            print(f"{method_dir}: unfinished, but its weights are not here ({kept})")
+        else:
+            path = save(method_dir, files)
+            print(f"{path}: {path.stat().st_size / 1e3:.0f} kB")
+    dense = seed_dir / tr.DENSE
+    weights = [dense / tr.FINAL, *sorted(dense.glob("rewind_*.pt"))]
+    if need_dense and (dense / tr.INIT).is_file() and (dense / tr.FINAL).is_file():
+        path = save(dense, weights)
+        print(f"{path}: {path.stat().st_size / 1e3:.0f} kB")
+    elif need_dense:
+        kept = "kept its earlier state.npz" if (dense / STATE).is_file() else "nothing saved"
+        print(f"{dense}: its weights are not here ({kept})")
 
 
 if __name__ == "__main__":

@@ -138,3 +138,16 @@ def test_rebuild_dense_repeats_the_run_or_refuses(finished: Path, tmp_path: Path
     with pytest.raises(SystemExit, match="does not repeat the recorded run"):
         rs.main(["rebuild-dense", str(exp)])
     assert not (exp / "seed0" / "dense" / tr.FINAL).exists()  # nothing taken from a run that differs
+
+
+def test_dense_weights_carried_on_request(finished: Path, tmp_path: Path) -> None:
+    exp = tmp_path / "exp"
+    shutil.copytree(finished, exp)
+    rs.main(["save", str(exp)])
+    assert not (exp / "seed0" / "dense" / rs.STATE).exists()  # nothing unfinished needs it
+    rs.main(["save", "--dense", str(exp)])
+    drop_weights(exp)
+    rs.main(["restore", str(exp)])
+    for name in (tr.INIT, tr.FINAL, "rewind_6.pt"):
+        assert (rs.state_digest(torch.load(exp / "seed0" / "dense" / name))
+                == rs.state_digest(torch.load(finished / "seed0" / "dense" / name))), name
