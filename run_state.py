@@ -54,6 +54,7 @@ import pandas as pd
 import torch
 
 import prune as pm
+import run_experiments
 import run_folders as rf
 import train as tr
 from build_datasets import DatasetError, load_dataset
@@ -115,16 +116,34 @@ def method_folders(exp: Path) -> list[Path]:
     return sorted(p.parent for p in exp.glob("seed*/*/" + tr.ROUNDS))
 
 
+def controls_pending(method_dir: Path, last_round: int) -> bool:
+    """Whether the experiment's latest command (experiment.json) asks for controls of this
+    method that have no row for its last accepted round yet: they need its masks and
+    weights, so a finished chain is carried until its controls are done."""
+    path = method_dir.parent.parent / "experiment.json"
+    if not path.is_file() or last_round == 0:
+        return False
+    args, _ = run_experiments.parse_args(json.loads(path.read_text())["commands"][-1]["argv"])
+    if method_dir.name not in args.control_methods:
+        return False
+    for control in args.controls:
+        rounds = method_dir.parent / f"{method_dir.name}+{control}" / tr.ROUNDS
+        if not rounds.is_file() or last_round not in set(pd.read_csv(rounds)["round"]):
+            return True
+    return False
+
+
 def unfinished(method_dir: Path) -> bool:
     """Whether the chain may still train: its flags' --goal/--target-ratio/--rounds are not
-    reached (the test of train.finished_table, without the controls, which need the same
-    state anyway). A control folder carries nothing: its masks and weights come from the
-    method's chain."""
+    reached, or its controls are pending (the test of train.finished_table). A control
+    folder carries nothing: its masks and weights come from the method's chain."""
     if "+" in method_dir.name:
         return False
     flags = json.loads((method_dir / rf.CONFIG).read_text())["flags"]
     table = pd.read_csv(method_dir / tr.ROUNDS)
     last = table[table["accepted"]].iloc[-1]
+    if controls_pending(method_dir, int(last["round"])):
+        return True
     if method_dir.name in tr.BASELINES:
         return last["round"] < min(flags["rounds"], pm.rounds_to_reach(flags["target_ratio"], flags["prune_fraction"]))
     stopped = (flags.get("goal") and not table.iloc[-1]["accepted"]

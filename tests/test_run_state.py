@@ -151,3 +151,18 @@ def test_dense_weights_carried_on_request(finished: Path, tmp_path: Path) -> Non
     for name in (tr.INIT, tr.FINAL, "rewind_6.pt"):
         assert (rs.state_digest(torch.load(exp / "seed0" / "dense" / name))
                 == rs.state_digest(torch.load(finished / "seed0" / "dense" / name))), name
+
+
+def test_a_finished_chain_is_carried_while_its_controls_are_pending(finished: Path, tmp_path: Path) -> None:
+    exp = tmp_path / "exp"
+    shutil.copytree(finished, exp)
+    method = exp / "seed0" / "lr_rewind"
+    argv = ["--exp", str(exp), "--methods", "lr_rewind", "--controls", "random_prune", "--control-methods", "all"]
+    (exp / "experiment.json").write_text(json.dumps({"commands": [{"argv": argv}]}))
+    assert rs.unfinished(method)
+    control = exp / "seed0" / "lr_rewind+random_prune"
+    control.mkdir()
+    pd.DataFrame({"round": [2]}).to_csv(control / tr.ROUNDS, index=False)
+    assert rs.unfinished(method)  # a row for an earlier round only
+    pd.DataFrame({"round": [3]}).to_csv(control / tr.ROUNDS, index=False)
+    assert not rs.unfinished(method)
