@@ -217,26 +217,25 @@ def restore(folder: Path) -> list[Path]:
 # --------------------------------------------------------------------------- rebuild the dense
 
 
-def dense_args(seed_dir: Path, out: Path) -> argparse.Namespace:
+def rebuild_args(seed_dir: Path, out: Path) -> argparse.Namespace:
     """train.py's flags for re-running a seed's dense training into ``out``: those of its
     config.json, and the rewind step of the seed's methods (the dense run saves its weights
     there for late_reset)."""
-    flags = {**rf.ADDED_FLAGS, **json.loads((seed_dir / tr.DENSE / rf.CONFIG).read_text())["flags"]}
     rewind = {json.loads(p.read_text())["flags"].get("rewind_to", "0") for p in seed_dir.glob("*/" + rf.CONFIG)}
     rewind.discard("0")
     if len(rewind) > 1:
         raise SystemExit(f"error: the methods of {seed_dir} rewind to different steps ({sorted(rewind)})")
-    flags.update(model=HannunConfig(**flags["model"]), milestones=tuple(flags["milestones"]),
-                 layer_fraction=[], dense_layers=[], retrain=None, control=None, out=out, quiet=True,
-                 busy="wait", rewind_to=rewind.pop() if rewind else "0")
-    return argparse.Namespace(**flags)
+    args = tr.dense_args(seed_dir)
+    args.__dict__.update(layer_fraction=[], dense_layers=[], retrain=None, control=None, out=out, busy="wait",
+                         rewind_to=rewind.pop() if rewind else "0")
+    return args
 
 
 def rebuild_dense(dense_dirs: list[Path]) -> None:
     """Retrain one dense run (the folders hold the same run) and link its weights into each."""
     first = dense_dirs[0]
     work = first.parent / ".dense-rebuild"
-    args = dense_args(first.parent, work)
+    args = rebuild_args(first.parent, work)
     try:
         ds = load_dataset(Path(args.data))
     except DatasetError as e:

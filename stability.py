@@ -31,7 +31,6 @@ Example (CPU scale, after the grid):
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -47,18 +46,6 @@ import prune as pm  # noqa: E402
 import run_folders as rf  # noqa: E402
 import train as tr  # noqa: E402
 from build_datasets import DatasetError, load_dataset  # noqa: E402
-from model import HannunConfig  # noqa: E402
-
-
-def seed_args(seed_dir: Path) -> argparse.Namespace:
-    """The train.py flags of a seed's dense run, from its config.json."""
-    path = seed_dir / "dense" / rf.CONFIG
-    if not path.is_file():
-        raise SystemExit(f"error: {path} not found: is {seed_dir} a seed folder of run_experiments.py?")
-    flags = {**rf.ADDED_FLAGS, **json.loads(path.read_text())["flags"]}
-    flags.update(model=HannunConfig(**flags["model"]), milestones=tuple(flags["milestones"]),
-                 layer_fraction=[tuple(x) for x in flags.get("layer_fraction", [])], out=seed_dir, quiet=True)
-    return argparse.Namespace(**flags)
 
 
 def interpolate(a: dict, b: dict, alpha: float) -> dict:
@@ -154,7 +141,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.points < 3 or args.bn_batches < 1:
         p.error("--points must be >= 3 and --bn-batches >= 1")
     seed_dir = Path(args.exp) / f"seed{args.seed}"
-    targs = seed_args(seed_dir)
+    targs = tr.dense_args(seed_dir)
     try:
         ds = load_dataset(targs.data)
     except DatasetError as e:

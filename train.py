@@ -62,7 +62,9 @@ from model import (
     output_positions,
 )
 from run_folders import (
+    ADDED_FLAGS,
     CHECKPOINT,
+    CONFIG,
     atomic_save,
     atomic_write_text,
     code_version,
@@ -1174,6 +1176,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("pruning rounds replay the LR schedule: use --schedule step with --retrain")
     args.out = Path(args.out or f"results/run/seed{args.seed}")
     return args
+
+
+def dense_args(seed_dir: Path) -> argparse.Namespace:
+    """The train.py flags of a seed's dense run, read back from its config.json (``out`` is
+    the seed folder): for scripts that re-make its weights or branch from them."""
+    path = seed_dir / DENSE / CONFIG
+    if not path.is_file():
+        raise SystemExit(f"error: {path} not found: is {seed_dir} a seed folder of run_experiments.py?")
+    flags = {**ADDED_FLAGS, **json.loads(path.read_text())["flags"]}
+    flags.update(model=HannunConfig(**flags["model"]), milestones=tuple(flags["milestones"]),
+                 layer_fraction=[tuple(x) for x in flags.get("layer_fraction", [])], out=seed_dir, quiet=True)
+    return argparse.Namespace(**flags)
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:

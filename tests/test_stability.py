@@ -27,7 +27,7 @@ def tiny_exp(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_the_path_between_identical_networks_is_flat_and_its_ends_are_the_networks(tiny_exp: Path) -> None:
     """The barrier of two identical networks is 0; the path's ends are the two networks'
     own evaluation (under the same BatchNorm re-estimation)."""
-    args = stability.seed_args(tiny_exp / "seed0")
+    args = tr.dense_args(tiny_exp / "seed0")
     ctx = tr.Context.make(load_dataset(args.data), args)
     a = ctx.load(tiny_exp / "seed0" / "dense" / tr.FINAL)
     b = ctx.load(tiny_exp / "seed0" / "weight_rewind" / "round_01" / tr.FINAL)
@@ -45,7 +45,7 @@ def test_the_path_between_identical_networks_is_flat_and_its_ends_are_the_networ
 def test_weights_at_k_replay_the_dense_run(tiny_exp: Path, tmp_path: Path) -> None:
     """Replaying the dense training's first k steps gives its weights at step k exactly."""
     seed_dir = tiny_exp / "seed0"
-    args = stability.seed_args(seed_dir)
+    args = tr.dense_args(seed_dir)
     ctx = tr.Context.make(load_dataset(args.data), args)
     saved = ctx.load(seed_dir / "dense" / "rewind_2.pt")
     copy = tmp_path / "seed0"
