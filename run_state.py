@@ -53,12 +53,11 @@ import numpy as np
 import pandas as pd
 import torch
 
-import prune as pm
 import run_experiments
 import run_folders as rf
 import train as tr
 from build_datasets import DatasetError, load_dataset
-from model import HannunConfig, HannunNet
+from model import HannunNet
 
 STATE = "state.npz"
 SEP = "|"  # between the parts of an array's name in state.npz
@@ -140,16 +139,11 @@ def unfinished(method_dir: Path) -> bool:
     if "+" in method_dir.name:
         return False
     flags = json.loads((method_dir / rf.CONFIG).read_text())["flags"]
-    table = pd.read_csv(method_dir / tr.ROUNDS)
-    last = table[table["accepted"]].iloc[-1]
-    if controls_pending(method_dir, int(last["round"])):
+    args = argparse.Namespace(**{**flags, "control": None, "out": method_dir.parent})
+    if tr.finished_table(args, method_dir) is None:
         return True
-    if method_dir.name in tr.BASELINES:
-        return last["round"] < min(flags["rounds"], pm.rounds_to_reach(flags["target_ratio"], flags["prune_fraction"]))
-    stopped = (flags.get("goal") and not table.iloc[-1]["accepted"]
-               and table.iloc[-1]["fraction"] / flags["alpha"] < flags["min_fraction"])
-    return not (last["compression"] >= flags["target_ratio"] * (1 - 1e-9) or last["round"] >= flags["rounds"]
-                or stopped)
+    last = pd.read_csv(method_dir / tr.ROUNDS).query("accepted").iloc[-1]
+    return controls_pending(method_dir, int(last["round"]))
 
 
 def chain_files(method_dir: Path) -> list[Path] | None:
@@ -185,9 +179,9 @@ def save(folder: Path, files: list[Path]) -> Path:
 
 def initial_weights(seed_dir: Path) -> dict[str, torch.Tensor]:
     """The seed's initial weights as train.py makes them (``Context.new_model``)."""
-    flags = json.loads((seed_dir / tr.DENSE / rf.CONFIG).read_text())["flags"]
-    torch.manual_seed(flags["seed"])
-    return HannunNet(HannunConfig(**flags["model"])).state_dict()
+    args = tr.dense_args(seed_dir)
+    torch.manual_seed(args.seed)
+    return HannunNet(args.model).state_dict()
 
 
 def restore(folder: Path) -> list[Path]:
