@@ -100,11 +100,11 @@ def barriers(path: pd.DataFrame) -> dict:
 def weights_at(ctx: tr.Context, seed_dir: Path, k: int, work: Path) -> dict:
     """The dense run's weights after k steps: init.pt, its saved rewind point, or a replay of
     its first k steps (the same seeded batches and dropout, so the same weights)."""
-    dense = seed_dir / "dense"
+    dense = seed_dir / tr.DENSE
     if k == 0:
         return ctx.load(dense / tr.INIT)
-    if (dense / f"rewind_{k}.pt").is_file():
-        return ctx.load(dense / f"rewind_{k}.pt")
+    if (dense / tr.rewind_file(k)).is_file():
+        return ctx.load(dense / tr.rewind_file(k))
     run = work / f"dense_to_{k}"
     if not (run / tr.FINAL).is_file():
         model = ctx.new_model(ctx.cfg.seed)
@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> None:
     work = Path(args.exp) / "stability" / f"seed{args.seed}"
     rows = []
     for source in [m.strip() for m in args.masks.split(",") if m.strip()]:
-        if source == "dense":
+        if source == tr.DENSE:
             masks = pm.full_masks(ctx.new_model(0))
         else:
             masks = ctx.load(seed_dir / source / tr.MASK)

@@ -89,6 +89,11 @@ ON_TRAINED: Callable[[Path], None] | None = None
 warnings.filterwarnings("ignore", message="This instance was constructed with capturable=True")
 
 
+def rewind_file(step: int) -> str:
+    """File name of the dense run's weights after ``step`` steps (late_reset's start)."""
+    return f"rewind_{step}.pt"
+
+
 # --------------------------------------------------------------------------- metrics
 
 
@@ -795,7 +800,7 @@ def run_dense(ctx: Context, run_dir: Path, flags: dict, data: Path, rewind_step:
     weights at ``rewind_step`` (``rewind_<step>.pt``) for late_reset; a finished run without
     that snapshot is an error only when ``need_snapshot``."""
     prepare_run(run_dir, flags, data)
-    snapshot = run_dir / f"rewind_{rewind_step}.pt"
+    snapshot = run_dir / rewind_file(rewind_step)
     if not (run_dir / METRICS).is_file():
         with locked(run_dir, ctx.wait):  # another worker may finish it while this one waits
             if not (run_dir / METRICS).is_file():
@@ -908,12 +913,12 @@ def run_lottery(ctx: Context, args: argparse.Namespace, flags: dict, data: Path)
     method_dir = seed_dir / method
     finished = finished_table(args, method_dir)
     if finished is not None:  # read back without loading any weights (checkpoints may be gone)
-        prepare_run(seed_dir / "dense", dense_flags, data)
+        prepare_run(seed_dir / DENSE, dense_flags, data)
         prepare_run(method_dir, {f: v for f, v in flags.items() if f not in CONTROL_FLAGS}, data)
         if args.control:
             prepare_run(args.out / f"{args.retrain}+{args.control}", flags, data)
         return finished
-    dense = run_dense(ctx, seed_dir / "dense", dense_flags, data, k, need_snapshot=method == "late_reset")
+    dense = run_dense(ctx, seed_dir / DENSE, dense_flags, data, k, need_snapshot=method == "late_reset")
     with locked(method_dir, ctx.wait):  # one worker trains a method's rounds; others wait or move on
         prepare_run(method_dir, {f: v for f, v in flags.items() if f not in CONTROL_FLAGS}, data)
         final_lr = ctx.cfg.lr * ctx.cfg.gamma ** len(ctx.cfg.milestones)
@@ -921,8 +926,8 @@ def run_lottery(ctx: Context, args: argparse.Namespace, flags: dict, data: Path)
                  else (lambda i: lr_at(ctx.cfg, start_step + i, ctx.steps_per_epoch)))
         # weights are files, read only when a round must be computed: a chain carried to a
         # fresh clone by run_state.py has its masks and last weights, not every round's
-        init = seed_dir / "dense" / INIT
-        early = seed_dir / "dense" / f"rewind_{k}.pt" if k and method == "late_reset" else init
+        init = seed_dir / DENSE / INIT
+        early = seed_dir / DENSE / rewind_file(k) if k and method == "late_reset" else init
 
         def start_weights(previous_trained: Path) -> dict:
             return ctx.load({"weight_rewind": init, "late_reset": early}.get(method, previous_trained))
@@ -931,9 +936,9 @@ def run_lottery(ctx: Context, args: argparse.Namespace, flags: dict, data: Path)
         parameters = count_parameters(model)
         dense_layers = tuple(args.dense_layers)
         masks = pm.full_masks(model, dense_layers)
-        trained = seed_dir / "dense" / FINAL
+        trained = seed_dir / DENSE / FINAL
         exp = seed_dir.parent
-        rows = [row_for((seed_dir / "dense").relative_to(exp), args.seed, method, "none", 0, 0, 0.0, masks, dense,
+        rows = [row_for((seed_dir / DENSE).relative_to(exp), args.seed, method, "none", 0, 0, 0.0, masks, dense,
                         True, parameters, flops=ctx.flops(masks))]
         history = [(0, masks, trained)]  # accepted rounds: (round, masks, file of trained weights)
         fraction, r, attempt = args.prune_fraction, 1, 0
@@ -1215,9 +1220,9 @@ def run(args: argparse.Namespace, ds: ECGDataset | None = None, report: bool = T
     flags["numerics_version"] = NUMERICS_VERSION
     ctx = Context.make(ds, args)
     if args.retrain is None:
-        done = (args.out / "dense" / METRICS).is_file()
+        done = (args.out / DENSE / METRICS).is_file()
         dense_flags = {f: v for f, v in flags.items() if f not in PRUNING_FLAGS}
-        results = run_dense(ctx, args.out / "dense", dense_flags, data,
+        results = run_dense(ctx, args.out / DENSE, dense_flags, data,
                             parse_rewind(args.rewind_to, ctx.steps_per_epoch))
         if report:
             if done:
