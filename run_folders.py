@@ -45,12 +45,15 @@ def code_version() -> str:
     return _CODE_VERSION
 
 
-def _git_version() -> str:
-    here = Path(__file__).resolve().parent
+def _git_version(here: Path | None = None) -> str:
+    """The checkout's commit, '+dirty' when a tracked file outside results/ has local edits
+    (the runs themselves rewrite their committed results files, which is not a code change)."""
+    here = here or Path(__file__).resolve().parent
     try:
         rev = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=here,
                              capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--",
+                                ".", ":(exclude)results"],
                                cwd=here, capture_output=True, text=True, check=True).stdout
     except (OSError, subprocess.CalledProcessError):
         return "unknown"

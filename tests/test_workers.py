@@ -43,6 +43,25 @@ def test_lock_is_exclusive_and_dies_with_its_holder(tmp_path: Path) -> None:
             pass
 
 
+def test_code_version_is_dirty_for_code_edits_only(tmp_path: Path) -> None:
+    """A run rewriting its committed results files must not mark the code it runs as edited."""
+    def git(*args: str) -> None:
+        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path,
+                       check=True, capture_output=True)
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "experiment.json").write_text("{}")
+    (tmp_path / "train.py").write_text("x = 1\n")
+    git("init", "-q")
+    git("add", ".")
+    git("commit", "-qm", "start")
+    clean = rf._git_version(tmp_path)
+    assert len(clean) == 12 and not clean.endswith("+dirty")
+    (tmp_path / "results" / "experiment.json").write_text('{"cells": 1}')
+    assert rf._git_version(tmp_path) == clean
+    (tmp_path / "train.py").write_text("x = 2\n")
+    assert rf._git_version(tmp_path) == clean + "+dirty"
+
+
 def test_concurrent_json_updates_lose_nothing(tmp_path: Path) -> None:
     path = tmp_path / "counter.json"
     code = ("import sys, pathlib, run_folders as rf\n"
