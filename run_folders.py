@@ -39,9 +39,10 @@ class Busy(Exception):
 
 
 def code_version() -> str:
-    """``git describe``-style version of this checkout, '+dirty' when it has local edits,
-    as it was when this process imported the code (a long run records the code it runs,
-    not what the checkout holds by the time a folder is written)."""
+    """``git describe``-style version of this checkout, '+dirty' when its code has local
+    edits (results/ does not count: see _git_version), as it was when this process imported
+    the code (a long run records the code it runs, not what the checkout holds by the time a
+    folder is written)."""
     return _CODE_VERSION
 
 
