@@ -20,17 +20,21 @@ back from its ``path.csv``.
 
 Writes EXP/stability/seed<S>/: ``<mask>_k<k>/path.csv`` per pair (alpha, validation error,
 challenge F1), ``stability.csv`` (one row per mask and k: compression, barriers, the ends'
-own metrics) and ``stability.png`` (barrier against k, one line per mask).
+own metrics and the two copies' test F1 and AF sensitivity / PPV) and ``stability.png``
+(barrier against k, one line per mask); and, over every seed run so far, EXP/stability/
+``stability.md`` (mean barrier and each seed's, per mask and k) and ``stability.png`` (barrier
+and the copies' test F1 against k).
 
 Example (CPU scale, after the grid):
     python stability.py --exp results/cinc2017-cpu --seed 0 \\
         --masks dense,weight_rewind/round_02,weight_rewind/round_04,weight_rewind/round_06 \\
-        --rewind-to 0,200it,1ep,2ep
+        --rewind-to 0,100it,1ep,2ep
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -127,6 +131,17 @@ def train_copy(ctx: tr.Context, start: dict, masks: pm.Masks, k: int, run: Path)
     return ctx.load(run / tr.FINAL)
 
 
+def copies_scores(pair: Path) -> dict:
+    """The two copies' own scores, averaged: each copy is the network a rewind to k under this
+    mask would give (one retraining), so its test F1 sits next to the barrier."""
+    metrics = [json.loads((pair / f"copy{c}" / tr.METRICS).read_text()) for c in (1, 2)]
+    af = [tr.af_scores(m["test"]["confusion"]) for m in metrics]
+    return {"copies_val_f1": float(np.mean([m["val"]["challenge_f1"] for m in metrics])),
+            "copies_test_f1": float(np.mean([m["test"]["challenge_f1"] for m in metrics])),
+            "copies_test_sensitivity_A": float(np.mean([a[0] for a in af])),
+            "copies_test_ppv_A": float(np.mean([a[1] for a in af]))}
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -172,13 +187,15 @@ def main(argv: list[str] | None = None) -> None:
                 rf.atomic_write_text(path.to_csv(index=False, float_format="%.6g"), pair / "path.csv")
             rows.append({"seed": args.seed, "masks": source, "compression": pm.compression_ratio(masks),
                          "k": k, "rewind_to": text, **barriers(path),
-                         "end_errors": f"{path['val_error'].iloc[0]:.4f}/{path['val_error'].iloc[-1]:.4f}"})
+                         "end_errors": f"{path['val_error'].iloc[0]:.4f}/{path['val_error'].iloc[-1]:.4f}",
+                         **copies_scores(pair)})
             print(f"{source} k={text} ({k} steps): error barrier {rows[-1]['error_barrier']:+.4f}, "
                   f"F1 barrier {rows[-1]['f1_barrier']:+.4f}", flush=True)
     table = pd.DataFrame(rows)
     rf.atomic_write_text(table.to_csv(index=False, float_format="%.6g"), work / "stability.csv")
     plot(table, work / "stability.png")
     print(f"wrote {work / 'stability.csv'} and stability.png")
+    summarise(work.parent)
 
 
 def plot(table: pd.DataFrame, out: Path) -> None:
@@ -192,6 +209,72 @@ def plot(table: pd.DataFrame, out: Path) -> None:
     ax.set_title("Instability analysis (Frankle et al. 2020): two copies trained from step k", fontsize=10)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=150)
+    plt.close(fig)
+
+
+def summarise(root: Path) -> pd.DataFrame:
+    """Every seed's stability.csv under ``root`` (EXP/stability) in one table: per mask and
+    k, the barrier's mean and each seed's value, and the copies' test F1 and AF scores.
+    Written to root/stability.md and drawn in root/stability.png; the run of the last seed
+    to finish leaves them complete."""
+    tables = [pd.read_csv(f) for f in sorted(root.glob("seed*/stability.csv"))]
+    if not tables:
+        return pd.DataFrame()
+    table = pd.concat(tables, ignore_index=True)
+    keys = ["masks", "k", "rewind_to"]
+    cols = ["error_barrier", "f1_barrier", "copies_test_f1", "copies_test_sensitivity_A", "copies_test_ppv_A"]
+    cols = [c for c in cols if c in table]  # tables written before the copies' scores were kept
+    summary = (table.groupby(keys, sort=False)
+               .agg(compression=("compression", "mean"), seeds=("seed", "nunique"),
+                    **{c: (c, "mean") for c in cols},
+                    barrier_per_seed=("error_barrier", lambda v: " / ".join(f"{x:+.3f}" for x in v)))
+               .reset_index())
+    lines = ["# Instability analysis (Frankle et al. 2020)", "",
+             f"Seeds: {', '.join(str(s) for s in sorted(table['seed'].unique()))}. Error barrier: the largest "
+             "validation error on the straight line between two copies trained from step k under the mask, "
+             "minus the mean of the ends' errors (Frankle et al. call a network stable below 0.02). "
+             "Copies' test F1 and AF sensitivity / PPV: the two copies' own scores (each is the network a "
+             "rewind to k with this mask gives), mean over copies and seeds.", "",
+             "| mask | compression | k | steps | seeds | error barrier (mean) | per seed | F1 drop on the path "
+             "| copies' test F1 | AF sens / PPV |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for _, r in summary.iterrows():
+        f1 = f"{r['copies_test_f1']:.3f}" if "copies_test_f1" in r else "n/a"
+        af = (f"{r['copies_test_sensitivity_A']:.2f} / {r['copies_test_ppv_A']:.2f}"
+              if "copies_test_sensitivity_A" in r else "n/a")
+        lines.append(f"| {r['masks']} | {r['compression']:.1f}x | {r['rewind_to']} | {r['k']} | {r['seeds']} "
+                     f"| {r['error_barrier']:+.3f} | {r['barrier_per_seed']} | {r['f1_barrier']:+.3f} | {f1} | {af} |")
+    rf.atomic_write_text("\n".join(lines) + "\n", root / "stability.md")
+    plot_summary(table, root / "stability.png")
+    return summary
+
+
+def plot_summary(table: pd.DataFrame, out: Path) -> None:
+    """Left: error barrier against k per mask (mean line, one dot per seed); right: the
+    copies' test F1 against k, the ticket a rewind to k gives."""
+    panels = [("error_barrier", "error barrier on the linear path (validation)")]
+    if "copies_test_f1" in table:
+        panels.append(("copies_test_f1", "copies' test challenge F1"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.2), squeeze=False)
+    for ax, (col, label) in zip(axes[0], panels, strict=True):
+        for i, (source, t) in enumerate(table.groupby("masks", sort=False)):
+            colour = f"C{i}"
+            mean = t.groupby("k")[col].mean()
+            ax.plot(mean.index, mean.values, marker="o", color=colour,
+                    label=f"{source} ({t['compression'].mean():.0f}x)")
+            ax.scatter(t["k"], t[col], s=10, color=colour, alpha=0.5)
+        if col == "error_barrier":
+            ax.axhline(0, color="black", lw=0.8)
+            ax.axhline(0.02, color="grey", lw=0.8, ls="--")
+        ax.set_xlabel("rewind point k (steps of the dense schedule)")
+        ax.set_ylabel(label)
+        ax.grid(True, alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    seeds = ", ".join(str(s) for s in sorted(table["seed"].unique()))
+    fig.suptitle(f"Instability analysis (Frankle et al. 2020), seeds {seeds}: lines are means, dots seeds; "
+                 "dashed: 0.02", fontsize=10)
     fig.tight_layout()
     fig.savefig(out, dpi=150)
     plt.close(fig)

@@ -849,6 +849,15 @@ def round_dir(method_dir: Path, r: int, attempt: int) -> Path:
     return method_dir / (f"round_{r:02d}" + (f"_try{attempt}" if attempt else ""))
 
 
+def af_scores(confusion: list) -> tuple[float, float]:
+    """The AF class's sensitivity and PPV from a confusion matrix (rows true, columns
+    predicted): what a cardiologist asks first, AF found and AF alarms right."""
+    cm = np.asarray(confusion, dtype=float)
+    af = CLASSES.index("A")
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return float(cm[af, af] / cm[af].sum()), float(cm[af, af] / cm[:, af].sum())
+
+
 def row_for(folder: Path, seed: int, method: str, control: str, r: int, attempt: int, fraction: float,
             masks: pm.Masks, metrics: dict, accepted: bool, parameters: int, *, flops: int) -> dict:
     """One line of the results table; ``folder`` is the run's path from the experiment folder."""
@@ -862,11 +871,7 @@ def row_for(folder: Path, seed: int, method: str, control: str, r: int, attempt:
     for split in ("val", "test"):
         for key in ("challenge_f1", "macro_f1", "accuracy", *(f"f1_{c}" for c in CLASSES)):
             row[f"{split}_{key}"] = metrics[split][key]
-        cm = np.asarray(metrics[split]["confusion"], dtype=float)
-        af = CLASSES.index("A")  # what a cardiologist asks first: AF found, and AF alarms right
-        with np.errstate(invalid="ignore", divide="ignore"):
-            row[f"{split}_sensitivity_A"] = cm[af, af] / cm[af].sum()
-            row[f"{split}_ppv_A"] = cm[af, af] / cm[:, af].sum()
+        row[f"{split}_sensitivity_A"], row[f"{split}_ppv_A"] = af_scores(metrics[split]["confusion"])
     row.update(epochs=metrics["epochs_run"], steps=metrics.get("steps", float("nan")),
                train_seconds=metrics["train_seconds"])
     return row

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -64,8 +66,30 @@ def test_a_stability_run_writes_its_tables_and_resumes(tiny_exp: Path) -> None:
     assert len(table) == 6 and table["compression"].round(1).tolist() == [1.0] * 3 + [2.0] * 3
     assert table["k"].tolist() == [0, 2, 3] * 2 and table["error_barrier"].notna().all()
     assert (work / "stability.png").stat().st_size > 0
+    copies = [json.loads((work / "weight_rewind_round_01_k2" / f"copy{c}" / tr.METRICS).read_text()) for c in (1, 2)]
+    row = table[(table["masks"] == "weight_rewind/round_01") & (table["k"] == 2)].iloc[0]
+    assert row["copies_test_f1"] == pytest.approx(np.mean([m["test"]["challenge_f1"] for m in copies]), abs=1e-6)
+    assert (work.parent / "stability.md").is_file() and (work.parent / "stability.png").stat().st_size > 0
     stamps = {p: p.stat().st_mtime_ns for p in work.rglob("path.csv")}
     stability.main(argv)  # finished pairs are read back, not retrained
     assert {p: p.stat().st_mtime_ns for p in work.rglob("path.csv")} == stamps
     with pytest.raises(SystemExit):
         stability.main([*argv[:6], "--rewind-to", "99ep"])
+
+
+def test_the_summary_averages_seeds_per_mask_and_k(tmp_path: Path) -> None:
+    """stability.md and the summary table: one row per (mask, k), the barrier's mean over the
+    seeds and each seed's value, whatever order the seeds' tables hold."""
+    rows = {0: [("dense", 1.0, 0, 0.10), ("dense", 1.0, 5, 0.00), ("m", 4.0, 0, 0.30)],
+            1: [("dense", 1.0, 5, 0.04), ("dense", 1.0, 0, 0.20), ("m", 4.0, 0, 0.10)]}
+    for seed, rs in rows.items():
+        (tmp_path / f"seed{seed}").mkdir()
+        pd.DataFrame([{"seed": seed, "masks": m, "compression": c, "k": k, "rewind_to": str(k),
+                       "error_barrier": b, "f1_barrier": b / 2, "copies_test_f1": 0.7 + b}
+                      for m, c, k, b in rs]).to_csv(tmp_path / f"seed{seed}" / "stability.csv", index=False)
+    summary = stability.summarise(tmp_path).set_index(["masks", "k"])
+    assert summary.loc[("dense", 0), "error_barrier"] == pytest.approx(0.15)
+    assert summary.loc[("dense", 5), "error_barrier"] == pytest.approx(0.02)
+    assert summary.loc[("m", 0), "copies_test_f1"] == pytest.approx(0.9)
+    assert summary.loc[("m", 0), "barrier_per_seed"] == "+0.300 / +0.100" and (summary["seeds"] == 2).all()
+    assert "| m | 4.0x | 0 | 0 | 2 | +0.200 |" in (tmp_path / "stability.md").read_text()
