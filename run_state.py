@@ -15,6 +15,9 @@ minutes) is longer than one sitting, so this script carries it:
                                With ``--dense`` (or when a chain has no round yet) also
                                ``dense/state.npz``: the dense run's trained and rewind weights
                                (~2.6 MB each at width 0.25), for runs that start from them.
+                               With ``--masks``, a finished chain's state.npz keeps every
+                               round's mask (for stability.py, compare_variants.py's
+                               layers.png); without it, a finished chain's state.npz is removed.
   restore EXP [EXP ...]        write those back as mask.pt / model.pt / rewind_<k>.pt, and
                                re-create the seed's init.pt from its seed (``torch.manual_seed``
                                then the network's own initialisation), checked against the
@@ -282,6 +285,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--dense", action="store_true",
                    help="save: also each seed's dense weights (model.pt, rewind_<k>.pt; ~2.6 MB each at width "
                         "0.25), for variants that will start from them on the next machine")
+    p.add_argument("--masks", action="store_true",
+                   help="save: also every round's mask of each finished chain (bit-packed, ~0.1 MB per round "
+                        "at width 0.25), for stability.py and compare_variants.py on the next machine; "
+                        "without it a finished chain's state.npz is removed")
     args = p.parse_args(argv)
     for exp in args.exps:
         if not exp.is_dir():
@@ -299,19 +306,37 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"{state.parent}: restored {len(restore(state.parent))} file(s)")
             continue
         for seed_dir in sorted(p for p in exp.glob("seed*") if (p / tr.DENSE / rf.CONFIG).is_file()):
-            save_seed(seed_dir, args.dense)
+            save_seed(seed_dir, args.dense, args.masks)
 
 
-def save_seed(seed_dir: Path, with_dense: bool) -> None:
+def round_masks(method_dir: Path) -> list[Path] | None:
+    """Every round's mask.pt of a chain (tries included); None when they are not here."""
+    exp_dir = method_dir.parent.parent
+    table = pd.read_csv(method_dir / tr.ROUNDS)
+    masks = [exp_dir / f / tr.MASK for f in table["folder"] if (exp_dir / f).parent == method_dir]
+    return masks if all(m.is_file() for m in masks) else None
+
+
+def save_seed(seed_dir: Path, with_dense: bool, with_masks: bool = False) -> None:
     """``save`` for every unfinished chain of a seed (a finished one loses its state.npz: it
-    is read back from its text files), and for its dense run when asked or when a chain has
-    no round of its own yet (its first round needs the dense weights)."""
+    is read back from its text files, unless ``with_masks`` keeps its masks for the analyses
+    that read them), and for its dense run when asked or when a chain has no round of its
+    own yet (its first round needs the dense weights)."""
     need_dense = with_dense
     for method_dir in method_folders(seed_dir.parent):
         if method_dir.parent != seed_dir:
             continue
         if not unfinished(method_dir):
-            (method_dir / STATE).unlink(missing_ok=True)
+            if not with_masks:
+                (method_dir / STATE).unlink(missing_ok=True)
+                continue
+            masks = round_masks(method_dir)
+            if masks is None:
+                kept = "kept its earlier state.npz" if (method_dir / STATE).is_file() else "nothing saved"
+                print(f"{method_dir}: finished, but its masks are not here ({kept})")
+            else:
+                path = save(method_dir, masks)
+                print(f"{path}: {path.stat().st_size / 1e3:.0f} kB (masks of a finished chain)")
             continue
         table = pd.read_csv(method_dir / tr.ROUNDS)
         need_dense |= int(table["round"].max()) == 0

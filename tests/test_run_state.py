@@ -166,3 +166,24 @@ def test_a_finished_chain_is_carried_while_its_controls_are_pending(finished: Pa
     assert rs.unfinished(method)  # a row for an earlier round only
     pd.DataFrame({"round": [3]}).to_csv(control / tr.ROUNDS, index=False)
     assert not rs.unfinished(method)
+
+
+def test_masks_of_a_finished_chain_carried_on_request(finished: Path, tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture) -> None:
+    """save --masks keeps every round's mask of a finished chain (and no weights), restore
+    writes them back bit for bit, and a save where they are gone keeps the saved ones."""
+    exp = tmp_path / "exp"
+    shutil.copytree(finished, exp)
+    method = exp / "seed0" / "lr_rewind"
+    rs.main(["save", "--masks", str(exp)])
+    drop_weights(exp)
+    rs.main(["save", "--masks", str(exp)])  # a fresh clone before restore: the state stays
+    assert "finished, but its masks are not here (kept its earlier state.npz)" in capsys.readouterr().out
+    rs.main(["restore", str(exp)])
+    for r in (1, 2, 3):
+        ref = torch.load(finished / "seed0" / "lr_rewind" / f"round_{r:02d}" / tr.MASK)
+        back = torch.load(method / f"round_{r:02d}" / tr.MASK)
+        assert set(back) == set(ref) and all(torch.equal(back[k], ref[k]) for k in ref), r
+    assert not list(method.glob("round_*/" + tr.FINAL))
+    rs.main(["save", str(exp)])  # without --masks a finished chain carries nothing
+    assert not (method / rs.STATE).exists()
