@@ -16,8 +16,8 @@ minutes) is longer than one sitting, so this script carries it:
                                ``dense/state.npz``: the dense run's trained and rewind weights
                                (~2.6 MB each at width 0.25), for runs that start from them.
                                With ``--masks``, a finished chain's state.npz keeps every
-                               round's mask (for stability.py, compare_variants.py's
-                               layers.png); without it, a finished chain's state.npz is removed.
+                               round's mask (for stability.py), and later saves keep it; a
+                               finished chain's other state.npz is removed.
   restore EXP [EXP ...]        write those back as mask.pt / model.pt / rewind_<k>.pt, and
                                re-create the seed's init.pt from its seed (``torch.manual_seed``
                                then the network's own initialisation), checked against the
@@ -287,8 +287,8 @@ def main(argv: list[str] | None = None) -> None:
                         "0.25), for variants that will start from them on the next machine")
     p.add_argument("--masks", action="store_true",
                    help="save: also every round's mask of each finished chain (bit-packed, ~0.1 MB per round "
-                        "at width 0.25), for stability.py and compare_variants.py on the next machine; "
-                        "without it a finished chain's state.npz is removed")
+                        "at width 0.25), for stability.py on the next machine; a save without the flag "
+                        "keeps such a state.npz")
     args = p.parse_args(argv)
     for exp in args.exps:
         if not exp.is_dir():
@@ -309,6 +309,16 @@ def main(argv: list[str] | None = None) -> None:
             save_seed(seed_dir, args.dense, args.masks)
 
 
+def masks_only(state: Path) -> bool:
+    """Whether ``state`` is a finished chain's masks (``save --masks``): kept by every later
+    save, so that a save without the flag never drops masks a clone has not restored yet."""
+    if not state.is_file():
+        return False
+    with np.load(state) as arrays:
+        files = {k.split(SEP)[0] for k in arrays.files if SEP in k}
+    return bool(files) and all(f.endswith("/" + tr.MASK) for f in files)
+
+
 def round_masks(method_dir: Path) -> list[Path] | None:
     """Every round's mask.pt of a chain (tries included); None when they are not here."""
     exp_dir = method_dir.parent.parent
@@ -318,22 +328,23 @@ def round_masks(method_dir: Path) -> list[Path] | None:
 
 
 def save_seed(seed_dir: Path, with_dense: bool, with_masks: bool = False) -> None:
-    """``save`` for every unfinished chain of a seed (a finished one loses its state.npz: it
-    is read back from its text files, unless ``with_masks`` keeps its masks for the analyses
-    that read them), and for its dense run when asked or when a chain has no round of its
+    """``save`` for every unfinished chain of a seed (a finished one is read back from its text
+    files and loses a carried chain's state.npz; ``with_masks`` keeps its masks for
+    stability.py), and for its dense run when asked or when a chain has no round of its
     own yet (its first round needs the dense weights)."""
     need_dense = with_dense
     for method_dir in method_folders(seed_dir.parent):
         if method_dir.parent != seed_dir:
             continue
         if not unfinished(method_dir):
-            if not with_masks:
-                (method_dir / STATE).unlink(missing_ok=True)
+            if not with_masks or "+" in method_dir.name:  # a control's masks serve no later analysis
+                if not masks_only(method_dir / STATE):
+                    (method_dir / STATE).unlink(missing_ok=True)  # a carried chain's state, now done with
                 continue
             masks = round_masks(method_dir)
-            if masks is None:
+            if masks is None or not (seed_dir / tr.DENSE / tr.INIT).is_file():
                 kept = "kept its earlier state.npz" if (method_dir / STATE).is_file() else "nothing saved"
-                print(f"{method_dir}: finished, but its masks are not here ({kept})")
+                print(f"{method_dir}: finished, but its masks or the seed's init.pt are not here ({kept})")
             else:
                 path = save(method_dir, masks)
                 print(f"{path}: {path.stat().st_size / 1e3:.0f} kB (masks of a finished chain)")

@@ -34,6 +34,7 @@ Example (CPU scale, after the grid):
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import sys
 from pathlib import Path
@@ -149,7 +150,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--masks", default="dense",
                    help="comma-separated: 'dense', or round folders of the seed (e.g. weight_rewind/round_04)")
-    p.add_argument("--rewind-to", default="0,1ep", help="comma-separated rewind points k ('0', '200it', '1ep')")
+    p.add_argument("--rewind-to", default="0,1ep", help="comma-separated rewind points k ('0', '100it', '1ep')")
     p.add_argument("--points", type=int, default=11, help="networks evaluated on the path (>= 3)")
     p.add_argument("--bn-batches", type=int, default=30, help="training batches to re-estimate BatchNorm")
     args = p.parse_args(argv)
@@ -222,15 +223,18 @@ def summarise(root: Path) -> pd.DataFrame:
     tables = [pd.read_csv(f) for f in sorted(root.glob("seed*/stability.csv"))]
     if not tables:
         return pd.DataFrame()
-    table = pd.concat(tables, ignore_index=True)
-    keys = ["masks", "k", "rewind_to"]
+    table = pd.concat(tables, ignore_index=True).sort_values("seed", kind="stable")
+    table["seed_barrier"] = [f"s{s} {b:+.3f}" for s, b in zip(table["seed"], table["error_barrier"], strict=True)]
     cols = ["error_barrier", "f1_barrier", "copies_test_f1", "copies_test_sensitivity_A", "copies_test_ppv_A"]
     cols = [c for c in cols if c in table]  # tables written before the copies' scores were kept
-    summary = (table.groupby(keys, sort=False)
-               .agg(compression=("compression", "mean"), seeds=("seed", "nunique"),
-                    **{c: (c, "mean") for c in cols},
-                    barrier_per_seed=("error_barrier", lambda v: " / ".join(f"{x:+.3f}" for x in v)))
+    summary = (table.groupby(["masks", "k"], sort=False)  # k in steps: '1ep' and '214it' are one point
+               .agg(rewind_to=("rewind_to", lambda v: "/".join(dict.fromkeys(map(str, v)))),
+                    compression=("compression", "mean"), seeds=("seed", "nunique"),
+                    **{c: (c, "mean") for c in cols}, barrier_per_seed=("seed_barrier", " / ".join))
                .reset_index())
+    order = {m: i for i, m in enumerate(pd.unique(table["masks"]))}
+    summary = summary.sort_values(["masks", "k"], key=lambda c: c.map(order) if c.name == "masks" else c,
+                                  ignore_index=True)
     lines = ["# Instability analysis (Frankle et al. 2020)", "",
              f"Seeds: {', '.join(str(s) for s in sorted(table['seed'].unique()))}. Error barrier: the largest "
              "validation error on the straight line between two copies trained from step k under the mask, "
@@ -241,9 +245,9 @@ def summarise(root: Path) -> pd.DataFrame:
              "| copies' test F1 | AF sens / PPV |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for _, r in summary.iterrows():
-        f1 = f"{r['copies_test_f1']:.3f}" if "copies_test_f1" in r else "n/a"
+        f1 = f"{r['copies_test_f1']:.3f}" if pd.notna(r.get("copies_test_f1")) else "n/a"
         af = (f"{r['copies_test_sensitivity_A']:.2f} / {r['copies_test_ppv_A']:.2f}"
-              if "copies_test_sensitivity_A" in r else "n/a")
+              if pd.notna(r.get("copies_test_sensitivity_A")) else "n/a")
         lines.append(f"| {r['masks']} | {r['compression']:.1f}x | {r['rewind_to']} | {r['k']} | {r['seeds']} "
                      f"| {r['error_barrier']:+.3f} | {r['barrier_per_seed']} | {r['f1_barrier']:+.3f} | {f1} | {af} |")
     rf.atomic_write_text("\n".join(lines) + "\n", root / "stability.md")
@@ -276,8 +280,10 @@ def plot_summary(table: pd.DataFrame, out: Path) -> None:
     fig.suptitle(f"Instability analysis (Frankle et al. 2020), seeds {seeds}: lines are means, dots seeds; "
                  "dashed: 0.02", fontsize=10)
     fig.tight_layout()
-    fig.savefig(out, dpi=150)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=150)
     plt.close(fig)
+    rf.atomic_write(out, png.getvalue())  # two seeds' runs may finish together
 
 
 if __name__ == "__main__":

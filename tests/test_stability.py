@@ -91,5 +91,16 @@ def test_the_summary_averages_seeds_per_mask_and_k(tmp_path: Path) -> None:
     assert summary.loc[("dense", 0), "error_barrier"] == pytest.approx(0.15)
     assert summary.loc[("dense", 5), "error_barrier"] == pytest.approx(0.02)
     assert summary.loc[("m", 0), "copies_test_f1"] == pytest.approx(0.9)
-    assert summary.loc[("m", 0), "barrier_per_seed"] == "+0.300 / +0.100" and (summary["seeds"] == 2).all()
+    assert summary.loc[("m", 0), "barrier_per_seed"] == "s0 +0.300 / s1 +0.100" and (summary["seeds"] == 2).all()
     assert "| m | 4.0x | 0 | 0 | 2 | +0.200 |" in (tmp_path / "stability.md").read_text()
+    assert summary.index.tolist() == [("dense", 0), ("dense", 5), ("m", 0)]
+    # a seed run later spells k otherwise, and its table has the copies' AF scores the others lack
+    (tmp_path / "seed2").mkdir()
+    pd.DataFrame([{"seed": 2, "masks": "dense", "compression": 1.0, "k": 5, "rewind_to": "5it", "error_barrier": 0.0,
+                   "f1_barrier": 0.0, "copies_test_f1": 0.7, "copies_test_sensitivity_A": 0.8,
+                   "copies_test_ppv_A": 0.9}]).to_csv(tmp_path / "seed2" / "stability.csv", index=False)
+    summary = stability.summarise(tmp_path).set_index(["masks", "k"])
+    assert summary.loc[("dense", 5), "seeds"] == 3 and summary.loc[("dense", 5), "rewind_to"] == "5/5it"
+    md = (tmp_path / "stability.md").read_text()
+    assert "| m | 4.0x | 0 | 0 | 2 | +0.200 | s0 +0.300 / s1 +0.100 | +0.100 | 0.900 | n/a |" in md
+    assert "nan" not in md
