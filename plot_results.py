@@ -126,25 +126,37 @@ def curves(table: pd.DataFrame, metric: str) -> pd.DataFrame:
             .reset_index().sort_values(["method", "control", "compression"]))
 
 
-def dense_level(table: pd.DataFrame, metric: str) -> float:
-    """Mean over seeds of the dense networks' ``metric`` (one dense run per seed)."""
-    return float(dense_rows(table)[metric].mean())
+def dense_level(table: pd.DataFrame, metric: str, seeds: list[int] | None = None) -> float:
+    """Mean over seeds (``seeds`` only, when given) of the dense networks' ``metric`` (one
+    dense run per seed)."""
+    dense = dense_rows(table)
+    return float((dense if seeds is None else dense[dense["seed"].isin(seeds)])[metric].mean())
+
+
+def run_seeds(table: pd.DataFrame, method: str, control: str = "none") -> list[int]:
+    """The seeds a method (or one of its controls) has pruned rounds for: a grid extended by
+    later seeds for some methods only compares each with the dense networks of its own seeds."""
+    rows = table[(table["method"] == method) & (table["control"] == control) & (table["round"] > 0)]
+    return sorted(rows["seed"].unique())
 
 
 def winners(table: pd.DataFrame, tolerance: float) -> pd.DataFrame:
     """Per method and control: the largest compression (a pruned round, reached by every
-    seed) whose mean validation challenge F1 over seeds is at least ``dense * (1 - tolerance)``.
-    A method with no such round has no winner (the dense network is not a ticket, nor is
-    a baseline)."""
-    bar = dense_level(table, "val_challenge_f1") * (1 - tolerance)
+    seed it ran) whose mean validation challenge F1 over seeds is at least ``dense * (1 -
+    tolerance)``, dense averaged over the same seeds. A method with no such round has no
+    winner (the dense network is not a ticket, nor is a baseline)."""
     table = table[~table["method"].isin(BASELINES)]
     keys = ["method", "control", "level"]
     val, test = curves(table, "val_challenge_f1"), curves(table, "test_challenge_f1")
     acc = curves(table, "test_accuracy")
     merged = val.merge(test.drop(columns=["round"]), on=keys, suffixes=("_val", "_test")).merge(
         acc[[*keys, "mean"]].rename(columns={"mean": "test_accuracy"}), on=keys)
-    ok = merged[(merged["mean_val"] >= bar) & (merged["seeds_val"] == table["seed"].nunique())
-                & (merged["round"] > 0)]
+    seeds = {mc: run_seeds(table, *mc) for mc in set(zip(merged["method"], merged["control"], strict=True))}
+    mc = list(zip(merged["method"], merged["control"], strict=True))
+    merged["dense_val"] = [dense_level(table, "val_challenge_f1", seeds[k]) for k in mc]
+    merged["dense_test"] = [dense_level(table, "test_challenge_f1", seeds[k]) for k in mc]
+    ok = merged[(merged["mean_val"] >= merged["dense_val"] * (1 - tolerance))
+                & (merged["seeds_val"] == [len(seeds[k]) for k in mc]) & (merged["round"] > 0)]
     best = ok.loc[ok.groupby(["method", "control"])["compression_val"].idxmax()]
     return best.sort_values("compression_val", ascending=False)
 
@@ -355,23 +367,24 @@ def interval_winners(exp: Path, table: pd.DataFrame, tolerance: float) -> list[s
     validation F1(ticket) - F1(dense) stays above -tolerance x dense validation F1; chosen
     on validation, its test difference reported beside it."""
     dense = dense_rows(table)
-    margin = -tolerance * dense_level(table, "val_challenge_f1")
-    seeds = table["seed"].nunique()
-    lines = [f"| method | largest level with lower bound > {margin:+.4f} | val F1 - dense (95 % CI) | "
-             "test F1 - dense (95 % CI) |", "| --- | ---: | ---: | ---: |"]
+    lines = ["| method | seeds | largest level with lower bound > -tolerance x dense val | val F1 - dense (95 % CI) | "
+             "test F1 - dense (95 % CI) |", "| --- | --- | ---: | ---: | ---: |"]
     for m in [m for m in methods_in(table) if m not in BASELINES]:
-        best, best_val = None, None
+        best, best_val, seeds = None, None, run_seeds(table, m)
+        margin = -tolerance * dense_level(table, "val_challenge_f1", seeds)
         for lv in levels_of(table, m):
             rows = level_rows(table, m, lv)
             d = paired(exp, "val", rows, dense)
-            if d is None or rows["seed"].nunique() < seeds or np.isnan(d["low"]) or d["low"] <= margin:
+            if d is None or rows["seed"].nunique() < len(seeds) or np.isnan(d["low"]) or d["low"] <= margin:
                 break
             best, best_val = lv, d
+        seed_text = ",".join(map(str, seeds))
         if best is None:
-            lines.append(f"| {m} | none | | |")
+            lines.append(f"| {m} | {seed_text} | none (bar {margin:+.4f}) | | |")
             continue
         test = paired(exp, "test", level_rows(table, m, best), dense)
-        lines.append(f"| {m} | {ratio_text(table, best)} | {paired_text(best_val)} | {paired_text(test)} |")
+        lines.append(f"| {m} | {seed_text} | {ratio_text(table, best)} (bar {margin:+.4f}) | {paired_text(best_val)} "
+                     f"| {paired_text(test)} |")
     return lines
 
 
@@ -566,11 +579,12 @@ def summary(table: pd.DataFrame, best: pd.DataFrame, tolerance: float, exp: Path
              "the finished cells).", ""] if note else [])
     lines = head + [
              f"Winning ticket per method: the largest compression whose mean validation challenge F1 is at "
-             f"least dense x (1 - {tolerance:g}) = {dense_val * (1 - tolerance):.4f} (dense: validation "
-             f"{dense_val:.4f}, test {dense_test:.4f}; {table['seed'].nunique()} seed(s)).", "",
-             "| method | control | compression | remaining weights | FLOPs per 30-s record (dense) | val F1 | "
-             "test F1 (mean ± sd) | test F1 95 % CI | test F1 - dense | test accuracy |",
-             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             f"least dense x (1 - {tolerance:g}), dense averaged over the seeds the method ran (all "
+             f"{table['seed'].nunique()} seed(s): validation {dense_val:.4f}, bar {dense_val * (1 - tolerance):.4f}, "
+             f"test {dense_test:.4f}).", "",
+             "| method | control | seeds | compression | remaining weights | FLOPs per 30-s record (dense) | val F1 "
+             "(bar) | test F1 (mean ± sd) | test F1 95 % CI | test F1 - dense | test accuracy |",
+             "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     dense_flops = table.loc[table["round"] == 0, "flops"].mean() if "flops" in table else np.nan
     for _, b in best.iterrows():
         remaining = ticket_rows(table, b)["remaining"].mean()
@@ -579,13 +593,17 @@ def summary(table: pd.DataFrame, best: pd.DataFrame, tolerance: float, exp: Path
         sd = 0.0 if np.isnan(b["sd_test"]) else b["sd_test"]
         ci = bootstrap_interval(exp, table, b) if exp is not None else None
         ci_text = f"{ci[0]:.3f}-{ci[1]:.3f}" if ci else "n/a"
-        lines.append(f"| {b['method']} | {b['control']} | {b['compression_val']:.1f}x | {remaining:,.0f} | "
-                     f"{flops_text} | {b['mean_val']:.4f} | {b['mean_test']:.4f} ± {sd:.4f} | {ci_text} | "
-                     f"{b['mean_test'] - dense_test:+.4f} | {b['test_accuracy']:.4f} |")
+        seed_text = ",".join(map(str, run_seeds(table, b["method"], b["control"])))
+        lines.append(f"| {b['method']} | {b['control']} | {seed_text} | {b['compression_val']:.1f}x | "
+                     f"{remaining:,.0f} | {flops_text} | {b['mean_val']:.4f} "
+                     f"({b['dense_val'] * (1 - tolerance):.4f}) | "
+                     f"{b['mean_test']:.4f} ± {sd:.4f} | {ci_text} | {b['mean_test'] - b['dense_test']:+.4f} | "
+                     f"{b['test_accuracy']:.4f} |")
     candidates = table.loc[~table["method"].isin(BASELINES), ["method", "control"]].drop_duplicates()
     missing = set(map(tuple, candidates.values)) - set(map(tuple, best[["method", "control"]].values))
     for method, control in sorted(missing):
-        lines.append(f"| {method} | {control} | none within tolerance | | | | | | | |")
+        seed_text = ",".join(map(str, run_seeds(table, method, control)))
+        lines.append(f"| {method} | {control} | {seed_text} | none within tolerance | | | | | | | |")
     seeds = table["seed"].nunique()
     for split, name in (("val", "Validation"), ("test", "Test")):
         lines += ["", f"{name} challenge F1 against compression (mean ± sd over {seeds} seed(s); the numbers "

@@ -346,7 +346,28 @@ def test_winners_need_every_seed_and_a_pruned_round() -> None:
     best = plot_results.winners(table, tolerance=0.01)
     assert best[["method", "compression_val"]].values.tolist() == [["weight_rewind", 4.0]]
     text = plot_results.summary(table, best, 0.01)
-    assert "| finetune | none | none within tolerance |" in text
+    assert "| finetune | none | 0,1 | none within tolerance |" in text
+
+
+def test_a_method_with_fewer_seeds_is_judged_against_its_own_seeds_dense() -> None:
+    """Seeds 0-1 ran both methods, seed 2 (a higher dense validation F1) weight_rewind only.
+    finetune holds 2x against the dense of seeds 0-1 (bar 0.792) and is not asked for seed
+    2; weight_rewind's bar is the mean over its three seeds (0.84 x 0.99 = 0.8316)."""
+    rows = []
+    for seed, dense in ((0, 0.80), (1, 0.80), (2, 0.92)):
+        methods = [("weight_rewind", [dense, 0.83, 0.80])] + ([("finetune", [dense, 0.80, 0.60])] if seed < 2 else [])
+        for method, f1s in methods:
+            for r, (ratio, f1) in enumerate(zip([1.0, 2.0, 4.0], f1s, strict=True)):
+                rows.append({"method": method, "control": "none", "seed": seed, "round": r, "compression": ratio,
+                             "val_challenge_f1": f1, "test_challenge_f1": f1, "test_accuracy": f1,
+                             "remaining": 100 / ratio})
+    table = pd.DataFrame(rows)
+    best = plot_results.winners(table, tolerance=0.01).set_index("method")
+    assert best.loc["finetune", "compression_val"] == 2.0
+    assert best.loc["finetune", "dense_val"] == pytest.approx(0.80)
+    assert "weight_rewind" not in best.index  # 0.83 < 0.8316
+    text = plot_results.summary(table, plot_results.winners(table, 0.01), 0.01)
+    assert "| finetune | none | 0,1 | 2.0x |" in text and "| weight_rewind | none | 0,1,2 | none within" in text
 
 
 def test_bootstrap_interval_of_the_test_f1(tmp_path: Path) -> None:
