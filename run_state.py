@@ -327,6 +327,17 @@ def round_masks(method_dir: Path) -> list[Path] | None:
     return masks if all(m.is_file() for m in masks) else None
 
 
+def save_or_keep(method_dir: Path, files: list[Path] | None, missing: str) -> None:
+    """``save`` a chain's ``files``, or, where they or the seed's init.pt are not on this
+    machine (a fresh clone), say so and leave any earlier state.npz as it is."""
+    if files is None or not (method_dir.parent / tr.DENSE / tr.INIT).is_file():
+        kept = "kept its earlier state.npz" if (method_dir / STATE).is_file() else "nothing saved"
+        print(f"{method_dir}: {missing} are not here ({kept})")
+        return
+    path = save(method_dir, files)
+    print(f"{path}: {path.stat().st_size / 1e3:.0f} kB")
+
+
 def save_seed(seed_dir: Path, with_dense: bool, with_masks: bool = False) -> None:
     """``save`` for every unfinished chain of a seed (a finished one is read back from its text
     files and loses a carried chain's state.npz; ``with_masks`` keeps its masks for
@@ -341,23 +352,11 @@ def save_seed(seed_dir: Path, with_dense: bool, with_masks: bool = False) -> Non
                 if not masks_only(method_dir / STATE):
                     (method_dir / STATE).unlink(missing_ok=True)  # a carried chain's state, now done with
                 continue
-            masks = round_masks(method_dir)
-            if masks is None or not (seed_dir / tr.DENSE / tr.INIT).is_file():
-                kept = "kept its earlier state.npz" if (method_dir / STATE).is_file() else "nothing saved"
-                print(f"{method_dir}: finished, but its masks or the seed's init.pt are not here ({kept})")
-            else:
-                path = save(method_dir, masks)
-                print(f"{path}: {path.stat().st_size / 1e3:.0f} kB (masks of a finished chain)")
+            save_or_keep(method_dir, round_masks(method_dir), "finished, but its masks")
             continue
         table = pd.read_csv(method_dir / tr.ROUNDS)
         need_dense |= int(table["round"].max()) == 0
-        files = chain_files(method_dir)
-        if files is None or not (seed_dir / tr.DENSE / tr.INIT).is_file():
-            kept = "kept its earlier state.npz" if (method_dir / STATE).is_file() else "nothing saved"
-            print(f"{method_dir}: unfinished, but its weights are not here ({kept})")
-        else:
-            path = save(method_dir, files)
-            print(f"{path}: {path.stat().st_size / 1e3:.0f} kB")
+        save_or_keep(method_dir, chain_files(method_dir), "unfinished, but its weights")
     dense = seed_dir / tr.DENSE
     weights = [dense / tr.FINAL, *sorted(dense.glob("rewind_*.pt"))]
     if need_dense and (dense / tr.INIT).is_file() and (dense / tr.FINAL).is_file():
