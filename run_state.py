@@ -154,15 +154,13 @@ def chain_files(method_dir: Path) -> list[Path] | None:
     accepted rounds (the last starts the next round; the one before starts a
     weight-keeping method's random-pruning control) and late_reset's rewind weights. None
     when they are not on this machine."""
+    masks = round_masks(method_dir)
     exp_dir = method_dir.parent.parent
     table = pd.read_csv(method_dir / tr.ROUNDS)
-    own = [exp_dir / f for f in table["folder"] if (exp_dir / f).parent == method_dir]
     accepted = [exp_dir / f for f in table.loc[table["accepted"], "folder"] if (exp_dir / f).parent == method_dir]
-    masks = [d / tr.MASK for d in own]
     models = [d / tr.FINAL for d in accepted[-2:]]
     rewind = sorted((method_dir.parent / tr.DENSE).glob("rewind_*.pt")) if method_dir.name == "late_reset" else []
-    files = masks + models + rewind
-    return files if all(f.is_file() for f in files) else None
+    return masks + models + rewind if masks is not None and all(f.is_file() for f in models + rewind) else None
 
 
 def save(folder: Path, files: list[Path]) -> Path:

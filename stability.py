@@ -21,7 +21,7 @@ back from its ``path.csv``.
 Writes EXP/stability/seed<S>/: ``<mask>_k<k>/path.csv`` per pair (alpha, validation error,
 challenge F1), ``stability.csv`` (one row per mask and k: compression, barriers, the ends'
 own metrics and the two copies' test F1 and AF sensitivity / PPV) and ``stability.png``
-(barrier against k, one line per mask); and, over every seed run so far, EXP/stability/
+(as the summary's, for this seed); and, over every seed run so far, EXP/stability/
 ``stability.md`` (mean barrier and each seed's, per mask and k) and ``stability.png`` (barrier
 and the copies' test F1 against k).
 
@@ -194,25 +194,9 @@ def main(argv: list[str] | None = None) -> None:
                   f"F1 barrier {rows[-1]['f1_barrier']:+.4f}", flush=True)
     table = pd.DataFrame(rows)
     rf.atomic_write_text(table.to_csv(index=False, float_format="%.6g"), work / "stability.csv")
-    plot(table, work / "stability.png")
+    plot_summary(table, work / "stability.png")
     print(f"wrote {work / 'stability.csv'} and stability.png")
     summarise(work.parent)
-
-
-def plot(table: pd.DataFrame, out: Path) -> None:
-    fig, ax = plt.subplots(figsize=(7, 4.2))
-    for (source, ratio), t in table.groupby(["masks", "compression"], sort=False):
-        t = t.sort_values("k")
-        ax.plot(t["k"], t["error_barrier"], marker="o", label=f"{source} ({ratio:.0f}x)")
-    ax.axhline(0, color="black", lw=0.8)
-    ax.set_xlabel("rewind point k (steps of the dense schedule)")
-    ax.set_ylabel("error barrier on the linear path (validation)")
-    ax.set_title("Instability analysis (Frankle et al. 2020): two copies trained from step k", fontsize=10)
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out, dpi=150)
-    plt.close(fig)
 
 
 def summarise(root: Path) -> pd.DataFrame:
