@@ -16,10 +16,12 @@ init.pt) and the masks of the rounds named (``mask.pt`` files are checkpoints, n
 git: run it where the grid ran). The weights at step k are made by replaying the dense
 training for k steps from init.pt (every step is seeded, so they equal the dense run's).
 Everything resumes: each copy is a train.py run folder, and a finished (mask, k) is read
-back from its ``path.csv``.
+back from its ``path.csv`` and ``path_predictions.csv``.
 
 Writes EXP/stability/seed<S>/: ``<mask>_k<k>/path.csv`` per pair (alpha, validation error,
-challenge F1), ``stability.csv`` (one row per mask and k: compression, barriers, the ends'
+challenge F1) and ``path_predictions.csv`` (each validation record's class at each point,
+which the barrier's 95 % bootstrap interval over the records resamples), ``stability.csv``
+(one row per mask and k: compression, barriers and the error barrier's interval, the ends'
 own metrics and the two copies' test F1 and AF sensitivity / PPV) and ``stability.png``
 (as the summary's, for this seed); and, over every seed run so far, EXP/stability/
 ``stability.md`` (mean barrier and each seed's, per mask and k) and ``stability.png`` (barrier
@@ -52,6 +54,9 @@ import run_folders as rf  # noqa: E402
 import train as tr  # noqa: E402
 from build_datasets import DatasetError, load_dataset  # noqa: E402
 
+PREDICTED = "path_predictions.csv"
+"""Per pair: every validation record's predicted class at each point of the path."""
+
 
 def interpolate(a: dict, b: dict, alpha: float) -> dict:
     """(1 - alpha) a + alpha b for floating-point tensors; the others (counters) from a."""
@@ -79,19 +84,30 @@ def reestimate_batchnorm(model: torch.nn.Module, ctx: tr.Context, batches: int, 
 
 
 def evaluate_point(ctx: tr.Context, state: dict, bn_batches: int) -> dict:
-    """Validation error and challenge F1 of the network ``state`` with BatchNorm re-estimated."""
+    """Validation error, challenge F1 and per-record predicted classes (``predicted``, in
+    the split's order) of the network ``state`` with BatchNorm re-estimated."""
     model = ctx.new_model(0)
     model.load_state_dict(state)
     reestimate_batchnorm(model, ctx, bn_batches, ctx.cfg.seed)
     val = tr.evaluate(model, ctx.batcher, ctx.ds, "val", ctx.cfg, ctx.bf16)
-    return {"val_error": 1 - val["accuracy"], "val_challenge_f1": val["challenge_f1"]}
+    return {"val_error": 1 - val["accuracy"], "val_challenge_f1": val["challenge_f1"],
+            "predicted": np.asarray(val["predicted"])}
 
 
-def linear_path(ctx: tr.Context, a: dict, b: dict, points: int, bn_batches: int) -> pd.DataFrame:
-    """The networks on the line from ``a`` (alpha 0) to ``b`` (alpha 1), evaluated."""
-    rows = [{"alpha": alpha, **evaluate_point(ctx, interpolate(a, b, float(alpha)), bn_batches)}
-            for alpha in np.linspace(0, 1, points)]
-    return pd.DataFrame(rows)
+def linear_path(ctx: tr.Context, a: dict, b: dict, points: int,
+                bn_batches: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The networks on the line from ``a`` (alpha 0) to ``b`` (alpha 1), evaluated: the path
+    (alpha, validation error, challenge F1) and the validation records' predicted class at
+    every point (record, label, one column per alpha), which the barrier's interval
+    resamples."""
+    points_ = [(float(alpha), evaluate_point(ctx, interpolate(a, b, float(alpha)), bn_batches))
+               for alpha in np.linspace(0, 1, points)]
+    path = pd.DataFrame([{"alpha": alpha, "val_error": e["val_error"], "val_challenge_f1": e["val_challenge_f1"]}
+                         for alpha, e in points_])
+    idx = ctx.ds.indices("val")
+    predicted = pd.DataFrame({"record": np.asarray(ctx.ds.names)[idx], "label": ctx.ds.labels[idx],
+                              **{f"{alpha:.4f}": e["predicted"] for alpha, e in points_}})
+    return path, predicted
 
 
 def barriers(path: pd.DataFrame) -> dict:
@@ -100,6 +116,21 @@ def barriers(path: pd.DataFrame) -> dict:
     ends = path.iloc[[0, -1]]
     return {"error_barrier": float(path["val_error"].max() - ends["val_error"].mean()),
             "f1_barrier": float(ends["val_challenge_f1"].mean() - path["val_challenge_f1"].min())}
+
+
+def barrier_interval(predicted: pd.DataFrame, draws: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """95 % bootstrap interval of the error barrier over the validation records (the records
+    resampled, the networks fixed): how far a barrier measured on ~850 records is from 0
+    by chance. The other noise, SGD's, is what the seeds show. ``predicted`` is
+    linear_path's second table."""
+    wrong = predicted.drop(columns=["record", "label"]).to_numpy() != predicted["label"].to_numpy()[:, None]
+    rng = np.random.default_rng(seed)
+    rows = rng.integers(0, len(wrong), size=(draws, len(wrong)))
+    counts = np.stack([np.bincount(r, minlength=len(wrong)) for r in rows])  # draws x records
+    errors = counts @ wrong / len(wrong)  # draws x points
+    barrier = errors.max(axis=1) - errors[:, [0, -1]].mean(axis=1)
+    low, high = np.percentile(barrier, [2.5, 97.5])
+    return float(low), float(high)
 
 
 def weights_at(ctx: tr.Context, seed_dir: Path, k: int, work: Path) -> dict:
@@ -179,15 +210,18 @@ def main(argv: list[str] | None = None) -> None:
         name = source.replace("/", "_")
         for text, k in ks.items():
             pair = work / f"{name}_k{k}"
-            if (pair / "path.csv").is_file():
-                path = pd.read_csv(pair / "path.csv")
-            else:
-                start = weights_at(ctx, seed_dir, k, work)
+            if (pair / "path.csv").is_file() and (pair / PREDICTED).is_file():
+                path, predicted = pd.read_csv(pair / "path.csv"), pd.read_csv(pair / PREDICTED)
+            else:  # a path made before the predictions were kept is evaluated again from its copies
+                start = weights_at(ctx, seed_dir, k, work)  # a file once made
                 a, b = (train_copy(ctx, start, masks, k, pair / f"copy{c}") for c in (1, 2))
-                path = linear_path(ctx, a, b, args.points, args.bn_batches)
+                path, predicted = linear_path(ctx, a, b, args.points, args.bn_batches)
+                rf.atomic_write_text(predicted.to_csv(index=False), pair / PREDICTED)
                 rf.atomic_write_text(path.to_csv(index=False, float_format="%.6g"), pair / "path.csv")
+            low, high = barrier_interval(predicted)
             rows.append({"seed": args.seed, "masks": source, "compression": pm.compression_ratio(masks),
                          "k": k, "rewind_to": text, **barriers(path),
+                         "error_barrier_low": low, "error_barrier_high": high,
                          "end_errors": f"{path['val_error'].iloc[0]:.4f}/{path['val_error'].iloc[-1]:.4f}",
                          **copies_scores(pair)})
             print(f"{source} k={text} ({k} steps): error barrier {rows[-1]['error_barrier']:+.4f}, "
@@ -208,7 +242,11 @@ def summarise(root: Path) -> pd.DataFrame:
     if not tables:
         return pd.DataFrame()
     table = pd.concat(tables, ignore_index=True).sort_values("seed", kind="stable")
-    table["seed_barrier"] = [f"s{s} {b:+.3f}" for s, b in zip(table["seed"], table["error_barrier"], strict=True)]
+    if "error_barrier_low" not in table:  # tables written before the interval was kept
+        table["error_barrier_low"] = table["error_barrier_high"] = np.nan
+    table["seed_barrier"] = [f"s{s} {b:+.3f}" + ("" if pd.isna(lo) else f" ({lo:+.3f} to {hi:+.3f})")
+                             for s, b, lo, hi in table[["seed", "error_barrier", "error_barrier_low",
+                                                        "error_barrier_high"]].itertuples(index=False)]
     cols = ["error_barrier", "f1_barrier", "copies_test_f1", "copies_test_sensitivity_A", "copies_test_ppv_A"]
     cols = [c for c in cols if c in table]  # tables written before the copies' scores were kept
     summary = (table.groupby(["masks", "k"], sort=False)  # k in steps: '1ep' and '214it' are one point
@@ -222,11 +260,13 @@ def summarise(root: Path) -> pd.DataFrame:
     lines = ["# Instability analysis (Frankle et al. 2020)", "",
              f"Seeds: {', '.join(str(s) for s in sorted(table['seed'].unique()))}. Error barrier: the largest "
              "validation error on the straight line between two copies trained from step k under the mask, "
-             "minus the mean of the ends' errors (Frankle et al. call a network stable below 0.02). "
+             "minus the mean of the ends' errors (Frankle et al. call a network stable below 0.02); per seed "
+             "with its 95 % bootstrap interval over the validation records (the networks fixed: how far from 0 "
+             "the record sample alone can put it; the spread between seeds is SGD's noise). "
              "Copies' test F1 and AF sensitivity / PPV: the two copies' own scores (each is the network a "
              "rewind to k with this mask gives), mean over copies and seeds.", "",
-             "| mask | compression | k | steps | seeds | error barrier (mean) | per seed | F1 drop on the path "
-             "| copies' test F1 | AF sens / PPV |",
+             "| mask | compression | k | steps | seeds | error barrier (mean) | per seed (95 % CI) "
+             "| F1 drop on the path | copies' test F1 | AF sens / PPV |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for _, r in summary.iterrows():
         f1 = f"{r['copies_test_f1']:.3f}" if pd.notna(r.get("copies_test_f1")) else "n/a"
@@ -240,8 +280,9 @@ def summarise(root: Path) -> pd.DataFrame:
 
 
 def plot_summary(table: pd.DataFrame, out: Path) -> None:
-    """Left: error barrier against k per mask (mean line, one dot per seed); right: the
-    copies' test F1 against k, the ticket a rewind to k gives."""
+    """Left: error barrier against k per mask (mean line, one dot per seed with its interval
+    over the validation records); right: the copies' test F1 against k, the ticket a rewind
+    to k gives."""
     panels = [("error_barrier", "error barrier on the linear path (validation)")]
     if "copies_test_f1" in table:
         panels.append(("copies_test_f1", "copies' test challenge F1"))
@@ -253,6 +294,9 @@ def plot_summary(table: pd.DataFrame, out: Path) -> None:
             ax.plot(mean.index, mean.values, marker="o", color=colour,
                     label=f"{source} ({t['compression'].mean():.0f}x)")
             ax.scatter(t["k"], t[col], s=10, color=colour, alpha=0.5)
+            if col == "error_barrier" and "error_barrier_low" in t:  # each seed's interval over records
+                ax.errorbar(t["k"], t[col], yerr=[t[col] - t["error_barrier_low"], t["error_barrier_high"] - t[col]],
+                            fmt="none", ecolor=colour, alpha=0.4, lw=0.8)
         if col == "error_barrier":
             ax.axhline(0, color="black", lw=0.8)
             ax.axhline(0.02, color="grey", lw=0.8, ls="--")

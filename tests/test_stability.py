@@ -33,12 +33,20 @@ def test_the_path_between_identical_networks_is_flat_and_its_ends_are_the_networ
     ctx = tr.Context.make(load_dataset(args.data), args)
     a = ctx.load(tiny_exp / "seed0" / "dense" / tr.FINAL)
     b = ctx.load(tiny_exp / "seed0" / "weight_rewind" / "round_01" / tr.FINAL)
-    flat = stability.linear_path(ctx, a, a, 3, 2)
+    flat, flat_predicted = stability.linear_path(ctx, a, a, 3, 2)
     assert flat["val_error"].nunique() == 1 and stability.barriers(flat) == {"error_barrier": 0.0, "f1_barrier": 0.0}
-    path = stability.linear_path(ctx, a, b, 3, 2)
+    assert stability.barrier_interval(flat_predicted) == (0.0, 0.0)
+    path, predicted = stability.linear_path(ctx, a, b, 3, 2)
     for end, state in ((0, a), (-1, b)):
         own = stability.evaluate_point(ctx, state, 2)
         assert path.iloc[end][["val_error", "val_challenge_f1"]].tolist() == [own["val_error"], own["val_challenge_f1"]]
+        assert predicted[predicted.columns[2:][end]].tolist() == own["predicted"].tolist()
+    # the kept predictions are the path's: their error at every point is the path's error
+    wrong = predicted.drop(columns=["record", "label"]).to_numpy() != predicted[["label"]].to_numpy()
+    assert wrong.mean(axis=0).tolist() == pytest.approx(path["val_error"].tolist())
+    assert len(predicted) == len(ctx.ds.indices("val")) and predicted["record"].is_unique
+    low, high = stability.barrier_interval(predicted)
+    assert low <= stability.barriers(path)["error_barrier"] <= high
     middle = stability.interpolate(a, b, 0.5)
     floats = [k for k in a if a[k].is_floating_point()]
     assert all(torch.allclose(middle[k], (a[k] + b[k]) / 2, rtol=1e-6, atol=1e-7) for k in floats)
@@ -70,9 +78,19 @@ def test_a_stability_run_writes_its_tables_and_resumes(tiny_exp: Path) -> None:
     row = table[(table["masks"] == "weight_rewind/round_01") & (table["k"] == 2)].iloc[0]
     assert row["copies_test_f1"] == pytest.approx(np.mean([m["test"]["challenge_f1"] for m in copies]), abs=1e-6)
     assert (work.parent / "stability.md").is_file() and (work.parent / "stability.png").stat().st_size > 0
+    assert (row["error_barrier_low"] <= row["error_barrier"] <= row["error_barrier_high"])
     stamps = {p: p.stat().st_mtime_ns for p in work.rglob("path.csv")}
     stability.main(argv)  # finished pairs are read back, not retrained
     assert {p: p.stat().st_mtime_ns for p in work.rglob("path.csv")} == stamps
+    # a pair whose path was made before the predictions were kept: its path is evaluated
+    # again from the copies, which are not retrained
+    pair = work / "weight_rewind_round_01_k2"
+    (pair / stability.PREDICTED).unlink()
+    trained = {p: p.stat().st_mtime_ns for p in pair.rglob(tr.METRICS)}
+    stability.main(argv)
+    assert (pair / stability.PREDICTED).is_file() and (pair / "path.csv").stat().st_mtime_ns > stamps[pair / "path.csv"]
+    assert {p: p.stat().st_mtime_ns for p in pair.rglob(tr.METRICS)} == trained
+    pd.testing.assert_frame_equal(pd.read_csv(work / "stability.csv"), table, rtol=1e-3)  # path.csv: 6 digits
     with pytest.raises(SystemExit):
         stability.main([*argv[:6], "--rewind-to", "99ep"])
 
@@ -104,3 +122,11 @@ def test_the_summary_averages_seeds_per_mask_and_k(tmp_path: Path) -> None:
     md = (tmp_path / "stability.md").read_text()
     assert "| m | 4.0x | 0 | 0 | 2 | +0.200 | s0 +0.300 / s1 +0.100 | +0.100 | 0.900 | n/a |" in md
     assert "nan" not in md
+    # a seed with the barrier's interval over the records: shown next to its value
+    (tmp_path / "seed3").mkdir()
+    pd.DataFrame([{"seed": 3, "masks": "m", "compression": 4.0, "k": 0, "rewind_to": "0", "error_barrier": 0.05,
+                   "error_barrier_low": 0.01, "error_barrier_high": 0.09, "f1_barrier": 0.0,
+                   "copies_test_f1": 0.7}]).to_csv(tmp_path / "seed3" / "stability.csv", index=False)
+    summary = stability.summarise(tmp_path).set_index(["masks", "k"])
+    assert summary.loc[("m", 0), "barrier_per_seed"] == "s0 +0.300 / s1 +0.100 / s3 +0.050 (+0.010 to +0.090)"
+    assert "nan" not in (tmp_path / "stability.md").read_text()
