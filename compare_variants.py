@@ -9,7 +9,7 @@ seed and record by record (the two-level bootstrap of plot_results.py). At each 
 ``--method``'s tickets:
 
   comparison.md  test challenge F1 (mean ± sd over seeds), the reference's over the
-                 variant's seeds, variant - reference (95 % CI, per-seed range),
+                 seeds both ran, variant - reference (95 % CI, per-seed range),
                  validation F1, and the AF class's sensitivity / PPV
   layers.png     the share of weights surviving in each layer, one panel per level, one
                  bar per variant (seed ``--layers-seed``): where each allocation cuts
@@ -69,14 +69,14 @@ def mean_sd(values: pd.Series) -> str:
 def tables(reference: pd.DataFrame, variants: dict[str, pd.DataFrame], levels: list[float],
            seeds: int) -> list[str]:
     """The markdown of comparison.md: per level, every variant's test F1, the reference's
-    over the variant's own seeds (what the paired difference compares with), the paired
+    over the seeds both ran (what the paired difference compares with), the paired
     difference, validation F1 and AF sensitivity / PPV."""
     here = Path(".")  # the rows' folders are already full paths
     lines = []
     for level in levels:
         ref = at_level(reference, level)
         lines += [f"### {level:g}x", "",
-                  "| variant | compression (prunable; all) | test F1 | reference on its seeds | "
+                  "| variant | compression (prunable; all) | test F1 | reference on the shared seeds | "
                   "test F1 - reference (95 % CI) | val F1 | AF sens. / PPV |",
                   "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
         for name, rows in {"reference": reference, **variants}.items():
@@ -87,10 +87,10 @@ def tables(reference: pd.DataFrame, variants: dict[str, pd.DataFrame], levels: l
             ratio = f"{mine['compression'].mean():.1f}x"
             if "compression_all" in mine and mine["compression_all"].notna().all():
                 ratio += f"; {mine['compression_all'].mean():.1f}x"
-            diff = "" if name == "reference" else pr.paired_text(pr.paired(here, "test", mine, ref), seeds)
-            # the reference row averages all its seeds; a variant run on fewer is paired with those only
-            same = ref[ref["seed"].isin(mine["seed"])]["test_challenge_f1"]
-            same_text = "" if name == "reference" or same.empty else mean_sd(same)
+            pair = None if name == "reference" else pr.paired(here, "test", mine, ref)
+            diff = pr.paired_text(pair, seeds)
+            # the reference row averages all its seeds; a variant is paired over the seeds both ran
+            same_text = "" if pair is None else f"{pair['theirs']:.3f} (n={pair['seeds']})"
             af = (f"{mine['test_sensitivity_A'].mean():.2f} / {mine['test_ppv_A'].mean():.2f}"
                   if "test_sensitivity_A" in mine else "n/a")
             lines.append(f"| {name} | {ratio} | {mean_sd(mine['test_challenge_f1'])} | {same_text} | {diff} | "

@@ -271,7 +271,7 @@ def paired(exp: Path, split: str, mine: pd.DataFrame, theirs: pd.DataFrame) -> d
     """``mine - theirs`` in challenge F1 on ``split``, over the seeds both have (each seed's
     run paired with the same seed's): the mean difference, its 95 % two-level bootstrap
     interval (records and seeds, the same on both sides; see ``bootstrap``) and the per-seed
-    differences.
+    differences; ``mine`` and ``theirs``: each side's mean over those seeds.
     None when they share no seed; no interval when a predictions.csv is missing."""
     seeds = sorted(set(mine["seed"]) & set(theirs["seed"]))
     if not seeds:
@@ -282,7 +282,9 @@ def paired(exp: Path, split: str, mine: pd.DataFrame, theirs: pd.DataFrame) -> d
     found = predictions_of(exp, pd.concat([mine, theirs]), split)
     low, high = bootstrap(found[0], found[1][:len(seeds)], found[1][len(seeds):]) if found else (np.nan, np.nan)
     return {"seeds": len(seeds), "diff": float(diffs.mean()), "low": low, "high": high,
-            "min": float(diffs.min()), "max": float(diffs.max())}
+            "min": float(diffs.min()), "max": float(diffs.max()),
+            "mine": float(mine[f"{split}_challenge_f1"].mean()),
+            "theirs": float(theirs[f"{split}_challenge_f1"].mean())}
 
 
 def paired_text(d: dict | None, seeds: int = 0) -> str:

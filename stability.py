@@ -20,7 +20,8 @@ back from its ``path.csv`` and ``path_predictions.csv``.
 
 Writes EXP/stability/seed<S>/: ``<mask>_k<k>/path.csv`` per pair (alpha, validation error,
 challenge F1) and ``path_predictions.csv`` (each validation record's class at each point,
-which the barrier's 95 % bootstrap interval over the records resamples), ``stability.csv``
+which the barrier's 95 % bootstrap interval over the records resamples: see
+``barrier_interval``), ``stability.csv``
 (one row per mask and k: compression, barriers and the error barrier's interval, the ends'
 own metrics and the two copies' test F1 and AF sensitivity / PPV) and ``stability.png``
 (as the summary's, for this seed); and, over every seed run so far, EXP/stability/
@@ -119,17 +120,25 @@ def barriers(path: pd.DataFrame) -> dict:
 
 
 def barrier_interval(predicted: pd.DataFrame, draws: int = 2000, seed: int = 0) -> tuple[float, float]:
-    """95 % bootstrap interval of the error barrier over the validation records (the records
-    resampled, the networks fixed): how far a barrier measured on ~850 records is from 0
-    by chance. The other noise, SGD's, is what the seeds show. ``predicted`` is
-    linear_path's second table."""
-    wrong = predicted.drop(columns=["record", "label"]).to_numpy() != predicted["label"].to_numpy()[:, None]
+    """95 % percentile-bootstrap interval, over the validation records (the networks fixed),
+    of the barrier's excess at the path's worst point: the error at alpha* (the observed
+    argmax, held fixed) minus the mean of the ends' errors, which is the error barrier.
+
+    It is a mean of per-record differences, so its interval behaves and can include 0: it
+    says whether the bump on the path is more than the record sample alone would make.
+    Bootstrapping the max itself would not do: the max over the points includes the ends,
+    so it never falls below half their gap, and a max of noisy errors is biased upward.
+    Holding alpha* fixed ignores that it was picked as the worst of the points, so the
+    interval leans a little high. It covers the records only; SGD's noise (and the mask's
+    and initialisation's) is in the spread between seeds. ``predicted`` is linear_path's
+    second table."""
+    points = sorted((c for c in predicted.columns if c not in ("record", "label")), key=float)
+    wrong = (predicted[points].to_numpy() != predicted["label"].to_numpy()[:, None]).astype(float)
+    worst = int(np.argmax(wrong.mean(axis=0)))
+    excess = wrong[:, worst] - wrong[:, [0, -1]].mean(axis=1)  # per record; its mean is the barrier
     rng = np.random.default_rng(seed)
-    rows = rng.integers(0, len(wrong), size=(draws, len(wrong)))
-    counts = np.stack([np.bincount(r, minlength=len(wrong)) for r in rows])  # draws x records
-    errors = counts @ wrong / len(wrong)  # draws x points
-    barrier = errors.max(axis=1) - errors[:, [0, -1]].mean(axis=1)
-    low, high = np.percentile(barrier, [2.5, 97.5])
+    means = excess[rng.integers(0, len(excess), size=(draws, len(excess)))].mean(axis=1)
+    low, high = np.percentile(means, [2.5, 97.5])
     return float(low), float(high)
 
 
@@ -213,7 +222,8 @@ def main(argv: list[str] | None = None) -> None:
             if (pair / "path.csv").is_file() and (pair / PREDICTED).is_file():
                 path, predicted = pd.read_csv(pair / "path.csv"), pd.read_csv(pair / PREDICTED)
             else:  # a path made before the predictions were kept is evaluated again from its copies
-                start = weights_at(ctx, seed_dir, k, work)  # a file once made
+                trained = all((pair / f"copy{c}" / tr.METRICS).is_file() for c in (1, 2))
+                start = {} if trained else weights_at(ctx, seed_dir, k, work)
                 a, b = (train_copy(ctx, start, masks, k, pair / f"copy{c}") for c in (1, 2))
                 path, predicted = linear_path(ctx, a, b, args.points, args.bn_batches)
                 rf.atomic_write_text(predicted.to_csv(index=False), pair / PREDICTED)
@@ -261,8 +271,9 @@ def summarise(root: Path) -> pd.DataFrame:
              f"Seeds: {', '.join(str(s) for s in sorted(table['seed'].unique()))}. Error barrier: the largest "
              "validation error on the straight line between two copies trained from step k under the mask, "
              "minus the mean of the ends' errors (Frankle et al. call a network stable below 0.02); per seed "
-             "with its 95 % bootstrap interval over the validation records (the networks fixed: how far from 0 "
-             "the record sample alone can put it; the spread between seeds is SGD's noise). "
+             "with a 95 % bootstrap interval over the validation records (the networks fixed) of the excess "
+             "at the path's worst point: whether the bump is more than the record sample alone would make; "
+             "SGD's noise is in the spread between seeds, whose intervals share the same records. "
              "Copies' test F1 and AF sensitivity / PPV: the two copies' own scores (each is the network a "
              "rewind to k with this mask gives), mean over copies and seeds.", "",
              "| mask | compression | k | steps | seeds | error barrier (mean) | per seed (95 % CI) "
@@ -295,8 +306,7 @@ def plot_summary(table: pd.DataFrame, out: Path) -> None:
                     label=f"{source} ({t['compression'].mean():.0f}x)")
             ax.scatter(t["k"], t[col], s=10, color=colour, alpha=0.5)
             if col == "error_barrier" and "error_barrier_low" in t:  # each seed's interval over records
-                ax.errorbar(t["k"], t[col], yerr=[t[col] - t["error_barrier_low"], t["error_barrier_high"] - t[col]],
-                            fmt="none", ecolor=colour, alpha=0.4, lw=0.8)
+                ax.vlines(t["k"], t["error_barrier_low"], t["error_barrier_high"], color=colour, alpha=0.4, lw=0.8)
         if col == "error_barrier":
             ax.axhline(0, color="black", lw=0.8)
             ax.axhline(0.02, color="grey", lw=0.8, ls="--")

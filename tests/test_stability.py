@@ -52,6 +52,42 @@ def test_the_path_between_identical_networks_is_flat_and_its_ends_are_the_networ
     assert all(torch.allclose(middle[k], (a[k] + b[k]) / 2, rtol=1e-6, atol=1e-7) for k in floats)
 
 
+def _path_table(wrong_at: list[set[int]], n: int = 400) -> pd.DataFrame:
+    """A path_predictions table of ``n`` records, all labelled 0: at point i the records in
+    wrong_at[i] are predicted 1."""
+    alphas = np.linspace(0, 1, len(wrong_at))
+    return pd.DataFrame({"record": [f"R{i}" for i in range(n)], "label": 0,
+                         **{f"{a:.4f}": [int(r in w) for r in range(n)]
+                            for a, w in zip(alphas, wrong_at, strict=True)}})
+
+
+def test_the_barrier_interval_tells_a_real_bump_from_record_noise() -> None:
+    """The interval is over the records, of the excess at the worst point: a bump on 60 more
+    records of 400 excludes 0; the same error on other records than the ends' does not;
+    the columns' order does not matter."""
+    ends = set(range(40))
+    bump = _path_table([ends, ends | set(range(100, 160)), ends])  # barrier 0.15
+    low, high = stability.barrier_interval(bump)
+    assert 0.1 < low < 0.15 < high < 0.2
+    ends_b = set(range(40, 84))
+    noise = _path_table([ends, set(range(200, 246)), ends_b])  # 40, 46, 44 wrong: barrier 0.01, other records
+    low, high = stability.barrier_interval(noise)
+    assert low < 0 < 0.01 < high
+    shuffled = noise[["label", "1.0000", "record", "0.0000", "0.5000"]]
+    assert stability.barrier_interval(shuffled) == (low, high)
+
+
+def test_the_barrier_plot_takes_an_interval_that_misses_its_point(tmp_path: Path) -> None:
+    """A seed's interval need not contain its barrier (a percentile interval, the barrier
+    read back rounded): the plot draws it all the same."""
+    table = pd.DataFrame([{"seed": 0, "masks": "dense", "compression": 1.0, "k": 0, "error_barrier": 0.010,
+                           "error_barrier_low": 0.012, "error_barrier_high": 0.02, "copies_test_f1": 0.7},
+                          {"seed": 1, "masks": "dense", "compression": 1.0, "k": 0, "error_barrier": 0.0,
+                           "error_barrier_low": np.nan, "error_barrier_high": np.nan, "copies_test_f1": 0.7}])
+    stability.plot_summary(table, tmp_path / "s.png")
+    assert (tmp_path / "s.png").stat().st_size > 0
+
+
 def test_weights_at_k_replay_the_dense_run(tiny_exp: Path, tmp_path: Path) -> None:
     """Replaying the dense training's first k steps gives its weights at step k exactly."""
     seed_dir = tiny_exp / "seed0"
