@@ -22,8 +22,9 @@ Writes EXP/stability/seed<S>/: ``<mask>_k<k>/path.csv`` per pair (alpha, validat
 challenge F1) and ``path_predictions.csv`` (each validation record's class at each point,
 which the barrier's 95 % bootstrap interval over the records resamples: see
 ``barrier_interval``), ``stability.csv``
-(one row per mask and k: compression, barriers and the error barrier's interval, the ends'
-own metrics and the two copies' test F1 and AF sensitivity / PPV) and ``stability.png``
+(one row per mask and k, of this run and the earlier ones: compression, barriers and the
+error barrier's interval, the ends' own metrics and the two copies' test F1 and AF
+sensitivity / PPV) and ``stability.png``
 (as the summary's, for this seed); and, over every seed run so far, EXP/stability/
 ``stability.md`` (mean barrier and each seed's, per mask and k) and ``stability.png`` (barrier
 and the copies' test F1 against k).
@@ -237,6 +238,10 @@ def main(argv: list[str] | None = None) -> None:
             print(f"{source} k={text} ({k} steps): error barrier {rows[-1]['error_barrier']:+.4f}, "
                   f"F1 barrier {rows[-1]['f1_barrier']:+.4f}", flush=True)
     table = pd.DataFrame(rows)
+    if (work / "stability.csv").is_file():  # pairs of earlier runs (other masks or k) are kept
+        old = pd.read_csv(work / "stability.csv")
+        kept = ~old.set_index(["masks", "k"]).index.isin(table.set_index(["masks", "k"]).index)
+        table = pd.concat([old[kept], table], ignore_index=True)
     rf.atomic_write_text(table.to_csv(index=False, float_format="%.6g"), work / "stability.csv")
     plot_summary(table, work / "stability.png")
     print(f"wrote {work / 'stability.csv'} and stability.png")

@@ -127,6 +127,11 @@ def test_a_stability_run_writes_its_tables_and_resumes(tiny_exp: Path) -> None:
     assert (pair / stability.PREDICTED).is_file() and (pair / "path.csv").stat().st_mtime_ns > stamps[pair / "path.csv"]
     assert {p: p.stat().st_mtime_ns for p in pair.rglob(tr.METRICS)} == trained
     pd.testing.assert_frame_equal(pd.read_csv(work / "stability.csv"), table, rtol=1e-3)  # path.csv: 6 digits
+    # a run of fewer pairs (the finished ones, say) keeps the others' rows in the seed's table
+    stability.main([*argv[:6], "--rewind-to", "2it", *argv[8:]])
+    again = pd.read_csv(work / "stability.csv")
+    pairs = lambda t: sorted(zip(t["masks"], t["k"], strict=True))  # noqa: E731
+    assert len(again) == 6 and pairs(again) == pairs(table)
     with pytest.raises(SystemExit):
         stability.main([*argv[:6], "--rewind-to", "99ep"])
 
