@@ -269,7 +269,7 @@ def summarise(root: Path) -> pd.DataFrame:
                     compression=("compression", "mean"), seeds=("seed", "nunique"),
                     **{c: (c, "mean") for c in cols}, barrier_per_seed=("seed_barrier", " / ".join))
                .reset_index())
-    order = {m: i for i, m in enumerate(pd.unique(table["masks"]))}
+    order = {m: i for i, m in enumerate(masks_by_compression(table))}
     summary = summary.sort_values(["masks", "k"], key=lambda c: c.map(order) if c.name == "masks" else c,
                                   ignore_index=True)
     lines = ["# Instability analysis (Frankle et al. 2020)", "",
@@ -295,6 +295,13 @@ def summarise(root: Path) -> pd.DataFrame:
     return summary
 
 
+def masks_by_compression(table: pd.DataFrame) -> list[str]:
+    """The table's masks from the densest to the sparsest (ties in order of appearance), so
+    rows and colours read along the pruning curve whatever order the runs came in."""
+    mean = table.groupby("masks", sort=False)["compression"].mean()
+    return list(mean.sort_values(kind="stable").index)
+
+
 def plot_summary(table: pd.DataFrame, out: Path) -> None:
     """Left: error barrier against k per mask (mean line, one dot per seed with its interval
     over the validation records); right: the copies' test F1 against k, the ticket a rewind
@@ -304,8 +311,8 @@ def plot_summary(table: pd.DataFrame, out: Path) -> None:
         panels.append(("copies_test_f1", "copies' test challenge F1"))
     fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.2), squeeze=False)
     for ax, (col, label) in zip(axes[0], panels, strict=True):
-        for i, (source, t) in enumerate(table.groupby("masks", sort=False)):
-            colour = f"C{i}"
+        for i, source in enumerate(masks_by_compression(table)):
+            t, colour = table[table["masks"] == source], f"C{i}"
             mean = t.groupby("k")[col].mean()
             ax.plot(mean.index, mean.values, marker="o", color=colour,
                     label=f"{source} ({t['compression'].mean():.0f}x)")

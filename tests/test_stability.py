@@ -171,3 +171,18 @@ def test_the_summary_averages_seeds_per_mask_and_k(tmp_path: Path) -> None:
     summary = stability.summarise(tmp_path).set_index(["masks", "k"])
     assert summary.loc[("m", 0), "barrier_per_seed"] == "s0 +0.300 / s1 +0.100 / s3 +0.050 (+0.010 to +0.090)"
     assert "nan" not in (tmp_path / "stability.md").read_text()
+
+
+def test_the_summary_reads_from_dense_to_sparse_whatever_order_the_runs_came_in(tmp_path: Path) -> None:
+    """A later run adds the dense pairs after the sparse ones: rows and colours still go by
+    compression (dense, 4x, 16x), k ascending within each mask."""
+    (tmp_path / "seed0").mkdir()
+    pd.DataFrame([{"seed": 0, "masks": m, "compression": c, "k": k, "rewind_to": str(k), "error_barrier": 0.01,
+                   "f1_barrier": 0.0, "copies_test_f1": 0.7}
+                  for m, c, k in [("r4", 16.0, 0), ("r2", 4.0, 5), ("dense", 1.0, 5), ("r2", 4.0, 0),
+                                  ("dense", 1.0, 0)]]).to_csv(tmp_path / "seed0" / "stability.csv", index=False)
+    summary = stability.summarise(tmp_path)
+    assert list(zip(summary["masks"], summary["k"], strict=True)) == [
+        ("dense", 0), ("dense", 5), ("r2", 0), ("r2", 5), ("r4", 0)]
+    md = (tmp_path / "stability.md").read_text()
+    assert md.index("| dense |") < md.index("| r2 |") < md.index("| r4 |")
