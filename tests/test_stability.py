@@ -174,8 +174,8 @@ def test_the_summary_averages_seeds_per_mask_and_k(tmp_path: Path) -> None:
 
 
 def test_the_summary_reads_from_dense_to_sparse_whatever_order_the_runs_came_in(tmp_path: Path) -> None:
-    """A later run adds the dense pairs after the sparse ones: rows and colours still go by
-    compression (dense, 4x, 16x), k ascending within each mask."""
+    """A later run adds the dense pairs after the sparse ones: the rows still go by compression
+    (dense, 4x, 16x), k ascending within each mask (the plot's colours use the same order)."""
     (tmp_path / "seed0").mkdir()
     pd.DataFrame([{"seed": 0, "masks": m, "compression": c, "k": k, "rewind_to": str(k), "error_barrier": 0.01,
                    "f1_barrier": 0.0, "copies_test_f1": 0.7}
