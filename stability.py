@@ -33,6 +33,7 @@ Example (CPU scale, after the grid):
     python stability.py --exp results/cinc2017-cpu --seed 0 \\
         --masks dense,weight_rewind/round_02,weight_rewind/round_04,weight_rewind/round_06 \\
         --rewind-to 0,100it,1ep,2ep
+    python stability.py --exp results/cinc2017-cpu --seed 0 --masks random:weight_rewind/round_04 --rewind-to 0
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ import argparse
 import io
 import json
 import sys
+import zlib
 from pathlib import Path
 
 import matplotlib
@@ -56,6 +58,8 @@ import run_folders as rf  # noqa: E402
 import train as tr  # noqa: E402
 from build_datasets import DatasetError, load_dataset  # noqa: E402
 
+RANDOM = "random:"
+"""--masks prefix of the random-pruning control (``masks_from``)."""
 PREDICTED = "path_predictions.csv"
 """Per pair: every validation record's predicted class at each point of the path."""
 
@@ -173,6 +177,24 @@ def train_copy(ctx: tr.Context, start: dict, masks: pm.Masks, k: int, run: Path)
     return ctx.load(run / tr.FINAL)
 
 
+def masks_from(ctx: tr.Context, seed_dir: Path, source: str, seed: int) -> pm.Masks:
+    """The masks ``--masks`` names: 'dense' (nothing pruned), a round folder of the seed
+    (its IMP mask), or 'random:<round folder>', the random-pruning control: a random mask
+    with that round's number of survivors in every layer, the same for every k and run of
+    this seed (seeded by the seed and the folder's name). Its pairs tell whether a ticket
+    is stable from k = 0 because it is sparse or because of the weights IMP kept."""
+    random = source.startswith(RANDOM)
+    folder = source.removeprefix(RANDOM)
+    if folder == tr.DENSE and not random:
+        return pm.full_masks(ctx.new_model(0))
+    path = seed_dir / folder / tr.MASK
+    if not path.is_file():
+        raise FileNotFoundError(f"no mask at {path} (masks are checkpoints, not kept in git: run the grid "
+                                "here, or restore them with run_state.py restore)")
+    masks = ctx.load(path)
+    return pm.random_masks_like(masks, zlib.crc32(f"{seed}/stability/{source}".encode())) if random else masks
+
+
 def copies_scores(pair: Path) -> dict:
     """The two copies' own scores, averaged: each copy is the network a rewind to k under this
     mask would give (one retraining), so its test F1 sits next to the barrier."""
@@ -190,7 +212,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--exp", required=True, help="experiment folder of run_experiments.py")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--masks", default="dense",
-                   help="comma-separated: 'dense', or round folders of the seed (e.g. weight_rewind/round_04)")
+                   help="comma-separated: 'dense', round folders of the seed (e.g. weight_rewind/round_04), or "
+                        "'random:<round folder>' (a random mask with that round's per-layer survivors)")
     p.add_argument("--rewind-to", default="0,1ep", help="comma-separated rewind points k ('0', '100it', '1ep')")
     p.add_argument("--points", type=int, default=11, help="networks evaluated on the path (>= 3)")
     p.add_argument("--bn-batches", type=int, default=30, help="training batches to re-estimate BatchNorm")
@@ -213,11 +236,11 @@ def main(argv: list[str] | None = None) -> None:
     work = Path(args.exp) / "stability" / f"seed{args.seed}"
     rows = []
     for source in [m.strip() for m in args.masks.split(",") if m.strip()]:
-        if source == tr.DENSE:
-            masks = pm.full_masks(ctx.new_model(0))
-        else:
-            masks = ctx.load(seed_dir / source / tr.MASK)
-        name = source.replace("/", "_")
+        try:
+            masks = masks_from(ctx, seed_dir, source, args.seed)
+        except FileNotFoundError as e:
+            sys.exit(f"error: --masks {source}: {e}")
+        name = source.replace("/", "_").replace(":", "_")
         for text, k in ks.items():
             pair = work / f"{name}_k{k}"
             if (pair / "path.csv").is_file() and (pair / PREDICTED).is_file():
@@ -314,7 +337,7 @@ def plot_summary(table: pd.DataFrame, out: Path) -> None:
         for i, source in enumerate(masks_by_compression(table)):
             t, colour = table[table["masks"] == source], f"C{i}"
             mean = t.groupby("k")[col].mean()
-            ax.plot(mean.index, mean.values, marker="o", color=colour,
+            ax.plot(mean.index, mean.values, marker="o", color=colour, ls="--" if source.startswith(RANDOM) else "-",
                     label=f"{source} ({t['compression'].mean():.0f}x)")
             ax.scatter(t["k"], t[col], s=10, color=colour, alpha=0.5)
             if col == "error_barrier" and "error_barrier_low" in t:  # each seed's interval over records
@@ -328,7 +351,7 @@ def plot_summary(table: pd.DataFrame, out: Path) -> None:
     axes[0][0].legend(fontsize=8)
     seeds = ", ".join(str(s) for s in sorted(table["seed"].unique()))
     fig.suptitle(f"Instability analysis (Frankle et al. 2020), seeds {seeds}: lines are means, dots seeds; "
-                 "dashed: 0.02", fontsize=10)
+                 "grey dashed: 0.02; dashed lines: random masks", fontsize=10)
     fig.tight_layout()
     png = io.BytesIO()
     fig.savefig(png, format="png", dpi=150)

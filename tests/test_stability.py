@@ -186,3 +186,27 @@ def test_the_summary_reads_from_dense_to_sparse_whatever_order_the_runs_came_in(
         ("dense", 0), ("dense", 5), ("r2", 0), ("r2", 5), ("r4", 0)]
     md = (tmp_path / "stability.md").read_text()
     assert md.index("| dense |") < md.index("| r2 |") < md.index("| r4 |")
+
+
+def test_the_random_pruning_control_keeps_each_layers_survivors_but_not_their_places(tiny_exp: Path) -> None:
+    """'random:<round>' trains the pair under a random mask with the round's survivors per
+    layer (the control that tells sparsity from IMP's choice of weights), the same mask at
+    every k; a round without a mask is a clear error naming it."""
+    seed_dir = tiny_exp / "seed0"
+    ctx = tr.Context.make(load_dataset(tr.dense_args(seed_dir).data), tr.dense_args(seed_dir))
+    imp = stability.masks_from(ctx, seed_dir, "weight_rewind/round_01", 0)
+    rand = stability.masks_from(ctx, seed_dir, "random:weight_rewind/round_01", 0)
+    again = stability.masks_from(ctx, seed_dir, "random:weight_rewind/round_01", 0)
+    assert {n: int(m.sum()) for n, m in rand.items()} == {n: int(m.sum()) for n, m in imp.items()}
+    assert any(not torch.equal(rand[n], imp[n]) for n in imp)
+    assert all(torch.equal(rand[n], again[n]) for n in rand)
+    stability.main(["--exp", str(tiny_exp), "--seed", "0", "--masks", "random:weight_rewind/round_01",
+                    "--rewind-to", "0,2it", "--points", "3", "--bn-batches", "2"])
+    table = pd.read_csv(tiny_exp / "stability" / "seed0" / "stability.csv")
+    rows = table[table["masks"] == "random:weight_rewind/round_01"]
+    assert rows["k"].tolist() == [0, 2] and rows["compression"].round(1).tolist() == [2.0, 2.0]
+    final = ctx.load(tiny_exp / "stability" / "seed0" / "random_weight_rewind_round_01_k2" / "copy1" / tr.FINAL)
+    w = {n: final[f"{n}.weight"] for n in rand}
+    assert all(w[n][~rand[n]].abs().sum() == 0 and w[n][rand[n]].abs().sum() > 0 for n in rand)
+    with pytest.raises(SystemExit, match="weight_rewind/round_07"):
+        stability.main(["--exp", str(tiny_exp), "--seed", "0", "--masks", "random:weight_rewind/round_07"])
