@@ -21,7 +21,7 @@ import train
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def config(tmp: Path, data: Path, epochs: int, exp: Path) -> Path:
+def config(tmp: Path, data: Path, epochs: int, exp: Path, fraction: float = 0.5, target: float = 4) -> Path:
     path = tmp / "sitting.sh"
     path.write_text(f"""DATASET=synthetic
 DATA_DIR={data}
@@ -31,8 +31,8 @@ CROP=512
 EPOCHS={epochs}
 BATCH=16
 MILESTONES=0.5
-FRACTION=0.5
-TARGET=4
+FRACTION={fraction}
+TARGET={target}
 REWIND_TO=1ep
 METHODS=weight_rewind,lr_rewind
 CONTROL_METHODS=weight_rewind
@@ -103,9 +103,12 @@ def test_deadline_stops_the_seed_and_keeps_finished_rounds(tmp_path: Path, tiny_
     exp, out = tmp_path / "exp", tmp_path / "out"
     (exp / "seed0" / "dense").mkdir(parents=True)  # seed 0 is done: the sitting takes seed 1
     (exp / "seed0" / "dense" / "metrics.json").write_text("{}")
-    # 60 epochs per training: the dense run finishes (~10 s), the grid cannot
-    done = sitting(config(tmp_path, tiny_data, 60, exp), out, "--skip-smoke", "--skip-bench", "--limit", "45",
-                   "--margin", "10")
+    # 60 epochs per training: the dense run finishes (3-10 s, by host), the grid cannot: 20 %
+    # per round to 142x is 23 rounds per method, over 60 trainings, so the deadline cuts it on
+    # any host where one training takes more than ~0.6 s (with 2 rounds, 7 trainings, a fast
+    # host once finished them all in time)
+    done = sitting(config(tmp_path, tiny_data, 60, exp, fraction=0.2, target=142), out, "--skip-smoke",
+                   "--skip-bench", "--limit", "45", "--margin", "10")
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     record = json.loads((out / "sitting.json").read_text())
     assert record["seed"] == 1 and record["stopped_by_deadline"] and record["exit_code"] is None
