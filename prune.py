@@ -10,7 +10,9 @@ removes ``fraction`` of each layer; ``"fanin"`` ranks them together by |w| sqrt(
 the magnitude in units of the He initialisation's standard deviation (sqrt(2 / fan-in)),
 so that a layer with a large fan-in, whose weights are born small, is not emptied first
 for that reason alone (global magnitude pruning keeps 84 of the stem's 128 weights at 142x
-but a handful of a late convolution's 65,536). ``layer_fractions`` overrides the fraction of named
+but a handful of a late convolution's 65,536); ``"erk"`` fixes each layer's share of the
+survivors in advance by the Erdos-Renyi-Kernel rule (``erk_counts``) and cuts each layer by
+magnitude to it. ``layer_fractions`` overrides the fraction of named
 layers, which are then pruned on their own (e.g. the output layer at half rate, as
 Frankle & Carbin did for their conv nets).
 
@@ -39,7 +41,7 @@ import torch
 from torch import nn
 
 Masks = dict[str, torch.Tensor]
-SCOPES = ("global", "layerwise", "fanin")
+SCOPES = ("global", "layerwise", "fanin", "erk")
 
 
 def prunable_weights(model: nn.Module, dense_layers: tuple[str, ...] = ()) -> dict[str, nn.Parameter]:
@@ -81,23 +83,58 @@ def magnitude_prune(model: nn.Module, masks: Masks, fraction: float, scope: str 
     if unknown:
         raise ValueError(f"layer fraction for unpruned or unknown layer(s): {', '.join(sorted(unknown))}")
     weights = {n: w for n, w in prunable_weights(model).items() if n in masks}
-    pools: list[tuple[list[str], float]] = [([n], f) for n, f in layer_fractions.items()]
+    alive = {n: int(m.sum()) for n, m in masks.items()}
     rest = [n for n in masks if n not in layer_fractions]
-    pools += [([n], fraction) for n in rest] if scope == "layerwise" else [(rest, fraction)]
+    # pools: (layers ranked together, how many of their survivors go)
+    pools = [([n], round(f * alive[n])) for n, f in layer_fractions.items()]
+    if scope == "layerwise":
+        pools += [([n], round(fraction * alive[n])) for n in rest]
+    elif scope == "erk":
+        keep = erk_counts({n: masks[n] for n in rest}, sum(alive[n] for n in rest)
+                          - round(fraction * sum(alive[n] for n in rest)))
+        pools += [([n], alive[n] - keep[n]) for n in rest]
+    else:
+        pools += [(rest, round(fraction * sum(alive[n] for n in rest)))]
     new = {n: m.clone() for n, m in masks.items()}
-    for names, frac in pools:
+    for names, k in pools:
+        if k == 0:
+            continue
         scale = {n: math.sqrt(weights[n][0].numel()) if scope == "fanin" else 1.0 for n in names}
         scores = torch.cat([torch.where(masks[n], weights[n].detach().abs() * scale[n], math.inf).flatten().float()
                             for n in names])
-        alive = int(sum(masks[n].sum() for n in names))
-        k = round(frac * alive)
-        if k == 0:
-            continue
         drop = torch.zeros(scores.numel(), dtype=torch.bool, device=scores.device)
         drop[torch.topk(scores, k, largest=False, sorted=False).indices] = True
         for n, part in zip(names, drop.split([masks[n].numel() for n in names]), strict=True):
             new[n] &= ~part.view_as(masks[n])
     return new
+
+
+def erk_counts(masks: Masks, keep: int) -> dict[str, int]:
+    """Survivors per layer, ``keep`` in all, by Erdos-Renyi-Kernel (Evci et al. 2020, RigL):
+    a layer's density is proportional to (sum of its weight's dimensions) / (their product),
+    so thin layers (the stem, the output layer) stay denser than wide ones, by a rule set
+    before training rather than by the weights' sizes. No layer keeps more than it has now
+    (pruning never regrows): layers the rule would fill are kept whole and the rest share
+    what is left; rounding goes to the largest remainders, so the total is exact."""
+    alive = {n: int(m.sum()) for n, m in masks.items()}
+    if not 0 <= keep <= sum(alive.values()):
+        raise ValueError(f"cannot keep {keep} of {sum(alive.values())} surviving weights")
+    raw = {n: float(sum(m.shape)) for n, m in masks.items()}  # density x size = eps x sum of dimensions
+    full: set[str] = set()
+    while True:
+        free = [n for n in masks if n not in full]
+        budget = keep - sum(alive[n] for n in full)
+        eps = budget / sum(raw[n] for n in free) if free else 0.0
+        over = {n for n in free if eps * raw[n] > alive[n]}
+        if not over:
+            break
+        full |= over
+    share = {n: float(alive[n]) if n in full else eps * raw[n] for n in masks}
+    counts = {n: math.floor(s) for n, s in share.items()}
+    short = keep - sum(counts.values())
+    for n in sorted(share, key=lambda n: counts[n] - share[n])[:short]:
+        counts[n] += 1
+    return counts
 
 
 def random_masks_like(masks: Masks, seed: int) -> Masks:

@@ -1126,7 +1126,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     q.add_argument("--prune-fraction", type=float, default=0.2, help="share of surviving weights pruned per round")
     q.add_argument("--prune-scope", default="global", choices=pm.SCOPES,
                    help="global: one magnitude threshold; layerwise: --prune-fraction of each layer; fanin: one "
-                        "threshold on |w| sqrt(fan-in) (magnitude relative to the He init)")
+                        "threshold on |w| sqrt(fan-in) (magnitude relative to the He init); "
+                        "erk: each layer keeps a share proportional to the sum of its weight's dimensions "
+                        "(Erdos-Renyi-Kernel), cut by magnitude")
     q.add_argument("--layer-fraction", action="append", default=[], metavar="LAYER=F",
                    help="own fraction for a layer, e.g. head=0.1 (repeatable)")
     q.add_argument("--dense-layers", default="", help="comma-separated layers never pruned, e.g. stem")

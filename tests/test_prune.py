@@ -144,8 +144,32 @@ def test_fanin_scope_ranks_weights_relative_to_their_init_scale() -> None:
                         for w in weights.values()])
     kept = torch.cat([fanin[n].flatten() for n in weights])
     assert scores[kept].min() >= scores[~kept].max()
-    with pytest.raises(ValueError, match="scope must be one of global, layerwise, fanin"):
-        pm.magnitude_prune(model, fanin, 0.5, scope="erk")
+    with pytest.raises(ValueError, match="scope must be one of global, layerwise, fanin, erk"):
+        pm.magnitude_prune(model, fanin, 0.5, scope="random")
+
+
+def test_erk_shares_survivors_by_the_layer_shape_and_keeps_full_layers_whole() -> None:
+    """ERK keeps eps x (sum of a layer's dimensions) weights per layer, a layer the rule
+    would overfill is kept whole (its excess shared by the rest), and the total is exact."""
+    toy = {"a": torch.ones(4, 2, 3, dtype=torch.bool), "b": torch.ones(10, 10, 5, dtype=torch.bool),
+           "c": torch.ones(3, 10, dtype=torch.bool)}
+    few = pm.erk_counts(toy, 60)  # eps = 60 / (9 + 25 + 13): 11.5, 31.9, 16.6
+    assert sum(few.values()) == 60 and few == {"a": 11, "b": 32, "c": 17}
+    assert pm.erk_counts(toy, 400) == {"a": 24, "b": 346, "c": 30}  # a, then c, would overflow
+    with pytest.raises(ValueError, match="cannot keep 555 of 554"):
+        pm.erk_counts(toy, 555)
+    model = small_net()
+    once = pm.magnitude_prune(model, pm.full_masks(model), 0.9, scope="erk")
+    twice = pm.magnitude_prune(model, once, 0.5, scope="erk", layer_fractions={"head": 0.25})
+    alive, total = pm.count(once)
+    assert alive == total - round(0.9 * total)
+    assert pm.count(twice)[0] == int(once["head"].sum()) - round(0.25 * int(once["head"].sum())) + \
+        (alive - int(once["head"].sum())) - round(0.5 * (alive - int(once["head"].sum())))
+    assert all(bool((twice[n] <= once[n]).all()) for n in once)  # never regrows
+    assert once["stem"].float().mean() > 4 * once["blocks.15.conv2"].float().mean()  # thin layers denser
+    for name, w in pm.prunable_weights(model).items():  # within a layer: the largest magnitudes
+        if 0 < once[name].sum() < once[name].numel():
+            assert w.abs()[once[name]].min() >= w.abs()[~once[name]].max()
 
 
 def test_sparsity_report() -> None:
