@@ -12,6 +12,8 @@
 # lr_rewind's 0.020-0.097), so two seeds can separate allocations that lr_rewind's seed noise
 # would hide, and it is the method LTH-ECG uses:
 #   for S in layerwise fanin erk headhalf; do SCOPE=$S bash run.sh configs/cinc2017-cpu-scope.sh; done
+# and lr_rewind under an allocation (same folder, its own method folders):
+#   SCOPE=erk SCOPE_METHODS=weight_rewind,lr_rewind bash run.sh configs/cinc2017-cpu-scope.sh
 # shellcheck source=/dev/null
 source "$(dirname "${BASH_SOURCE[0]}")/cinc2017-cpu.sh"
 SCOPE=${SCOPE:-fanin}
@@ -20,7 +22,7 @@ case "$SCOPE" in
     headhalf) EXTRA="--layer-fraction head=0.25" ;;
     *) echo "SCOPE must be layerwise, fanin, erk or headhalf, got '$SCOPE'" >&2; exit 2 ;;
 esac
-METHODS=weight_rewind
+METHODS=${SCOPE_METHODS:-weight_rewind}   # SCOPE_METHODS=weight_rewind,lr_rewind adds lr_rewind, same allocation
 CONTROLS=""
 SEEDS=3,4   # branch from seeds 3-4 of the grid (configs/cinc2017-cpu-seeds34.sh): their dense weights exist
 EXP=results/cinc2017-cpu-scope-$SCOPE
