@@ -85,16 +85,16 @@ def magnitude_prune(model: nn.Module, masks: Masks, fraction: float, scope: str 
     weights = {n: w for n, w in prunable_weights(model).items() if n in masks}
     alive = {n: int(m.sum()) for n, m in masks.items()}
     rest = [n for n in masks if n not in layer_fractions]
+    rest_alive = sum(alive[n] for n in rest)
     # pools: (layers ranked together, how many of their survivors go)
     pools = [([n], round(f * alive[n])) for n, f in layer_fractions.items()]
     if scope == "layerwise":
         pools += [([n], round(fraction * alive[n])) for n in rest]
     elif scope == "erk":
-        keep = erk_counts({n: masks[n] for n in rest}, sum(alive[n] for n in rest)
-                          - round(fraction * sum(alive[n] for n in rest)))
+        keep = erk_counts({n: masks[n] for n in rest}, rest_alive - round(fraction * rest_alive))
         pools += [([n], alive[n] - keep[n]) for n in rest]
     else:
-        pools += [(rest, round(fraction * sum(alive[n] for n in rest)))]
+        pools += [(rest, round(fraction * rest_alive))]
     new = {n: m.clone() for n, m in masks.items()}
     for names, k in pools:
         if k == 0:
