@@ -72,7 +72,8 @@ def magnitude_prune(model: nn.Module, masks: Masks, fraction: float, scope: str 
     """New masks removing ``fraction`` of the surviving weights with the smallest |w|.
 
     Exactly ``round(fraction * alive)`` weights go in each pruning pool (ties broken by
-    position), so the schedule's ratios are exact.
+    position; under ``"erk"`` the pool is all layers not named in ``layer_fractions``, split
+    across them by ``erk_counts``), so the schedule's ratios are exact.
     """
     if not 0 <= fraction < 1:
         raise ValueError(f"pruning fraction must be in [0, 1), got {fraction}")
