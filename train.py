@@ -282,9 +282,28 @@ def use_bf16(amp: str, device: torch.device) -> bool:
     (0.24 vs 0.27 s per step of 32 x 2048 samples, measured 2026-11-27): not worth the
     risk. Earlier runs under 'auto' on this machine used the broken kernels
     (results/README.md)."""
+    if amp == "bf16" and device.type == "cpu" and not cpu_has_native_bf16():
+        raise SystemExit("error: --amp bf16 asked for, but this CPU has no native bf16 (lscpu shows neither "
+                         "avx512_bf16 nor amx_bf16): PyTorch would emulate it far slower than fp32. "
+                         "Use --amp fp32 (or auto), or run on a host with native bf16.")
     if amp != "auto":
         return amp == "bf16"
     return device.type == "cuda" and torch.cuda.is_bf16_supported()
+
+
+def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool:
+    """Whether the CPU computes bf16 natively (AVX-512 BF16 or AMX): on an AVX2-only host
+    PyTorch emulates bf16 and a 2048^3 matmul runs at < 1 GFLOP/s against ~95 in fp32."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return False
+    flags = set()
+    for line in cpuinfo.splitlines():
+        if line.startswith("flags"):
+            flags.update(line.split(":", 1)[1].split())
+    return bool(flags & {"avx512_bf16", "amx_bf16"})
 
 
 class _Tee:

@@ -278,3 +278,14 @@ def test_bf16_is_opt_in_on_the_cpu_guarded_and_older_numerics_are_refused(tiny_d
     (out / "dense" / rf.CONFIG).write_text(json.dumps(config))
     with pytest.raises(SystemExit, match=r"--numerics-version 1 \(now 2\)"):
         tr.main(argv)
+
+
+def test_bf16_on_a_cpu_without_native_bf16_is_refused(monkeypatch):
+    """--amp bf16 on an AVX2-only host would be emulated far slower than fp32: refused, named."""
+    assert tr.cpu_has_native_bf16("flags\t: fpu avx2 avx512f avx512_bf16\n")
+    assert tr.cpu_has_native_bf16("flags\t: fpu amx_bf16 amx_tile\n")
+    assert not tr.cpu_has_native_bf16("flags\t: fpu sse avx avx2 fma\n")
+    monkeypatch.setattr(tr, "cpu_has_native_bf16", lambda: False)
+    with pytest.raises(SystemExit, match="no native bf16"):
+        tr.use_bf16("bf16", torch.device("cpu"))
+    assert tr.use_bf16("fp32", torch.device("cpu")) is False
