@@ -363,6 +363,24 @@ def methods_table(exp: Path, table: pd.DataFrame) -> list[str]:
     return lines
 
 
+def interval_level(exp: Path, table: pd.DataFrame, method: str, tolerance: float
+                   ) -> tuple[float | None, dict | None, float]:
+    """(level, its paired validation difference to dense, the bar) of the interval rule for
+    ``method``: the largest level up to which (at it and at every lower level) the lower
+    bound of the 95 % paired interval of validation F1(ticket) - F1(dense) stays above the
+    bar, -tolerance x dense validation F1; (None, None, bar) when no level does."""
+    dense, seeds = dense_rows(table), run_seeds(table, method)
+    best, best_val = None, None
+    margin = -tolerance * dense_level(table, "val_challenge_f1", seeds)
+    for lv in levels_of(table, method):
+        rows = level_rows(table, method, lv)
+        d = paired(exp, "val", rows, dense)
+        if d is None or rows["seed"].nunique() < len(seeds) or np.isnan(d["low"]) or d["low"] <= margin:
+            break
+        best, best_val = lv, d
+    return best, best_val, margin
+
+
 def interval_winners(exp: Path, table: pd.DataFrame, tolerance: float) -> list[str]:
     """The winning ticket with its uncertainty: per method, the largest level up to which
     (at it and at every lower level) the lower bound of the 95 % paired interval of
@@ -372,14 +390,8 @@ def interval_winners(exp: Path, table: pd.DataFrame, tolerance: float) -> list[s
     lines = ["| method | seeds | largest level with lower bound > -tolerance x dense val | val F1 - dense (95 % CI) | "
              "test F1 - dense (95 % CI) |", "| --- | --- | ---: | ---: | ---: |"]
     for m in [m for m in methods_in(table) if m not in BASELINES]:
-        best, best_val, seeds = None, None, run_seeds(table, m)
-        margin = -tolerance * dense_level(table, "val_challenge_f1", seeds)
-        for lv in levels_of(table, m):
-            rows = level_rows(table, m, lv)
-            d = paired(exp, "val", rows, dense)
-            if d is None or rows["seed"].nunique() < len(seeds) or np.isnan(d["low"]) or d["low"] <= margin:
-                break
-            best, best_val = lv, d
+        seeds = run_seeds(table, m)
+        best, best_val, margin = interval_level(exp, table, m, tolerance)
         seed_text = ",".join(map(str, seeds))
         if best is None:
             lines.append(f"| {m} | {seed_text} | none (bar {margin:+.4f}) | | |")
