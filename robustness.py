@@ -29,7 +29,8 @@ record and seed by seed): per network and condition, the F1 and its change from 
 per ticket, **how much more it loses than dense**: [F1(ticket, c) - F1(ticket, clean)] -
 [F1(dense, c) - F1(dense, clean)] (negative: the ticket breaks first).
 
-Writes OUT/predictions.csv (network, seed, condition, record, label, predicted),
+Writes OUT/predictions.csv (condition, record, label, then the class each network
+predicted: one column per network and seed),
 OUT/robustness.md (the tables) and OUT/robustness.png.
 
 Example (the CPU-scale grid's seeds 3 and 4, with the shipped ticket; ~15 min on one thread):
@@ -141,6 +142,14 @@ def predicted_classes(model: torch.nn.Module, norm: dict, ds: ECGDataset, batch_
     batcher = tr.Batcher(ds, tr.Normalizer(**norm), model.cfg.stride, torch.device("cpu"))
     cfg = tr.TrainConfig(eval_batch_size=batch_size)
     return tr.predict(model, batcher, np.arange(len(ds.labels)), cfg, bf16=False)["mean"]
+
+
+def recorded_agreement(run: Path, split: str, names: np.ndarray, predicted: np.ndarray) -> float:
+    """Share of records whose class here equals the one in the run's predictions.csv: 1.0
+    shows the weights (restored by run_state.py) are the recorded run's."""
+    recorded = pd.read_csv(run / tr.PREDICTIONS, keep_default_na=False).query("split == @split")
+    mine = pd.Series([CLASSES[i] for i in predicted], index=names)
+    return float((recorded.set_index("record")["predicted"].reindex(names) == mine).mean())
 
 
 # --------------------------------------------------------------------------- statistics
@@ -299,24 +308,31 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
         sys.exit(f"error: {e}")
     args.out.mkdir(parents=True, exist_ok=True)
     networks = [(name, seed, *load_network(path), path) for name, seed, path in args.nets]
-    frames = []
+    frames, checks = [], []
     for cond in args.conditions:
         part = corrupted_split(ds, args.split, cond, args.noise_seed)
         for name, seed, model, norm, path in networks:
             pred = predicted_classes(model, norm, part, args.batch_size)
             f1 = challenge_f1(part.labels, pred)
             print(f"{cond:>12}  {name} (seed {seed}): F1 {f1:.3f}  [{path}]", flush=True)
+            if cond == "clean" and (path / tr.PREDICTIONS).is_file():
+                checks.append(f"{name} seed {seed}: {recorded_agreement(path, args.split, part.names, pred):.1%}")
             frames.append(pd.DataFrame({"network": name, "seed": seed, "condition": cond, "record": part.names,
                                         "label": [CLASSES[i] for i in part.labels],
                                         "predicted": [CLASSES[i] for i in pred]}))
     preds = pd.concat(frames, ignore_index=True)
-    atomic_write_text(preds.to_csv(index=False), args.out / "predictions.csv")
+    wide = preds.assign(net=preds["network"] + " seed" + preds["seed"].astype(str)).pivot(
+        index=["condition", "record", "label"], columns="net", values="predicted")
+    atomic_write_text(wide[list(dict.fromkeys(preds["network"] + " seed" + preds["seed"].astype(str)))]
+                      .reset_index().to_csv(index=False), args.out / "predictions.csv")
     coded = preds.assign(label=preds["label"].map(CLASSES.index), predicted=preds["predicted"].map(CLASSES.index))
     table, lines = tables(coded, args.conditions, args.replicates)
     command = "python robustness.py " + " ".join(f'"{a}"' if " " in a else a for a in (argv or sys.argv[1:]))
     text = "\n".join([f"# Robustness to input corruptions ({args.split} split, {len(part.labels)} records)", "",
                       f"Made by `{command}`; networks: "
                       + "; ".join(f"{n} seed {s}: `{p}`" for n, s, _, _, p in networks),
+                      "", "Clean predictions equal to those the run recorded (its predictions.csv; 100 % when "
+                      "the weights are the recorded ones): " + ("; ".join(checks) or "no run folder") + ".",
                       "", *lines, ""])
     atomic_write_text(text, args.out / "robustness.md")
     atomic_write_text(json.dumps(table.to_dict("records"), indent=1) + "\n", args.out / "robustness.json")

@@ -82,9 +82,9 @@ def test_a_run_on_tiny_data_pairs_each_ticket_with_dense(tiny_data: Path, tmp_pa
     pruned = table[(table["network"] == "pruned 4x") & (table["condition"] == "emg-200")].iloc[0]
     assert pruned["vs_dense_low"] <= pruned["vs_dense"] <= pruned["vs_dense_high"]
     preds = pd.read_csv(out / "predictions.csv", keep_default_na=False)
-    clean = preds[(preds["network"] == "dense") & (preds["condition"] == "clean")]
-    f1 = np.mean([rb.challenge_f1(g["label"].map("NAO~".index).to_numpy(), g["predicted"].map("NAO~".index).to_numpy())
-                  for _, g in clean.groupby("seed")])
+    clean = preds[preds["condition"] == "clean"]
+    f1 = np.mean([rb.challenge_f1(clean["label"].map("NAO~".index).to_numpy(),
+                                  clean[f"dense seed{s}"].map("NAO~".index).to_numpy()) for s in (0, 1)])
     row = table[(table["network"] == "dense") & (table["condition"] == "clean")].iloc[0]
     assert row["f1"] == pytest.approx(f1)
     assert json.loads((out / "robustness.json").read_text())[0]["network"] == "dense"
@@ -97,3 +97,11 @@ def test_bad_flags_are_named(tiny_data: Path, tmp_path: Path, capsys: pytest.Cap
         with pytest.raises(SystemExit):
             rb.parse_args(["--data", str(tiny_data), "--out", str(tmp_path), *argv])
         assert message in capsys.readouterr().err
+
+
+def test_agreement_with_a_runs_recorded_predictions(tmp_path: Path) -> None:
+    pd.DataFrame({"record": ["a", "b", "c", "d"], "split": ["test", "test", "test", "val"],
+                  "label": list("NANN"), "predicted": list("NAON")}).to_csv(tmp_path / "predictions.csv", index=False)
+    names = np.array(["c", "a", "b"])
+    assert rb.recorded_agreement(tmp_path, "test", names, np.array([2, 0, 1])) == 1.0
+    assert rb.recorded_agreement(tmp_path, "test", names, np.array([0, 0, 1])) == pytest.approx(2 / 3)
