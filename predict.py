@@ -16,8 +16,12 @@ units or the rate are wrong: see MIN_SPAN_UV and MIN_BPM; ``--no-checks`` to cla
 gets an error naming it and how to fix the flags, the other files are still classified,
 and the exit status is 1.
 
+Without ``--ticket`` it uses the shipped CinC 2017 ticket (SHIPPED_TICKET, made by
+ship_ticket.py; its report is results/ticket-cinc2017/README.md), so a real record is
+classified in one command without training.
+
 Example:
-    python predict.py --ticket tickets/demo/ticket-fp32.npz ../shared/data/cinc2017/training2017/A00001.mat
+    python predict.py ../shared/data/cinc2017/training2017/A00001.mat
     python predict.py --ticket tickets/demo/ticket-int8.npz --fs 250 --units mV my_ecg.csv
 """
 
@@ -50,6 +54,10 @@ function on the 200 Hz build). A rate outside points to a wrong --fs. The check 
 catches a rate given several times too low (the beats then look too slow); a rate given too
 high moves the QRS out of the detector's 5-25 Hz band and is seldom caught, so it cannot
 prove a rate right."""
+
+
+SHIPPED_TICKET = Path(__file__).resolve().parent / "results" / "ticket-cinc2017" / "ticket-fp32.npz"
+"""The default ticket: the CinC 2017 grid's winning ticket (ship_ticket.py), kept in git."""
 
 
 class PredictError(Exception):
@@ -159,7 +167,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("files", nargs="+", type=Path, help="ECG files: .mat (+ .hea), .npy, .csv or .txt")
-    p.add_argument("--ticket", type=Path, required=True, help="ticket file from export_ticket.py (.npz)")
+    p.add_argument("--ticket", type=Path, default=SHIPPED_TICKET,
+                   help="ticket file from export_ticket.py (.npz); default: the shipped CinC 2017 ticket")
     p.add_argument("--fs", type=float, default=None, help="sampling rate in Hz of .npy/.csv/.txt files")
     p.add_argument("--units", default="uV", choices=["uV", "mV"], help="units of .npy/.csv/.txt samples")
     p.add_argument("--min-seconds", type=float, default=5.0, help="shortest record accepted")
@@ -172,6 +181,10 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--fs must be positive, got {args.fs:g}")
     if args.min_seconds * FS < 256:
         p.error(f"--min-seconds must be at least {256 / FS:g} (one 256-sample segment)")
+    if args.ticket == SHIPPED_TICKET and not SHIPPED_TICKET.is_file():
+        print(f"error: the shipped ticket {SHIPPED_TICKET} is missing (it is in git: git checkout -- "
+              f"{SHIPPED_TICKET.relative_to(SHIPPED_TICKET.parents[2])}); or pass --ticket", file=sys.stderr)
+        return 2
     try:
         model, meta = load_ticket(args.ticket)
     except TicketError as e:

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import re
 import subprocess
@@ -231,7 +232,9 @@ def report(choice: dict, run_dir: Path, out: Path, export: dict, command: str) -
         *[f"| latency per 30-s record, 1 thread, {k} | {v['1']:.1f} ms |" for k, v in export["latency_ms"].items()],
         f"| the exported file loads back bit-exact | {'yes' if export.get('fp32_roundtrip_exact') else 'NO'} |", "",
         f"Latency: batch 1, fp32, median (export_ticket.py), on {cpu_flags()}, {platform.machine()}, torch "
-        f"{torch.__version__}, while a training grid ran on the other core. Intervals: 95 % percentile "
+        f"{torch.__version__}, {export['load_average'][2]} cores shared with other work (1-minute load average "
+        f"{export['load_average'][0]:.1f} before, {export['load_average'][1]:.1f} after): read the latencies as "
+        "upper bounds and their ratios as rough. Intervals: 95 % percentile "
         "bootstrap over the records of one network (1,000 replicates); they do not cover the spread between "
         "seeds (see results/cinc2017-cpu/plots/summary.md for that).", "",
         f"Data: `{config['flags']['data']}`, fingerprint `{config['data_fingerprint']}` (records.csv and samples, "
@@ -260,9 +263,11 @@ def main(argv: list[str] | None = None) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     rf.atomic_write_text(json.dumps(choice, indent=2) + "\n", args.out / "choice.json")
     run_dir = retrain(choice, args.out)
+    load = os.getloadavg()[0]  # latency is measured on whatever else the machine is running
     export = export_ticket.main(["--run", str(run_dir), "--out", str(args.out), "--dtypes", "fp32", "--threads", "1",
                                  "--latency-seconds", str(args.latency_seconds)])
     command = "python " + " ".join(Path(a).name if i == 0 else a for i, a in enumerate(sys.argv))
+    export["load_average"] = [load, os.getloadavg()[0], os.cpu_count()]
     rf.atomic_write_text(report(choice, run_dir, args.out, export, command), args.out / "README.md")
     print((args.out / "README.md").read_text())
 
