@@ -25,7 +25,7 @@ by looking at test figures). The steps, each resumable:
              with 95 % intervals over the test records (percentile bootstrap), bytes,
              FLOPs, latency with the host's CPU flags, the data fingerprint and the command.
 
-Example (the shipped ticket, results/ticket-cinc2017/; ~11 min of training on one thread):
+Example (the shipped ticket, results/ticket-cinc2017/; one training, 14 min on a busy core):
     python ship_ticket.py --exp results/cinc2017-cpu --out results/ticket-cinc2017
 """
 
