@@ -228,6 +228,13 @@ def tables(preds: pd.DataFrame, conditions: list[str], replicates: int) -> tuple
     for cond in conditions[1:] if conditions[0] == "clean" else conditions:
         cells = [table[(table["network"] == n) & (table["condition"] == cond)].iloc[0] for n in tickets]
         lines.append(f"| {cond} | " + " | ".join(ci(r, "vs_dense") for r in cells) + " |")
+    noisy = (preds.assign(noisy=preds["predicted"] == CLASSES.index("~"))
+             .groupby(["network", "condition"])["noisy"].mean())
+    lines += ["", "Share of records called noise ('~'; the challenge F1 averages N, A and O only, so a record "
+              "called noise counts as missed), mean over seeds:", "",
+              "| condition | " + " | ".join(nets) + " |", "| --- |" + " ---: |" * len(nets)]
+    for cond in conditions:
+        lines.append(f"| {cond} | " + " | ".join(f"{noisy[(n, cond)]:.0%}" for n in nets) + " |")
     return table, lines
 
 
@@ -257,7 +264,7 @@ def plot(table: pd.DataFrame, conditions: list[str], out: Path) -> None:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", type=Path, required=True, help="the data set the networks were trained on")
+    p.add_argument("--data", type=Path, help="the data set the networks were trained on")
     p.add_argument("--out", type=Path, required=True, help="folder for predictions.csv, robustness.md and .png")
     p.add_argument("--exp", type=Path, help="experiment folder: every trained network of --seeds in it")
     p.add_argument("--seeds", default="", help="comma-separated seeds of --exp")
@@ -266,8 +273,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--conditions", default=DEFAULT_CONDITIONS, help="comma-separated, from the list above")
     p.add_argument("--split", default="test", choices=["val", "test"])
     p.add_argument("--replicates", type=int, default=1000, help="bootstrap replicates")
-    p.add_argument("--batch-size", type=int, default=32, help="records per forward pass")
+    p.add_argument("--batch-size", type=int, default=64,
+                   help="records per forward pass (64, the grid's --eval-batch-size, repeats its predictions exactly)")
     p.add_argument("--noise-seed", type=int, default=0, help="seed of the corruptions")
+    p.add_argument("--tables-only", action="store_true",
+                   help="re-make the tables and figure from OUT/predictions.csv, evaluating nothing")
     args = p.parse_args(argv)
     args.conditions = [c.strip() for c in args.conditions.split(",") if c.strip()]
     bad = [c for c in args.conditions if not CONDITION.match(c)]
@@ -288,6 +298,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--exp {args.exp}: no results.csv there")
     if args.exp is not None and not args.seeds:
         p.error("--exp needs --seeds")
+    if args.tables_only:
+        args.nets = []
+        return args
+    if args.data is None:
+        p.error("--data is needed (unless --tables-only)")
     nets = discover(args.exp, args.seeds) if args.exp else []
     for spec in args.net:
         m = re.match(r"^(.+):(\d+)=(.+)$", spec)
@@ -303,6 +318,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> pd.DataFrame:
     args = parse_args(argv)
+    if args.tables_only:
+        return write_tables(read_predictions(args.out / "predictions.csv"), args.conditions, args.out, args.replicates,
+                            (args.out / "robustness.md").read_text().split("\n\nTest challenge F1 under")[0])
     try:
         ds = load_dataset(args.data)
     except DatasetError as e:
@@ -326,18 +344,35 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
         index=["condition", "record", "label"], columns="net", values="predicted")
     atomic_write_text(wide[list(dict.fromkeys(preds["network"] + " seed" + preds["seed"].astype(str)))]
                       .reset_index().to_csv(index=False), args.out / "predictions.csv")
-    coded = preds.assign(label=preds["label"].map(CLASSES.index), predicted=preds["predicted"].map(CLASSES.index))
-    table, lines = tables(coded, args.conditions, args.replicates)
     command = "python robustness.py " + " ".join(f'"{a}"' if " " in a else a for a in (argv or sys.argv[1:]))
-    text = "\n".join([f"# Robustness to input corruptions ({args.split} split, {len(part.labels)} records)", "",
+    head = "\n".join([f"# Robustness to input corruptions ({args.split} split, {len(part.labels)} records)", "",
                       f"Made by `{command}`; networks: "
                       + "; ".join(f"{n} seed {s}: `{p}`" for n, s, _, _, p in networks),
                       "", "Clean predictions equal to those the run recorded (its predictions.csv; 100 % when "
-                      "the weights are the recorded ones): " + ("; ".join(checks) or "no run folder") + ".",
-                      "", *lines, ""])
-    atomic_write_text(text, args.out / "robustness.md")
-    atomic_write_text(json.dumps(table.to_dict("records"), indent=1) + "\n", args.out / "robustness.json")
-    plot(table, args.conditions, args.out / "robustness.png")
+                      "the weights are the recorded ones): " + ("; ".join(checks) or "no run folder") + "."])
+    return write_tables(preds, args.conditions, args.out, args.replicates, head)
+
+
+def read_predictions(path: Path) -> pd.DataFrame:
+    """The long table (network, seed, condition, record, label, predicted) of a predictions.csv
+    this script wrote."""
+    if not path.is_file():
+        raise SystemExit(f"error: {path} not found: run without --tables-only first")
+    wide = pd.read_csv(path, keep_default_na=False)
+    long = wide.melt(id_vars=["condition", "record", "label"], var_name="net", value_name="predicted")
+    parts = long["net"].str.extract(r"^(.*) seed(\d+)$")
+    return long.assign(network=parts[0], seed=parts[1].astype(int)).drop(columns="net")
+
+
+def write_tables(preds: pd.DataFrame, conditions: list[str], out: Path, replicates: int, head: str) -> pd.DataFrame:
+    """robustness.md (``head``, then the tables), robustness.json and robustness.png."""
+    conditions = [c for c in conditions if c in set(preds["condition"])]
+    coded = preds.assign(label=preds["label"].map(CLASSES.index), predicted=preds["predicted"].map(CLASSES.index))
+    table, lines = tables(coded, conditions, replicates)
+    text = "\n".join([head, "", *lines, ""])
+    atomic_write_text(text, out / "robustness.md")
+    atomic_write_text(json.dumps(table.to_dict("records"), indent=1) + "\n", out / "robustness.json")
+    plot(table, conditions, out / "robustness.png")
     print(text)
     return table
 

@@ -88,7 +88,12 @@ def test_a_run_on_tiny_data_pairs_each_ticket_with_dense(tiny_data: Path, tmp_pa
     row = table[(table["network"] == "dense") & (table["condition"] == "clean")].iloc[0]
     assert row["f1"] == pytest.approx(f1)
     assert json.loads((out / "robustness.json").read_text())[0]["network"] == "dense"
-    assert "Does the ticket break first?" in (out / "robustness.md").read_text()
+    text = (out / "robustness.md").read_text()
+    assert "Does the ticket break first?" in text and "called noise" in text
+    (out / "robustness.md").write_text(text.replace("| gain-3 |", "| edited |"))
+    again = rb.main(["--out", str(out), "--tables-only", "--conditions", "gain-3,emg-200", "--replicates", "100"])
+    pd.testing.assert_frame_equal(again, table)  # the same tables from predictions.csv alone
+    assert (out / "robustness.md").read_text() == text
 
 
 def test_bad_flags_are_named(tiny_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
