@@ -33,17 +33,21 @@ Writes OUT/predictions.csv (condition, record, label, then the class each networ
 predicted: one column per network and seed),
 OUT/robustness.md (the tables) and OUT/robustness.png.
 
-Example (the CPU-scale grid's seeds 3 and 4, with the shipped ticket; 7 x 7 evaluations of 855 records,
-~7 s each on an idle core):
+Example (the CPU-scale grid's seeds 3 and 4, with the shipped ticket; 9 conditions x 8 networks,
+855 records each, ~7 s per evaluation on an idle core):
     python run_state.py restore results/cinc2017-cpu
+    python ship_ticket.py --exp results/cinc2017-cpu --out results/robustness-cinc2017 --remake 3:weight_rewind:6
     python robustness.py --exp results/cinc2017-cpu --seeds 3,4 --data data/cinc2017 \\
-        --net "weight_rewind 4x, shipped:3=results/ticket-cinc2017/ticket-fp32.npz" --out results/robustness-cinc2017
+        --net "weight_rewind 4x, shipped:3=results/ticket-cinc2017/ticket-fp32.npz" \\
+        --net "weight_rewind 64x:3=results/robustness-cinc2017/retrained/seed3/weight_rewind/round_06" \\
+        --out results/robustness-cinc2017
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import re
 import sys
 from dataclasses import replace
@@ -63,7 +67,7 @@ from build_datasets import FS, DatasetError, ECGDataset, load_dataset, resample 
 from model import CLASSES  # noqa: E402
 from run_folders import atomic_write_text  # noqa: E402
 
-DEFAULT_CONDITIONS = "clean,wander-1,emg-100,gain-0.5,gain-2,fs-250,fs-500"
+DEFAULT_CONDITIONS = "clean,wander-0.3,wander-1,emg-25,emg-100,gain-0.5,gain-2,fs-250,fs-500"
 CONDITION = re.compile(r"^(clean|wander-[0-9.]+|emg-[0-9.]+|gain-[0-9.]+|fs-[0-9.]+)$")
 
 
@@ -179,11 +183,17 @@ def paired_bootstrap(labels: np.ndarray, terms: list[tuple[float, list[np.ndarra
     return point, float(low), float(high)
 
 
+def network_order(name: str) -> tuple:
+    """Dense first, then by the compression in the name ('lr_rewind 8x' before '16x')."""
+    ratio = re.search(r"(\d+(?:\.\d+)?)x\b", name)
+    return (name != "dense", float(ratio[1]) if ratio else math.inf, name)
+
+
 def tables(preds: pd.DataFrame, conditions: list[str], replicates: int) -> tuple[pd.DataFrame, list[str]]:
     """One row per (network, condition): F1, change from clean and ticket - dense change,
     with intervals; and the Markdown lines of the tables."""
     rows = []
-    nets = list(dict.fromkeys(preds["network"]))
+    nets = sorted(dict.fromkeys(preds["network"]), key=network_order)
     pivot = {key: g.sort_values("record") for key, g in preds.groupby(["network", "seed", "condition"])}
     for name in nets:
         seeds = sorted(preds.loc[preds["network"] == name, "seed"].unique())
@@ -240,7 +250,7 @@ def tables(preds: pd.DataFrame, conditions: list[str], replicates: int) -> tuple
 
 def plot(table: pd.DataFrame, conditions: list[str], out: Path) -> None:
     """F1 per condition, one marker per network, with its interval."""
-    nets = list(dict.fromkeys(table["network"]))
+    nets = sorted(dict.fromkeys(table["network"]), key=network_order)
     fig, ax = plt.subplots(figsize=(9, 4.2))
     width = 0.8 / len(nets)
     for k, name in enumerate(nets):

@@ -27,6 +27,8 @@ by looking at test figures). The steps, each resumable:
 
 Example (the shipped ticket, results/ticket-cinc2017/; one training, 14 min on a busy core):
     python ship_ticket.py --exp results/cinc2017-cpu --out results/ticket-cinc2017
+Another level's network, for evaluation only (robustness.py):
+    python ship_ticket.py --exp results/cinc2017-cpu --out results/robustness-cinc2017 --remake 3:weight_rewind:6
 """
 
 from __future__ import annotations
@@ -250,12 +252,22 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", type=Path, required=True, help="folder for the ticket, its report and retrained run")
     p.add_argument("--tolerance", type=float, default=0.01, help="allowed relative loss of validation F1")
     p.add_argument("--choose-only", action="store_true", help="print the choice and stop")
+    p.add_argument("--remake", metavar="SEED:METHOD:ROUND",
+                   help="only re-make this round's network into OUT/retrained (no choice, no export): "
+                   "another level for evaluation, e.g. 3:weight_rewind:6")
     p.add_argument("--latency-seconds", type=float, default=2.0, help="time spent measuring each latency")
     args = p.parse_args(argv)
     if not (args.exp / "results.csv").is_file():
         p.error(f"--exp {args.exp}: no results.csv there (a run_experiments.py folder is expected)")
     if not 0 < args.tolerance < 1:
         p.error(f"--tolerance must be between 0 and 1, got {args.tolerance}")
+    if args.remake:
+        m = re.match(r"^(\d+):(\w+):(\d+)$", args.remake)
+        if not m or not (args.exp / f"seed{m[1]}" / m[2] / run_state.STATE).is_file():
+            p.error(f"--remake {args.remake!r}: expected SEED:METHOD:ROUND of a chain with a {run_state.STATE} "
+                    f"in {args.exp}")
+        print(retrain({"exp": str(args.exp), "seed": int(m[1]), "method": m[2], "round": int(m[3])}, args.out))
+        return
     choice = choose(args.exp, args.tolerance)
     print(json.dumps(choice, indent=2))
     if args.choose_only:
