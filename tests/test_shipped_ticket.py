@@ -10,12 +10,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import SHARED_CINC
+from conftest import SHARED_CINC, tiny_train_args
 from test_summary import experiment  # noqa: F401 - a fixture: 2 seeds, lr_rewind holds at 2x only
 
 import predict
 import prune as pm
+import run_state as rs
 import ship_ticket
+import train as tr
 from build_datasets import synthetic_record
 from export_ticket import load_ticket
 from model import CLASSES
@@ -48,6 +50,26 @@ def test_choice_is_the_interval_rule_winner_of_a_carried_seed(tmp_path: Path,
     rows = experiment[(experiment["method"] == "lr_rewind") & (experiment["round"] == 1)]
     best = int(rows.sort_values("val_challenge_f1", ascending=False)["seed"].iloc[0])
     assert ship_ticket.choose(tmp_path, 0.01)["seed"] == best
+
+
+def test_retrain_re_makes_a_carried_ticket_from_its_state(tiny_data: Path, tmp_path: Path) -> None:
+    """A 2-round lr_rewind chain carried only by its state.npz files (no *.pt, as in a fresh
+    clone) is re-made round by round; on the machine and thread count that ran it, the
+    re-made round 2 repeats the recorded one exactly (its predictions and losses)."""
+    exp = tmp_path / "exp"
+    chain = ["--seed", "0", "--retrain", "lr_rewind", "--prune-fraction", "0.5", "--target-ratio", "4",
+             "--rewind-to", "1ep"]
+    tr.run(tr.parse_args(tiny_train_args(tiny_data, exp / "seed0", *chain)), report=False)
+    rs.main(["save", "--masks", "--dense", str(exp)])
+    recorded = exp / "seed0" / "lr_rewind" / "round_02"
+    for p in exp.rglob("*.pt"):
+        p.unlink()
+    run_dir = ship_ticket.retrain({"exp": str(exp), "seed": 0, "method": "lr_rewind", "round": 2}, tmp_path / "out")
+    assert run_dir == tmp_path / "out" / ship_ticket.RETRAINED / "seed0" / "lr_rewind" / "round_02"
+    assert (run_dir.parent / "round_01" / tr.FINAL).is_file()  # lr_rewind starts each round from the last
+    assert (run_dir / tr.PREDICTIONS).read_bytes() == (recorded / tr.PREDICTIONS).read_bytes()
+    losses = ["step", "lr", "train_loss", "val_loss"]
+    assert pd.read_csv(run_dir / tr.HISTORY)[losses].equals(pd.read_csv(recorded / tr.HISTORY)[losses])
 
 
 def test_af_interval_point_is_a_plain_count() -> None:
