@@ -191,6 +191,7 @@ def cpu_flags() -> str:
 def report(choice: dict, run_dir: Path, out: Path, export: dict, command: str) -> str:
     fig = test_figures(run_dir)
     config = json.loads((run_dir.parent / rf.CONFIG).read_text())
+    flags = config["flags"]
     c, b = export["counts"], export["bytes"]
     ci = lambda v: f"{v[0]:.3f} ({v[1]:.3f} to {v[2]:.3f})"  # noqa: E731
     ticket = out / TICKET
@@ -201,7 +202,8 @@ def report(choice: dict, run_dir: Path, out: Path, export: dict, command: str) -
         "no `--ticket` is given. Made " f"{datetime.now(UTC):%Y-%m-%d %H:%M} UTC by", "",
         f"    {command}", "",
         "## Which ticket, and why", "",
-        f"- Grid: `{choice['exp']}` (width 0.25, 6 epochs, 50 % per round). The interval rule on **validation** "
+        f"- Grid: `{choice['exp']}` (width {flags['width']:g}, {flags['epochs']} epochs, "
+        f"{flags['prune_fraction']:.0%} per round). The interval rule on **validation** "
         f"(tolerance {choice['tolerance']:.0%} of dense; paired 95 % bootstrap over records and seeds, from the "
         "committed predictions.csv; plot_results.interval_level), per method:",
         *[f"  - {meth}: " + ("no level" if v["level"] is None else
