@@ -149,16 +149,24 @@ def unfinished(method_dir: Path) -> bool:
     return controls_pending(method_dir, int(last["round"]))
 
 
+REWINDING = ("weight_rewind", "late_reset")
+"""Methods whose rounds start from fixed early weights, not from the last round's."""
+
+
 def chain_files(method_dir: Path) -> list[Path] | None:
-    """What a chain needs to go on: every round's mask, the trained weights of its last two
-    accepted rounds (the last starts the next round; the one before starts a
-    weight-keeping method's random-pruning control) and late_reset's rewind weights. None
-    when they are not on this machine."""
+    """What a chain needs to go on: every round's mask, the trained weights of its last
+    accepted round (they set the next round's mask, and a weight-keeping method starts from
+    them), the round before only while a weight-keeping method's controls of the last round
+    are pending (random_prune starts from that round's start weights), and late_reset's
+    rewind weights. One round, not two: at full width a round's weights are ~21 MB at 2x.
+    None when they are not on this machine."""
     masks = round_masks(method_dir)
     exp_dir = method_dir.parent.parent
     table = pd.read_csv(method_dir / tr.ROUNDS)
     accepted = [exp_dir / f for f in table.loc[table["accepted"], "folder"] if (exp_dir / f).parent == method_dir]
-    models = [d / tr.FINAL for d in accepted[-2:]]
+    last_round = int(table.loc[table["accepted"], "round"].max()) if table["accepted"].any() else 0
+    both = method_dir.name not in REWINDING and controls_pending(method_dir, last_round)
+    models = [d / tr.FINAL for d in accepted[-2 if both else -1:]]
     rewind = sorted((method_dir.parent / tr.DENSE).glob("rewind_*.pt")) if method_dir.name == "late_reset" else []
     return masks + models + rewind if masks is not None and all(f.is_file() for f in models + rewind) else None
 

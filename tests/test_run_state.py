@@ -188,3 +188,18 @@ def test_masks_of_a_finished_chain_carried_on_request(finished: Path, tmp_path: 
     state = (method / rs.STATE).read_bytes()
     rs.main(["save", str(exp)])  # a later save without --masks keeps them
     assert (method / rs.STATE).read_bytes() == state
+
+
+def test_a_carried_chain_keeps_one_round_of_weights_unless_a_control_needs_two(finished: Path, tmp_path: Path,
+                                                                                  monkeypatch) -> None:
+    """A full-width round's weights are ~21 MB: the state keeps the last round's, and the one
+    before only while a weight-keeping method's controls of the last round wait for it."""
+    exp = stopped_after_round_2(finished, tmp_path / "exp")
+    method = exp / "seed0" / "lr_rewind"
+    files = rs.chain_files(method)
+    assert [f.parent.name for f in files if f.name == tr.FINAL] == ["round_02"]
+    monkeypatch.setattr(rs, "controls_pending", lambda method_dir, last_round: last_round == 2)
+    files = rs.chain_files(method)
+    assert [f.parent.name for f in files if f.name == tr.FINAL] == ["round_01", "round_02"]
+    monkeypatch.setattr(rs, "REWINDING", ("lr_rewind",))  # a rewinding method: its controls start from early weights
+    assert [f.parent.name for f in rs.chain_files(method) if f.name == tr.FINAL] == ["round_02"]
