@@ -81,8 +81,9 @@ def state_digest(state: dict[str, torch.Tensor]) -> str:
 
 
 def pack_tensors(prefix: str, tensors: dict[str, torch.Tensor], out: dict[str, np.ndarray]) -> None:
-    """Each tensor as its shape, a bit-packed non-zero pattern and its non-zero values:
-    exact (a zero comes back as +0.0), and small for pruned weights and masks."""
+    """Each tensor as its shape, a bit-packed non-zero pattern and its non-zero values, and
+    where a float tensor holds -0.0 (a pruned negative weight times its 0 mask) the pattern
+    of those: exact to the bit, and small for pruned weights and masks."""
     for name, t in tensors.items():
         a = t.detach().cpu().numpy()
         nonzero = a != 0
@@ -91,6 +92,9 @@ def pack_tensors(prefix: str, tensors: dict[str, torch.Tensor], out: dict[str, n
         if a.dtype != np.bool_:
             out[SEP.join((prefix, name, "values"))] = a[nonzero]
             out[SEP.join((prefix, name, "dtype"))] = np.asarray(str(a.dtype))
+            negative_zero = ~nonzero & np.signbit(a) if a.dtype.kind == "f" else None
+            if negative_zero is not None and negative_zero.any():
+                out[SEP.join((prefix, name, "negzero"))] = np.packbits(negative_zero.ravel())
 
 
 def unpack_tensors(prefix: str, arrays: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
@@ -104,6 +108,8 @@ def unpack_tensors(prefix: str, arrays: dict[str, np.ndarray]) -> dict[str, torc
         if key("values") in arrays:
             a = np.zeros(count, dtype=np.dtype(str(arrays[key("dtype")])))
             a[nonzero] = arrays[key("values")]
+            if key("negzero") in arrays:
+                a[np.unpackbits(arrays[key("negzero")], count=count).astype(bool)] = -0.0
         else:
             a = nonzero
         tensors[name] = torch.from_numpy(a.reshape(shape))
