@@ -49,7 +49,7 @@ from scipy.signal import resample_poly
 from tqdm import tqdm
 
 from model import CLASSES
-from run_folders import TableError, atomic_write, code_version, read_table, sha256_of
+from run_folders import TableError, atomic_write, code_version, read_table, script_errors, sha256_of
 
 FS = 200
 """Sampling rate of the built data (the rate Hannun et al.'s network expects)."""
@@ -783,7 +783,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     try:
-        build(args)
+        with script_errors():
+            build(args)
     except DatasetError as e:
         sys.exit(f"error: {e}")
 

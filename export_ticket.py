@@ -217,6 +217,9 @@ def check_meta(meta: dict, arrays: dict[str, np.ndarray], path: Path) -> None:
     if set(norm) != {"mean", "std"} or not all(isinstance(norm[k], (int, float)) and not isinstance(norm[k], bool)
                                                and math.isfinite(norm[k]) for k in norm) or norm["std"] <= 0:
         raise bad(f"normalizer {norm!r}, expected finite 'mean' and 'std' with std > 0")
+    if meta["model"].get("num_classes", len(CLASSES)) != len(CLASSES):
+        raise bad(f"num_classes {meta['model']['num_classes']!r} in the network's configuration, expected "
+                  f"{len(CLASSES)} ({', '.join(CLASSES)})")
     if meta["fs"] != FS:
         raise bad(f"input rate {meta['fs']!r} Hz, expected {FS} (the rate the network was trained at)")
     if meta["dtype"] not in DTYPES:
@@ -567,7 +570,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    args = parse_args(argv)
+    with rf.script_errors():
+        return export(parse_args(argv))
+
+
+def export(args: argparse.Namespace) -> dict:
+    """What main() does with the parsed flags."""
     try:
         cfg, state, masks, norm, trained_metrics = read_run(args.run)
     except TicketError as e:

@@ -36,7 +36,7 @@ import pandas as pd  # noqa: E402
 import prune as pm  # noqa: E402
 import run_experiments  # noqa: E402
 from model import CLASSES  # noqa: E402
-from run_folders import TableError, atomic_write_text, read_table  # noqa: E402
+from run_folders import TableError, atomic_write_text, read_table, script_errors  # noqa: E402
 from train import BASELINES, CONTROLS, METHODS, PREDICTIONS, class_f1, confusion  # noqa: E402
 
 LTH_ECG_RATIO = 142.0
@@ -679,4 +679,5 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with script_errors():
+        main()

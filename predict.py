@@ -36,6 +36,7 @@ from scipy.signal import butter, find_peaks, sosfiltfilt
 
 from build_datasets import FS, INT16, DatasetError, check_int16, read_record, resample
 from export_ticket import TicketError, load_ticket
+from run_folders import script_errors
 
 MIN_FS, MAX_FS = 50.0, 5000.0
 """Plausible ECG sampling rates; anything outside is most likely a wrong --fs."""
@@ -176,7 +177,7 @@ def read_text_samples(path: Path, lead: str | None) -> np.ndarray:
         sep, decimal = ",", "."
     else:
         sep, decimal = None, ","  # spaces between values; a comma can only be a decimal mark
-    rows = [[f.strip() for f in (line.split(sep) if sep else line.split())] for line in lines]
+    rows = [[f.strip() for f in (line.rstrip(sep).split(sep) if sep else line.split())] for line in lines]
 
     def number(field: str) -> float:
         if decimal == "," and "," in field:
@@ -192,7 +193,7 @@ def read_text_samples(path: Path, lead: str | None) -> np.ndarray:
             return None
 
     header = None
-    if parse(rows[0]) is None:
+    if len(rows) > 1 and parse(rows[0]) is None:  # a single line is samples, never a header
         header, rows = rows[0], rows[1:]
     values = []
     for n, row in enumerate(rows, start=2 if header else 1):
@@ -340,4 +341,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    with script_errors():
+        sys.exit(main())

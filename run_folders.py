@@ -11,6 +11,7 @@ mid-training leaves the folder resumable by the next one.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import io
@@ -18,6 +19,7 @@ import json
 import os
 import pickle
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -37,6 +39,10 @@ ADDED_FLAGS = {"max_steps": 0, "definitions_version": 1, "numerics_version": 1}
 
 class Busy(Exception):
     """A run folder is locked by another worker (and the caller asked not to wait)."""
+
+    def __init__(self, message: str, folder: Path | None = None):
+        super().__init__(message)
+        self.folder = folder
 
 
 # --------------------------------------------------------------------------- versions, digests
@@ -87,11 +93,17 @@ def atomic_write(path: Path, data: bytes) -> None:
     file never rename each other's half-written copy; the leftover of a writer killed
     half-way (its pid gone) is removed by the next write of the same file."""
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:  # a full disk, a read-only folder: name the file meant, not the temporary one
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise OSError(e.errno, f"{e.strerror or e} (writing it failed; the previous {path.name}, if any, is unchanged)",
+                      str(path)) from e
     for stale in path.parent.glob(f"{path.name}.*tmp"):
         pid = stale.name[len(path.name) + 1:].removesuffix("tmp").removesuffix(".")
         if not pid.isdigit() or not _alive(int(pid)):
@@ -147,6 +159,34 @@ def load_pt(path: Path, device: object = "cpu") -> dict:
                   "the runs that need it are kept")
     raise SystemExit(f"error: {path} {problem}; {advice}")
 
+
+
+# --------------------------------------------------------------------------- script boundary
+
+
+ADVICE = {errno.ENOSPC: "the disk is full: free space and run the same command again (what finished is kept; "
+                        "a training resumes from its last checkpoint)",
+          errno.EDQUOT: "the disk quota is used up: free space and run the same command again",
+          errno.EROFS: "the file system is read-only: choose another folder (--out/--exp)",
+          errno.EACCES: "no permission: choose a writable folder (--out/--exp) or fix its permissions",
+          errno.EPERM: "no permission: choose a writable folder (--out/--exp) or fix its permissions"}
+
+
+@contextlib.contextmanager
+def script_errors() -> Iterator[None]:
+    """Around a script's main: a file-system error (full disk, read-only or foreign folder,
+    a path that vanished) ends in one sentence naming the path and what to do, not a
+    traceback; and output never fails on a path that is not valid UTF-8 (it is printed
+    with backslash escapes)."""
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(AttributeError, ValueError):
+            stream.reconfigure(errors="backslashreplace")
+    try:
+        yield
+    except OSError as e:
+        where = e.filename if e.filename is not None else "a file"
+        advice = ADVICE.get(e.errno, "check the path and run the same command again")
+        raise SystemExit(f"error: {where}: {e.strerror or e}; {advice}") from None
 
 
 # --------------------------------------------------------------------------- tables
@@ -242,7 +282,7 @@ def locked(folder: Path, wait: bool = True, poll: float = 0.5) -> Iterator[None]
                 break
             except BlockingIOError:
                 if not wait:
-                    raise Busy(f"{folder} is locked by another worker") from None
+                    raise Busy(f"{folder} is locked by another worker", folder) from None
                 time.sleep(poll)
         _HELD.add(key)
         try:
@@ -253,6 +293,21 @@ def locked(folder: Path, wait: bool = True, poll: float = 0.5) -> Iterator[None]
 
 
 _HELD: set[str] = set()
+
+
+def locked_by_other(folder: Path) -> bool:
+    """Whether another process holds ``folder``'s lock now: a probe that costs one open
+    and one ``flock`` (for a worker waiting on a busy cell, which must not rebuild the
+    cell's training just to learn that it is still busy)."""
+    if str(folder.resolve()) in _HELD or not (folder / LOCK).is_file():
+        return False
+    with open(folder / LOCK, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(f, fcntl.LOCK_UN)
+    return False
 
 
 def update_json(path: Path, change: Callable[[dict], dict]) -> dict:

@@ -71,6 +71,7 @@ from run_folders import (
     load_pt,
     locked,
     prepare_run,
+    script_errors,
 )
 
 DENSE = "dense"
@@ -329,7 +330,7 @@ def logged(run_dir: Path) -> Iterator[None]:
     header with the date, code version and command; an error that stops the training is
     written too."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    with open(run_dir / LOG, "a", encoding="utf-8") as log:
+    with open(run_dir / LOG, "a", encoding="utf-8", errors="backslashreplace") as log:
         log.write(f"=== {time.strftime('%Y-%m-%d %H:%M:%S %z')}  code {code_version()}  "
                   f"command: {' '.join(sys.argv)}\n")
         log.flush()  # a training killed before it prints anything still shows that it started
@@ -1226,6 +1227,17 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig(**{k: v for k, v in vars(args).items() if k in names})
 
 
+def run_flags(args: argparse.Namespace) -> dict:
+    """The flags a run folder's config.json records (JSON types; the dense run's are these
+    less PRUNING_FLAGS)."""
+    flags = {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items() if k not in ("model", "out")}
+    flags["model"] = asdict(args.model)
+    flags["layer_fraction"] = [list(x) for x in args.layer_fraction]
+    flags["definitions_version"] = DEFINITIONS_VERSION
+    flags["numerics_version"] = NUMERICS_VERSION
+    return flags
+
+
 def run(args: argparse.Namespace, ds: ECGDataset | None = None, report: bool = True) -> pd.DataFrame | dict:
     """What main() does, for callers that hold the data already (run_experiments.py, which
     passes ``report=False``: a dense cell of a grid prints no metrics)."""
@@ -1239,11 +1251,7 @@ def run(args: argparse.Namespace, ds: ECGDataset | None = None, report: bool = T
             ds = load_dataset(data)
         except DatasetError as e:
             sys.exit(f"error: {e}")
-    flags = {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items() if k not in ("model", "out")}
-    flags["model"] = asdict(args.model)
-    flags["layer_fraction"] = [list(x) for x in args.layer_fraction]
-    flags["definitions_version"] = DEFINITIONS_VERSION
-    flags["numerics_version"] = NUMERICS_VERSION
+    flags = run_flags(args)
     ctx = Context.make(ds, args)
     if args.retrain is None:
         done = (args.out / DENSE / METRICS).is_file()
@@ -1263,7 +1271,8 @@ def run(args: argparse.Namespace, ds: ECGDataset | None = None, report: bool = T
 
 
 def main(argv: list[str] | None = None) -> None:
-    run(parse_args(argv))
+    with script_errors():
+        run(parse_args(argv))
 
 
 def write_history(history: list[dict], path: Path) -> None:
