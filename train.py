@@ -1227,17 +1227,6 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig(**{k: v for k, v in vars(args).items() if k in names})
 
 
-def run_flags(args: argparse.Namespace) -> dict:
-    """The flags a run folder's config.json records (JSON types; the dense run's are these
-    less PRUNING_FLAGS)."""
-    flags = {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items() if k not in ("model", "out")}
-    flags["model"] = asdict(args.model)
-    flags["layer_fraction"] = [list(x) for x in args.layer_fraction]
-    flags["definitions_version"] = DEFINITIONS_VERSION
-    flags["numerics_version"] = NUMERICS_VERSION
-    return flags
-
-
 def run(args: argparse.Namespace, ds: ECGDataset | None = None, report: bool = True) -> pd.DataFrame | dict:
     """What main() does, for callers that hold the data already (run_experiments.py, which
     passes ``report=False``: a dense cell of a grid prints no metrics)."""
@@ -1251,7 +1240,11 @@ def run(args: argparse.Namespace, ds: ECGDataset | None = None, report: bool = T
             ds = load_dataset(data)
         except DatasetError as e:
             sys.exit(f"error: {e}")
-    flags = run_flags(args)
+    flags = {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items() if k not in ("model", "out")}
+    flags["model"] = asdict(args.model)
+    flags["layer_fraction"] = [list(x) for x in args.layer_fraction]
+    flags["definitions_version"] = DEFINITIONS_VERSION
+    flags["numerics_version"] = NUMERICS_VERSION
     ctx = Context.make(ds, args)
     if args.retrain is None:
         done = (args.out / DENSE / METRICS).is_file()
