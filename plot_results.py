@@ -81,7 +81,7 @@ def load_all(exp: Path) -> pd.DataFrame:
 
 
 RESULTS_SCHEMA = {"folder": "str", "seed": "int", "method": "str", "control": "str", "round": "int",
-                  "attempt": "int", "accepted": "bool", "remaining": "int", "compression": "float",
+                  "attempt": "int", "accepted": "bool", "remaining": "float", "compression": "float",
                   "val_challenge_f1": "float", "test_challenge_f1": "float", "val_accuracy": "float",
                   "test_accuracy": "float"}
 """The columns of results.csv this script reads: each present and complete in every row."""

@@ -1,24 +1,30 @@
 """Classify single-lead ECG files with an exported ticket (export_ticket.py).
 
-Reads WFDB records as in CinC 2017 (``A00001.mat`` with its ``A00001.hea`` beside it; the
-header gives the sampling rate) and plain samples: ``.npy`` (a 1-D array) or ``.csv``/``.txt``
-(one column or one row, an optional header line) with ``--fs``. Every record is resampled to
-the network's 200 Hz (polyphase, anti-aliased, as in build_datasets.py) and z-scored with
-the training set's statistics stored in the ticket. Samples are expected in microvolts, as
-the CinC 2017 int16 values are (``--units mV`` multiplies by 1000); WFDB files are read as
-CinC 2017 stores them (int16 at 1000 per mV, baseline 0), other gains are not converted.
+Reads any WFDB record (``X.hea`` with its ``X.dat`` or ``X.mat``: any signal format, gain,
+baseline, physical unit, and the sampling rate from the header) through the optional
+``wfdb`` package (requirements-export.txt); without it, CinC 2017's own layout (``A00001.mat``
++ ``.hea``, 1000 per mV) through build_datasets' reader. A record of several leads needs
+``--lead`` (a name or an index from 0). Plain samples: ``.npy`` (a 1-D array) or
+``.csv``/``.txt`` (one row or one column, or ``--lead`` for a column; an optional header
+line; values separated by ``;``, tabs, ``,`` or spaces, and a decimal comma where it cannot be
+the separator) with ``--fs``. Plain samples are expected in microvolts (``--units mV``
+multiplies by 1000). Every record is resampled to the network's 200 Hz (polyphase,
+anti-aliased, as in build_datasets.py) and z-scored with the training set's statistics
+stored in the ticket.
 
 Prints, per file, the class (from the mean of the per-segment logits, as in training), the
 four class probabilities and the class of every 256-sample segment (1.28 s); ``--json`` for
 machine-readable output. A file that cannot be used (unreadable, no or implausible sampling
-rate, several leads, too short, not finite, or an amplitude or heart rate that says the
-units or the rate are wrong: see MIN_SPAN_UV and MIN_BPM; ``--no-checks`` to classify anyway)
-gets an error naming it and how to fix the flags, the other files are still classified,
-and the exit status is 1.
+rate, several leads and no --lead, too short, not finite, beyond the int16 microvolts the
+network was trained on, or an amplitude, heart rate or spectrum that says the units or the
+rate are wrong: see MIN_SPAN_UV, MIN_BPM and MIN_QRS_SHARE; ``--no-checks`` to classify
+anyway) gets an error naming it and how to fix the flags, the other files are still
+classified, and the exit status is 1.
 
 Example:
     python predict.py --ticket tickets/demo/ticket-fp32.npz ../shared/data/cinc2017/training2017/A00001.mat
     python predict.py --ticket tickets/demo/ticket-int8.npz --fs 250 --units mV my_ecg.csv
+    python predict.py --ticket tickets/demo/ticket-int8.npz --lead II holter.hea
 """
 
 from __future__ import annotations
@@ -57,9 +63,10 @@ prove a rate right."""
 MIN_QRS_SHARE = 0.009
 """Least share of an ECG's power (0.5-25 Hz) that lies in the QRS band (5-25 Hz), at 200 Hz:
 the 8,528 CinC 2017 records at their true rate have 0.0094 or more (median 0.40). A rate
-given k times too low squeezes the QRS below 5 Hz: on 300 random CinC records the share
-falls below 0.009 for half of them at k = 6; with the heart-rate check, 83 % are refused at
-k = 4, 89 % at k = 5, 92 % at k = 6 (measured on the 200 Hz build)."""
+given k times too low squeezes the QRS below 5 Hz. With the heart-rate check, of 300 random
+CinC records given a rate k times too low, 1 % are refused at k = 2, 54 % at 3, 83 % at 4,
+89 % at 5, 92 % at 6; at their true rate 1 of the 8,528 is refused (its heart rate,
+23.9 bpm). Measured on the 200 Hz build: ``benchmarks/rate_check.py``."""
 
 
 def qrs_share(x: np.ndarray, fs: float) -> float:
@@ -316,7 +323,7 @@ def classify(model: torch.nn.Module, meta: dict, samples: np.ndarray) -> dict:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("files", nargs="+", type=Path, help="ECG files: .mat (+ .hea), .npy, .csv or .txt")
+    p.add_argument("files", nargs="+", type=Path, help="ECG files: WFDB .hea/.dat/.mat, .npy, .csv or .txt")
     p.add_argument("--ticket", type=Path, required=True, help="ticket file from export_ticket.py (.npz)")
     p.add_argument("--fs", type=float, default=None, help="sampling rate in Hz of .npy/.csv/.txt files")
     p.add_argument("--units", default="uV", choices=["uV", "mV"], help="units of .npy/.csv/.txt samples")
