@@ -74,17 +74,18 @@ def load_all(exp: Path) -> pd.DataFrame:
     try:
         return read_table(path, RESULTS_SCHEMA, key=("seed", "method", "control", "round", "attempt"),
                           allowed={"method": (*METHODS, *BASELINES), "control": ("none", *CONTROLS),
-                                   "accepted": (True, False)})
+                                   "accepted": (True, False)}, optional={"attempt": "int"})
     except TableError as e:
         raise SystemExit(f"error: {e}; rebuild it from the runs' rounds.csv with "
                          f"python run_experiments.py --exp {exp} --collect (same grid flags)") from None
 
 
 RESULTS_SCHEMA = {"folder": "str", "seed": "int", "method": "str", "control": "str", "round": "int",
-                  "attempt": "int", "accepted": "bool", "remaining": "float", "compression": "float",
+                  "accepted": "bool", "remaining": "float", "compression": "float",
                   "val_challenge_f1": "float", "test_challenge_f1": "float", "val_accuracy": "float",
                   "test_accuracy": "float"}
-"""The columns of results.csv this script reads: each present and complete in every row."""
+"""The columns of results.csv this script reads: each present and complete in every row (and
+``attempt``, checked where present: tables made before --goal lack it)."""
 
 
 def place_baselines(table: pd.DataFrame) -> pd.DataFrame:

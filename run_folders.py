@@ -197,12 +197,14 @@ class TableError(ValueError):
 
 
 def read_table(path: Path, columns: dict[str, str], key: tuple[str, ...] = (),
-               allowed: dict[str, Iterable[object]] | None = None) -> pd.DataFrame:
+               allowed: dict[str, Iterable[object]] | None = None,
+               optional: dict[str, str] | None = None) -> pd.DataFrame:
     """A CSV written by this project, checked against its schema before anything uses it.
 
     ``columns``: name -> kind ('str', 'int', 'float', 'bool'), each required and complete in
     every row (an empty cell is refused, as is a value of another type); ``key``: columns
-    whose combination must be unique; ``allowed``: the values a column may take. A file that
+    whose combination must be unique (those present); ``allowed``: the values a column may
+    take; ``optional``: columns checked like ``columns`` where the table has them. A file that
     does not end with a newline was cut off mid-line (every writer here ends it with one),
     and a file with no rows is refused too: neither may give a table that looks right."""
     import pandas as pd  # noqa: PLC0415 - here: run_folders is imported by scripts that need no pandas
@@ -225,6 +227,7 @@ def read_table(path: Path, columns: dict[str, str], key: tuple[str, ...] = (),
     if missing:
         raise TableError(f"{path}: lacks column(s) {', '.join(missing)}")
     out = table.copy()
+    columns = {**columns, **{k: v for k, v in (optional or {}).items() if k in table.columns}}
     for name, kind in columns.items():
         cells = table[name].str.strip()
         if kind == "str":
@@ -250,6 +253,7 @@ def read_table(path: Path, columns: dict[str, str], key: tuple[str, ...] = (),
             number = pd.to_numeric(table[name].replace("", "nan"), errors="coerce")
             if number.notna().sum() == (table[name] != "").sum():
                 out[name] = number
+    key = tuple(k for k in key if k in out.columns)
     if key:
         dup = out.duplicated(list(key), keep=False)
         if dup.any():
