@@ -36,8 +36,8 @@ import pandas as pd  # noqa: E402
 import prune as pm  # noqa: E402
 import run_experiments  # noqa: E402
 from model import CLASSES  # noqa: E402
-from run_folders import atomic_write_text  # noqa: E402
-from train import BASELINES, METHODS, PREDICTIONS, class_f1, confusion  # noqa: E402
+from run_folders import TableError, atomic_write_text, read_table, script_errors  # noqa: E402
+from train import BASELINES, CONTROLS, METHODS, PREDICTIONS, class_f1, confusion  # noqa: E402
 
 LTH_ECG_RATIO = 142.0
 """Sahu et al. 2022 (LTH-ECG): a 142x smaller network with < 1 % loss of test F1."""
@@ -71,13 +71,21 @@ def load_all(exp: Path) -> pd.DataFrame:
     if not path.is_file():
         raise SystemExit(f"error: {path} not found; run run_experiments.py --exp {exp} first "
                          "(it writes the table after each finished cell)")
-    table = pd.read_csv(path)
-    needed = {"method", "control", "seed", "round", "compression", "accepted", "remaining", "val_challenge_f1",
-              "test_challenge_f1", "val_accuracy", "test_accuracy", "folder"}
-    missing = needed - set(table.columns)
-    if missing:
-        raise SystemExit(f"error: {path} lacks columns {', '.join(sorted(missing))}")
-    return table
+    try:
+        return read_table(path, RESULTS_SCHEMA, key=("seed", "method", "control", "round", "attempt"),
+                          allowed={"method": (*METHODS, *BASELINES), "control": ("none", *CONTROLS),
+                                   "accepted": (True, False)}, optional={"attempt": "int"})
+    except TableError as e:
+        raise SystemExit(f"error: {e}; rebuild it from the runs' rounds.csv with "
+                         f"python run_experiments.py --exp {exp} --collect (same grid flags)") from None
+
+
+RESULTS_SCHEMA = {"folder": "str", "seed": "int", "method": "str", "control": "str", "round": "int",
+                  "accepted": "bool", "remaining": "float", "compression": "float",
+                  "val_challenge_f1": "float", "test_challenge_f1": "float", "val_accuracy": "float",
+                  "test_accuracy": "float"}
+"""The columns of results.csv this script reads: each present and complete in every row (and
+``attempt``, checked where present: tables made before --goal lack it)."""
 
 
 def place_baselines(table: pd.DataFrame) -> pd.DataFrame:
@@ -672,4 +680,5 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with script_errors():
+        main()

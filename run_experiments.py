@@ -44,8 +44,11 @@ from tqdm import tqdm
 import prune as pm
 import train
 from build_datasets import DatasetError, load_dataset
-from run_folders import LOCK, Busy, atomic_write_text, code_version, locked, update_json
+from run_folders import LOCK, Busy, atomic_write_text, code_version, locked, locked_by_other, script_errors, update_json
 
+BUSY_PAUSE = (0.5, 8.0)
+"""Seconds a worker whose every remaining cell is busy sleeps before it looks again: the
+first, doubling per idle pass up to the second (a cell freed late waits at most that long)."""
 DENSE = train.DENSE
 """The cell that trains a seed's dense network (every method of the seed starts from it)."""
 
@@ -314,6 +317,11 @@ def submit_slurm(args: argparse.Namespace, forwarded: list[str], grid: list[tupl
 
 
 def main(argv: list[str] | None = None) -> None:
+    with script_errors():
+        run_grid(argv)
+
+
+def run_grid(argv: list[str] | None = None) -> None:
     args, forwarded = parse_args(argv)
     exp = Path(args.exp)
     grid = cells(args)
@@ -369,26 +377,36 @@ def main(argv: list[str] | None = None) -> None:
 
     train.ON_TRAINED = trained
     finished, table, said_busy = 0, None, set()
+    busy: dict[int, Path] = {}  # cell -> the folder another worker held when it was last tried
+    pause = BUSY_PAUSE[0]
     while todo:
         moved = False
         for i in list(todo):
+            if i in busy and locked_by_other(busy[i]):  # still held: a probe, not a rebuilt training
+                continue
             bar.set_postfix_str(f"cell {i + 1}/{len(grid)}: {label(grid[i])}")
             if i not in said_busy:
                 tqdm.write(f"[{i + 1}/{len(grid)}] {label(grid[i])}")
             try:
                 train.run(train.parse_args(cell_argv(forwarded, exp, *grid[i])), ds, report=False)
             except Busy as e:  # --busy skip: another worker holds it; come back later (said once)
+                if e.folder is not None:
+                    busy[i] = e.folder
                 if i not in said_busy:
                     tqdm.write(f"  busy ({e}); moving on")
                     said_busy.add(i)
                 continue
+            busy.pop(i, None)
             todo.remove(i)
             moved, finished = True, finished + 1
             # after every cell, so an interrupted grid can be plotted (marked partial) and nothing finished is lost
             table = write_results(exp)
             record(cells=len(grid), finished_cells=finished)
-        if todo and not moved:
-            time.sleep(0.5)
+        if todo and not moved:  # every cell left is another worker's: wait, longer each idle pass
+            time.sleep(pause)
+            pause = min(2 * pause, BUSY_PAUSE[1])
+        else:
+            pause = BUSY_PAUSE[0]
     train.ON_TRAINED = None
     bar.close()
     rows = 0 if table is None else len(table)

@@ -71,6 +71,7 @@ from run_folders import (
     load_pt,
     locked,
     prepare_run,
+    script_errors,
 )
 
 DENSE = "dense"
@@ -329,7 +330,7 @@ def logged(run_dir: Path) -> Iterator[None]:
     header with the date, code version and command; an error that stops the training is
     written too."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    with open(run_dir / LOG, "a", encoding="utf-8") as log:
+    with open(run_dir / LOG, "a", encoding="utf-8", errors="backslashreplace") as log:
         log.write(f"=== {time.strftime('%Y-%m-%d %H:%M:%S %z')}  code {code_version()}  "
                   f"command: {' '.join(sys.argv)}\n")
         log.flush()  # a training killed before it prints anything still shows that it started
@@ -1263,7 +1264,8 @@ def run(args: argparse.Namespace, ds: ECGDataset | None = None, report: bool = T
 
 
 def main(argv: list[str] | None = None) -> None:
-    run(parse_args(argv))
+    with script_errors():
+        run(parse_args(argv))
 
 
 def write_history(history: list[dict], path: Path) -> None:
