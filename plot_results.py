@@ -24,6 +24,7 @@ Tickets are chosen on the validation split; the test split is only reported.
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 import matplotlib
@@ -32,6 +33,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
+from scipy import stats  # noqa: E402
 
 import prune as pm  # noqa: E402
 import run_experiments  # noqa: E402
@@ -267,12 +269,62 @@ def dense_rows(table: pd.DataFrame) -> pd.DataFrame:
     return table[table["round"] == 0].drop_duplicates("seed")
 
 
+def t_interval(diffs: np.ndarray | list[float], confidence: float = 0.95) -> tuple[float, float] | None:
+    """The ``confidence`` interval of the mean of per-seed paired differences by Student's t
+    with n - 1 degrees of freedom: mean -+ t(n-1) x sd / sqrt(n). It treats each seed as one
+    draw (the records are not resampled), so with few seeds it is wider than the two-level
+    bootstrap, whose seed level can take only a few distinct draws. None for one seed."""
+    d = np.asarray(diffs, dtype=float)
+    if len(d) < 2:
+        return None
+    half = stats.t.ppf(0.5 + confidence / 2, len(d) - 1) * d.std(ddof=1) / np.sqrt(len(d))
+    return float(d.mean() - half), float(d.mean() + half)
+
+
+def noninferiority_p(diffs: np.ndarray | list[float], margin: float) -> float:
+    """One-sided p-value over seeds (t, n - 1 degrees of freedom) against "the ticket loses
+    ``margin`` or more" (H0: mean difference <= -margin): small p supports "within the
+    margin of dense". nan for one seed; with no spread between seeds, 0 or 1."""
+    d = np.asarray(diffs, dtype=float)
+    if len(d) < 2:
+        return float("nan")
+    se = d.std(ddof=1) / np.sqrt(len(d))
+    if se == 0:
+        return 0.0 if d.mean() > -margin else 1.0
+    return float(stats.t.sf((d.mean() + margin) / se, len(d) - 1))
+
+
+def holm(pvalues: list[float] | np.ndarray) -> np.ndarray:
+    """Holm's step-down adjusted p-values (family-wise error), in the input order; nan
+    entries (not testable) are left out of the family and stay nan."""
+    p = np.asarray(pvalues, dtype=float)
+    out = np.full(len(p), np.nan)
+    ok = np.flatnonzero(~np.isnan(p))
+    order = ok[np.argsort(p[ok], kind="stable")]
+    m, running = len(order), 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (m - rank) * p[i]))
+        out[i] = running
+    return out
+
+
+def wider(d: dict) -> tuple[float, float, str]:
+    """The wider of the bootstrap and the t interval of a paired difference (the bootstrap
+    alone for one seed, or where the t interval is missing; the bootstrap on a tie), and
+    which it is: what a verdict reads."""
+    boot, t = (d["low"], d["high"]), (d["t_low"], d["t_high"])
+    if np.isnan(t[0]) or (not np.isnan(boot[0]) and boot[1] - boot[0] >= t[1] - t[0]):
+        return (*boot, "bootstrap")
+    return (*t, "t")
+
+
 def paired(exp: Path, split: str, mine: pd.DataFrame, theirs: pd.DataFrame) -> dict | None:
     """``mine - theirs`` in challenge F1 on ``split``, over the seeds both have (each seed's
     run paired with the same seed's): the mean difference, its 95 % two-level bootstrap
-    interval (records and seeds, the same on both sides; see ``bootstrap``) and the per-seed
-    differences; ``mine`` and ``theirs``: each side's mean over those seeds.
-    None when they share no seed; no interval when a predictions.csv is missing."""
+    interval (records and seeds, the same on both sides; see ``bootstrap``), its 95 % t
+    interval over the per-seed differences (``t_interval``; nan for one seed) and the
+    per-seed differences; ``mine`` and ``theirs``: each side's mean over those seeds.
+    None when they share no seed; no bootstrap interval when a predictions.csv is missing."""
     seeds = sorted(set(mine["seed"]) & set(theirs["seed"]))
     if not seeds:
         return None
@@ -281,21 +333,39 @@ def paired(exp: Path, split: str, mine: pd.DataFrame, theirs: pd.DataFrame) -> d
     diffs = mine[f"{split}_challenge_f1"].to_numpy() - theirs[f"{split}_challenge_f1"].to_numpy()
     found = predictions_of(exp, pd.concat([mine, theirs]), split)
     low, high = bootstrap(found[0], found[1][:len(seeds)], found[1][len(seeds):]) if found else (np.nan, np.nan)
-    return {"seeds": len(seeds), "diff": float(diffs.mean()), "low": low, "high": high,
+    t_low, t_high = t_interval(diffs) or (np.nan, np.nan)
+    return {"seeds": len(seeds), "seed_list": seeds, "diffs": diffs, "diff": float(diffs.mean()),
+            "low": low, "high": high, "t_low": t_low, "t_high": t_high,
             "min": float(diffs.min()), "max": float(diffs.max()),
             "mine": float(mine[f"{split}_challenge_f1"].mean()),
             "theirs": float(theirs[f"{split}_challenge_f1"].mean())}
 
 
 def paired_text(d: dict | None, seeds: int = 0) -> str:
-    """The difference, its interval and per-seed range; ``seeds``: the experiment's number of
-    seeds, so a difference over fewer of them (a grid still running) says so."""
+    """The difference, its bootstrap interval, its t interval over seeds ('t, k df': k + 1
+    seeds) and per-seed range; ``seeds``: the experiment's number of seeds, so a difference
+    over fewer of them (a grid still running) says so."""
     if d is None:
         return ""
-    ci = "" if np.isnan(d["low"]) else f" ({d['low']:+.3f} to {d['high']:+.3f})"
+    ci = "" if np.isnan(d["low"]) else f" ({d['low']:+.3f} to {d['high']:+.3f}"
+    if not np.isnan(d["t_low"]):
+        t = f"t, {d['seeds'] - 1} df {d['t_low']:+.3f} to {d['t_high']:+.3f}"
+        ci = f"{ci}; {t})" if ci else f" ({t})"
+    elif ci:
+        ci += ")"
     spread = f", seeds {d['min']:+.3f}..{d['max']:+.3f}" if d["seeds"] > 1 else ""
     fewer = f", {d['seeds']} of {seeds} seeds" if d["seeds"] < seeds else ""
     return f"{d['diff']:+.3f}{ci}{spread}{fewer}"
+
+
+def verdict_text(d: dict | None) -> str:
+    """A verdict's figure: the difference with the wider of its two intervals (see
+    ``wider``) and the seed count next to it."""
+    if d is None:
+        return ""
+    low, high, which = wider(d)
+    ci = "" if np.isnan(low) else f" ({low:+.3f} to {high:+.3f}, {which})"
+    return f"{d['diff']:+.3f}{ci}, n = {d['seeds']} seed{'s' * (d['seeds'] > 1)}"
 
 
 def levels_of(table: pd.DataFrame, method: str) -> list[float]:
@@ -365,19 +435,20 @@ def methods_table(exp: Path, table: pd.DataFrame) -> list[str]:
 
 def interval_winners(exp: Path, table: pd.DataFrame, tolerance: float) -> list[str]:
     """The winning ticket with its uncertainty: per method, the largest level up to which
-    (at it and at every lower level) the lower bound of the 95 % paired interval of
-    validation F1(ticket) - F1(dense) stays above -tolerance x dense validation F1; chosen
-    on validation, its test difference reported beside it."""
+    (at it and at every lower level) the lower bound of the wider of the two 95 % paired
+    intervals (bootstrap, t over seeds: see ``wider``) of validation F1(ticket) - F1(dense)
+    stays above -tolerance x dense validation F1; chosen on validation, its test difference
+    reported beside it (the wider interval again, with the seed count)."""
     dense = dense_rows(table)
-    lines = ["| method | seeds | largest level with lower bound > -tolerance x dense val | val F1 - dense (95 % CI) | "
-             "test F1 - dense (95 % CI) |", "| --- | --- | ---: | ---: | ---: |"]
+    lines = ["| method | seeds | largest level with lower bound > -tolerance x dense val | val F1 - dense "
+             "(wider 95 % CI, seeds) | test F1 - dense (wider 95 % CI, seeds) |", "| --- | --- | ---: | ---: | ---: |"]
     for m in [m for m in methods_in(table) if m not in BASELINES]:
         best, best_val, seeds = None, None, run_seeds(table, m)
         margin = -tolerance * dense_level(table, "val_challenge_f1", seeds)
         for lv in levels_of(table, m):
             rows = level_rows(table, m, lv)
             d = paired(exp, "val", rows, dense)
-            if d is None or rows["seed"].nunique() < len(seeds) or np.isnan(d["low"]) or d["low"] <= margin:
+            if d is None or rows["seed"].nunique() < len(seeds) or np.isnan(wider(d)[0]) or wider(d)[0] <= margin:
                 break
             best, best_val = lv, d
         seed_text = ",".join(map(str, seeds))
@@ -385,8 +456,8 @@ def interval_winners(exp: Path, table: pd.DataFrame, tolerance: float) -> list[s
             lines.append(f"| {m} | {seed_text} | none (bar {margin:+.4f}) | | |")
             continue
         test = paired(exp, "test", level_rows(table, m, best), dense)
-        lines.append(f"| {m} | {seed_text} | {ratio_text(table, best)} (bar {margin:+.4f}) | {paired_text(best_val)} "
-                     f"| {paired_text(test)} |")
+        lines.append(f"| {m} | {seed_text} | {ratio_text(table, best)} (bar {margin:+.4f}) | {verdict_text(best_val)} "
+                     f"| {verdict_text(test)} |")
     return lines
 
 
@@ -575,18 +646,98 @@ def plot_layers(exp: Path, table: pd.DataFrame, best: pd.Series, out: Path) -> N
     plt.close(fig)
 
 
+EXPLORATORY = "exploratory.json"
+"""An experiment's seeds added after its test figures were seen: {"seeds": [...], "why": "..."}."""
+
+
+def exploratory(exp: Path) -> dict | None:
+    """The experiment's exploratory seeds (``EXP/exploratory.json``), or None; a clear error
+    when the file is malformed."""
+    path = exp / EXPLORATORY
+    if not path.is_file():
+        return None
+    try:
+        marked = json.loads(path.read_text())
+        seeds = [int(s) for s in marked["seeds"]]
+        why = str(marked["why"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise SystemExit(f"error: {path} must be JSON {{\"seeds\": [3, 4], \"why\": \"...\"}}: {e}") from e
+    return {"seeds": seeds, "why": why}
+
+
+def claim_family(exp: Path, table: pd.DataFrame, tolerance: float) -> pd.DataFrame:
+    """The family of comparisons the LTH-ECG claim ("a ticket within 1 % of dense at a high
+    compression") rests on: every method's ticket against its own seed's dense network at
+    every level all its seeds reached, on test F1. For each, the one-sided t test over seeds
+    of "within the margin" (``noninferiority_p``; margin = tolerance x the dense test F1 of
+    those seeds) and its Holm-adjusted p over the whole family."""
+    dense, rows = dense_rows(table), []
+    for m in [m for m in methods_in(table) if m not in BASELINES]:
+        seeds = run_seeds(table, m)
+        margin = tolerance * dense_level(table, "test_challenge_f1", seeds)
+        for lv in levels_of(table, m):
+            d = paired(exp, "test", level_rows(table, m, lv), dense)
+            if d is None or d["seeds"] < len(seeds):
+                continue
+            rows.append({"method": m, "level": lv, "d": d, "margin": margin,
+                         "p": noninferiority_p(d["diffs"], margin)})
+    family = pd.DataFrame(rows, columns=["method", "level", "d", "margin", "p"])
+    return family.assign(holm=holm(family["p"].to_numpy()) if len(family) else [])
+
+
+def claim_table(table: pd.DataFrame, family: pd.DataFrame) -> list[str]:
+    lines = ["| method | compression | seeds | test F1 - dense (wider 95 % CI, seeds) | margin | p (one-sided t) | "
+             "Holm p | within 1 % of dense (Holm, 0.05) |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+    for r in family.itertuples():
+        within = "n/a (one seed)" if np.isnan(r.holm) else ("yes" if r.holm < 0.05 else "not shown")
+        p_text = "n/a" if np.isnan(r.p) else f"{r.p:.3g}"
+        holm_text = "n/a" if np.isnan(r.holm) else f"{r.holm:.3g}"
+        lines.append(f"| {r.method} | {ratio_text(table, r.level)} | {','.join(map(str, r.d['seed_list']))} | "
+                     f"{verdict_text(r.d)} | -{r.margin:.4f} | {p_text} | {holm_text} | {within} |")
+    return lines
+
+
+def claim_section(exp: Path, table: pd.DataFrame, tolerance: float) -> list[str]:
+    """The claim's family, Holm-corrected: over every seed (exploratory when the experiment
+    marks seeds so) and, where seeds are marked, over the pre-registered seeds alone."""
+    text = ("The family of comparisons the LTH-ECG claim rests on (a ticket within "
+            f"{tolerance:.0%} of dense): every method at every level all its seeds reached, ticket - dense on test "
+            "F1; p: one-sided t over the per-seed differences against \"loses the margin or more\" (margin = "
+            f"{tolerance:g} x the dense test F1 of the same seeds), Holm-adjusted over the whole family. \"yes\" "
+            "means this family shows the ticket within the margin at 5 % family-wise error.")
+    marked = exploratory(exp)
+    family = claim_family(exp, table, tolerance)
+    if not len(family):
+        return []
+    if marked is None:
+        return ["", text, "", *claim_table(table, family)]
+    pre = table[~table["seed"].isin(marked["seeds"])]
+    lines = ["", text, "", f"Confirmatory: the pre-registered seeds only (seeds {', '.join(map(str, marked['seeds']))} "
+             "left out).", ""]
+    confirmatory = claim_family(exp, pre, tolerance)
+    lines += claim_table(pre, confirmatory) if len(confirmatory) else ["(no comparison)"]
+    lines += ["", f"Exploratory: every seed, seeds {', '.join(map(str, marked['seeds']))} included ({marked['why']}).",
+              "", *claim_table(table, family)]
+    return lines
+
+
 def summary(table: pd.DataFrame, best: pd.DataFrame, tolerance: float, exp: Path | None = None,
             note: str = "") -> str:
     dense_val, dense_test = dense_level(table, "val_challenge_f1"), dense_level(table, "test_challenge_f1")
     head = ([f"**{note.capitalize()}** (the grid was interrupted or is still running: these tables hold only "
              "the finished cells).", ""] if note else [])
+    if exp is not None and (marked := exploratory(exp)):
+        head += [f"**Exploratory seeds {', '.join(map(str, marked['seeds']))}** ({marked['why']}): every figure "
+                 "below that averages or pairs over them (a cell over more seeds than the pre-registered "
+                 f"{', '.join(map(str, sorted(set(table['seed']) - set(marked['seeds']))))}) is exploratory; "
+                 "the claim's family is also given over the pre-registered seeds alone (confirmatory).", ""]
     lines = head + [
              f"Winning ticket per method: the largest compression whose mean validation challenge F1 is at "
              f"least dense x (1 - {tolerance:g}), dense averaged over the seeds the method ran (all "
              f"{table['seed'].nunique()} seed(s): validation {dense_val:.4f}, bar {dense_val * (1 - tolerance):.4f}, "
              f"test {dense_test:.4f}).", "",
              "| method | control | seeds | compression | remaining weights | FLOPs per 30-s record (dense) | val F1 "
-             "(bar) | test F1 (mean ± sd) | test F1 95 % CI | test F1 - dense | test accuracy |",
+             "(bar) | test F1 (mean ± sd) | test F1 95 % CI | test F1 - dense (wider 95 % CI, seeds) | test accuracy |",
              "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     dense_flops = table.loc[table["round"] == 0, "flops"].mean() if "flops" in table else np.nan
     for _, b in best.iterrows():
@@ -597,10 +748,12 @@ def summary(table: pd.DataFrame, best: pd.DataFrame, tolerance: float, exp: Path
         ci = bootstrap_interval(exp, table, b) if exp is not None else None
         ci_text = f"{ci[0]:.3f}-{ci[1]:.3f}" if ci else "n/a"
         seed_text = ",".join(map(str, run_seeds(table, b["method"], b["control"])))
+        versus = (verdict_text(paired(exp, "test", ticket_rows(table, b), dense_rows(table))) if exp is not None
+                  else f"{b['mean_test'] - b['dense_test']:+.4f}")
         lines.append(f"| {b['method']} | {b['control']} | {seed_text} | {b['compression_val']:.1f}x | "
                      f"{remaining:,.0f} | {flops_text} | {b['mean_val']:.4f} "
                      f"({b['dense_val'] * (1 - tolerance):.4f}) | "
-                     f"{b['mean_test']:.4f} ± {sd:.4f} | {ci_text} | {b['mean_test'] - b['dense_test']:+.4f} | "
+                     f"{b['mean_test']:.4f} ± {sd:.4f} | {ci_text} | {versus} | "
                      f"{b['test_accuracy']:.4f} |")
     candidates = table.loc[~table["method"].isin(BASELINES), ["method", "control"]].drop_duplicates()
     missing = set(map(tuple, candidates.values)) - set(map(tuple, best[["method", "control"]].values))
@@ -618,12 +771,16 @@ def summary(table: pd.DataFrame, best: pd.DataFrame, tolerance: float, exp: Path
                   "whose validation F1 falls below the tolerance is discarded and redone at a smaller rate, so "
                   "seeds stop at different compressions and the tables above, which average seeds level by "
                   "level, mix them; this table reads each seed's last accepted ticket.", "", *goal]
-    how = ("The intervals are a two-level bootstrap: each replicate draws the records and the seeds with "
-           "replacement (the same records and seeds on both sides of a difference, each seed's run paired with "
-           "the same seed's), so they cover the sampling of the records and the spread between seeds; with few "
-           "seeds the seed level is coarse, so the per-seed differences are given too (`seeds min..max`).")
+    how = ("Two 95 % intervals stand beside every difference: first a two-level bootstrap (each replicate draws "
+           "the records and the seeds with replacement, the same records and seeds on both sides of a difference, "
+           "each seed's run paired with the same seed's), then 't, k df': Student's t over the k + 1 per-seed "
+           "paired differences (each seed one draw; none for one seed). With few seeds the bootstrap's seed level "
+           "can take only a few distinct draws and is too narrow, so the per-seed differences are given too "
+           "(`seeds min..max`), and every verdict (this table, the point rule's test difference above, the "
+           "claim's family below) reads the wider of the two intervals and gives its seed count.")
     lines += ["", f"Winning tickets with their uncertainty (the interval rule; chosen on validation). {how}", "",
               *interval_winners(exp, table, tolerance)]
+    lines += claim_section(exp, table, tolerance)
     lines += ["", "Each method against the dense network of its own seed, and against the dense network trained "
               "for the same cumulative steps (dense_equal_steps, placed at the level of lr_rewind's round with the "
               "same budget): test challenge F1 difference, mean over the seeds both sides have (95 % CI, per-seed "

@@ -60,11 +60,11 @@ def test_variants_are_paired_with_the_reference_level_by_level(grids: dict[str, 
              "--levels", "4,16", "--out", str(out)])
     text = (out / "comparison.md").read_text()
     at16, at4 = _section(text, "16x"), _section(text, "4x")
-    assert at16["same"][4] == "+0.000 (+0.000 to +0.000), seeds +0.000..+0.000"
-    assert at16["oneshot"][4].startswith("+0.000 (+0.000 to +0.000)")  # found in its second folder
-    high = float(at16["worse"][4].split(" to ")[1].split(")")[0])
+    assert at16["same"][4] == "+0.000 (+0.000 to +0.000; t, 1 df +0.000 to +0.000), seeds +0.000..+0.000"
+    assert at16["oneshot"][4].startswith("+0.000 (+0.000 to +0.000;")  # found in its second folder
+    high = float(at16["worse"][4].split(" to ")[1].split(";")[0])
     assert high < 0
-    assert at4["oneshot"][4].startswith("+0.000 (+0.000 to +0.000)")
+    assert at4["oneshot"][4].startswith("+0.000 (+0.000 to +0.000;")
     assert at4["worse"][1] == "not reached" and at4["same"][1] == "not reached"
     assert at16["reference"][6] == "0.50 / 0.60"  # AF sensitivity / PPV
     assert (out / "layers.png").is_file()
