@@ -37,7 +37,8 @@ from scipy import stats  # noqa: E402
 
 import prune as pm  # noqa: E402
 import run_experiments  # noqa: E402
-from model import CLASSES  # noqa: E402
+import ticket_bytes as tb  # noqa: E402
+from model import CLASSES, HannunConfig  # noqa: E402
 from run_folders import atomic_write_text  # noqa: E402
 from train import BASELINES, METHODS, PREDICTIONS, class_f1, confusion  # noqa: E402
 
@@ -433,6 +434,22 @@ def methods_table(exp: Path, table: pd.DataFrame) -> list[str]:
     return lines
 
 
+def interval_winner(exp: Path, table: pd.DataFrame, method: str, tolerance: float
+                    ) -> tuple[float | None, dict | None, float]:
+    """(level, its validation difference from dense, the bar) of ``method``'s interval-rule
+    winner (see ``interval_winners``); level None when no level passes."""
+    dense, seeds = dense_rows(table), run_seeds(table, method)
+    best, best_val = None, None
+    margin = -tolerance * dense_level(table, "val_challenge_f1", seeds)
+    for lv in levels_of(table, method):
+        rows = level_rows(table, method, lv)
+        d = paired(exp, "val", rows, dense)
+        if d is None or rows["seed"].nunique() < len(seeds) or np.isnan(wider(d)[0]) or wider(d)[0] <= margin:
+            break
+        best, best_val = lv, d
+    return best, best_val, margin
+
+
 def interval_winners(exp: Path, table: pd.DataFrame, tolerance: float) -> list[str]:
     """The winning ticket with its uncertainty: per method, the largest level up to which
     (at it and at every lower level) the lower bound of the wider of the two 95 % paired
@@ -443,14 +460,8 @@ def interval_winners(exp: Path, table: pd.DataFrame, tolerance: float) -> list[s
     lines = ["| method | seeds | largest level with lower bound > -tolerance x dense val | val F1 - dense "
              "(wider 95 % CI, seeds) | test F1 - dense (wider 95 % CI, seeds) |", "| --- | --- | ---: | ---: | ---: |"]
     for m in [m for m in methods_in(table) if m not in BASELINES]:
-        best, best_val, seeds = None, None, run_seeds(table, m)
-        margin = -tolerance * dense_level(table, "val_challenge_f1", seeds)
-        for lv in levels_of(table, m):
-            rows = level_rows(table, m, lv)
-            d = paired(exp, "val", rows, dense)
-            if d is None or rows["seed"].nunique() < len(seeds) or np.isnan(wider(d)[0]) or wider(d)[0] <= margin:
-                break
-            best, best_val = lv, d
+        seeds = run_seeds(table, m)
+        best, best_val, margin = interval_winner(exp, table, m, tolerance)
         seed_text = ",".join(map(str, seeds))
         if best is None:
             lines.append(f"| {m} | {seed_text} | none (bar {margin:+.4f}) | | |")
@@ -646,6 +657,78 @@ def plot_layers(exp: Path, table: pd.DataFrame, best: pd.Series, out: Path) -> N
     plt.close(fig)
 
 
+def byte_ratios(rows: pd.DataFrame) -> dict[str, float]:
+    """Mean over ``rows`` of each dense file's bytes over the ticket's (export; entropy)."""
+    out = {}
+    for unit in tb.UNITS:
+        out[unit] = float((rows[unit] / rows["bytes_ticket"]).mean())
+        out[f"{unit} entropy"] = float((rows[unit] / rows["bytes_ticket_entropy"]).mean())
+    return out
+
+
+def bytes_section(exp: Path, table: pd.DataFrame, best: pd.DataFrame, tolerance: float) -> list[str]:
+    """The unit of "142x" (issue 32 item 3): per level, the ticket in bytes next to its ratio
+    of weights; the byte ratios the winners within the tolerance reach; and how a 142x ratio
+    in bytes reads in weights, for this width and the full network."""
+    if not set(tb.BYTE_COLUMNS) <= set(table.columns):
+        return ["", f"(No byte columns in {exp / 'results.csv'}: rebuild it with `python run_experiments.py --exp "
+                f"{exp} --collect`.)"]
+    tickets = table[~table["method"].isin(BASELINES) & (table["control"] == "none")]
+    dense = dense_rows(table)
+    fp32, adam = dense["bytes_dense_fp32"].iloc[0], dense["bytes_dense_adam"].iloc[0]
+    lines = ["", "The unit of the ratio: each level's ticket in bytes as a user counts it, next to its ratio of "
+             f"weights (ticket_bytes.py; mean over methods and seeds). Dense network: fp32 checkpoint "
+             f"(`torch.save(state_dict)`) {fp32:,.0f} B; with Adam's two moments (a training checkpoint, as PyTorch "
+             f"and Keras users save one) {adam:,.0f} B. Ticket: export_ticket.py's fp32 file (survivors + bitmask or "
+             "gap index + biases and BatchNorm + header), and the same with each mask at its entropy.", "",
+             "| compression (weights) | surviving weights | ticket file B | ticket, mask at entropy B | "
+             "fp32 checkpoint / ticket (file; entropy) | Adam checkpoint / ticket (file; entropy) |",
+             "| ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for lv in sorted(level(tickets["compression"]).unique()):
+        rows = tickets[level(tickets["compression"]) == lv]
+        r = byte_ratios(rows)
+        lines.append(f"| {ratio_text(table, lv)} | {rows['remaining'].mean():,.0f} | "
+                     f"{rows['bytes_ticket'].mean():,.0f} | "
+                     f"{rows['bytes_ticket_entropy'].mean():,.0f} | {r['bytes_dense_fp32']:.1f}x; "
+                     f"{r['bytes_dense_fp32 entropy']:.1f}x | {r['bytes_dense_adam']:.1f}x; "
+                     f"{r['bytes_dense_adam entropy']:.1f}x |")
+    lines += ["", f"The byte ratios of the largest level within {tolerance:.0%} of dense, per method (point rule: "
+              "mean validation F1; interval rule: the wider interval's lower bound, both chosen on validation):", "",
+              "| method | rule | compression (weights) | fp32 checkpoint / ticket (file; entropy) | "
+              "Adam checkpoint / ticket (file; entropy) |", "| --- | --- | ---: | ---: | ---: |"]
+    for m in [m for m in methods_in(table) if m not in BASELINES]:
+        point = best[(best["method"] == m) & (best["control"] == "none")]
+        chosen = {"point": point["level"].iloc[0] if len(point) else None,
+                  "interval": interval_winner(exp, table, m, tolerance)[0]}
+        for rule, lv in chosen.items():
+            if lv is None:
+                lines.append(f"| {m} | {rule} | none | | |")
+                continue
+            r = byte_ratios(level_rows(table, m, lv))
+            lines.append(f"| {m} | {rule} | {ratio_text(table, lv)} | {r['bytes_dense_fp32']:.1f}x; "
+                         f"{r['bytes_dense_fp32 entropy']:.1f}x | {r['bytes_dense_adam']:.1f}x; "
+                         f"{r['bytes_dense_adam entropy']:.1f}x |")
+    cfg = tb.run_config(exp / dense["folder"].iloc[0])
+    lines += ["", f"How LTH-ECG's \"{LTH_ECG_RATIO:g}x\" reads if it is a ratio of bytes: the compression of the "
+              "prunable weights (uniform density over the layers) at which each dense file over the compact ticket "
+              f"is {LTH_ECG_RATIO:g}x (the paper speaks of a model of more than 100 MB; a public reproduction "
+              "quotes 115 MB to about 0.8 MB, about 144x in bytes). 'unreachable': the biases, BatchNorm and "
+              "header alone exceed the target.", "",
+              "| network | fp32 checkpoint, ticket file | fp32 checkpoint, mask at entropy | Adam checkpoint, "
+              "ticket file | Adam checkpoint, mask at entropy |", "| --- | ---: | ---: | ---: | ---: |"]
+    full = HannunConfig(**{**vars(cfg), "width": 1.0})
+    for name, c in ((f"this experiment (width {cfg.width:g})", cfg), ("the full network (width 1)", full)):
+        sizes = tb.dense_bytes(c)
+        cells = []
+        for unit in tb.UNITS:
+            for entropy in (False, True):
+                w = tb.weight_ratio_at(c, LTH_ECG_RATIO, unit, entropy)
+                cells.append("unreachable" if np.isinf(w) else f"{w:.0f}x")
+        lines.append(f"| {name}: {sizes[0] / 1e6:.1f} MB fp32, {sizes[1] / 1e6:.1f} MB with Adam | "
+                     + " | ".join(cells) + " |")
+    return lines
+
+
 EXPLORATORY = "exploratory.json"
 """An experiment's seeds added after its test figures were seen: {"seeds": [...], "why": "..."}."""
 
@@ -781,6 +864,7 @@ def summary(table: pd.DataFrame, best: pd.DataFrame, tolerance: float, exp: Path
     lines += ["", f"Winning tickets with their uncertainty (the interval rule; chosen on validation). {how}", "",
               *interval_winners(exp, table, tolerance)]
     lines += claim_section(exp, table, tolerance)
+    lines += bytes_section(exp, table, best, tolerance)
     lines += ["", "Each method against the dense network of its own seed, and against the dense network trained "
               "for the same cumulative steps (dense_equal_steps, placed at the level of lr_rewind's round with the "
               "same budget): test challenge F1 difference, mean over the seeds both sides have (95 % CI, per-seed "
