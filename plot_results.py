@@ -885,13 +885,27 @@ def summary(table: pd.DataFrame, best: pd.DataFrame, tolerance: float, exp: Path
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--exp", required=True, help="experiment folder holding results.csv")
-    p.add_argument("--out", default=None, help="output folder (default EXP/plots)")
+    p.add_argument("--exp", help="experiment folder holding results.csv")
+    p.add_argument("--widths", help="EXP,EXP,...: experiments of one grid at several network widths; draws "
+                   "widths.png and widths.md (plot_widths.py) into --out instead of one experiment's plots")
+    p.add_argument("--out", default=None, help="output folder (default EXP/plots; with --widths, required)")
     p.add_argument("--split", default="test", choices=["test", "val"], help="split drawn in compression.png")
     p.add_argument("--tolerance", type=float, default=0.01, help="allowed relative loss of validation F1")
     args = p.parse_args(argv)
     if not 0 <= args.tolerance < 1:
         p.error(f"--tolerance must be in [0, 1), got {args.tolerance}")
+    if (args.exp is None) == (args.widths is None):
+        p.error("give one of --exp EXP (one experiment) or --widths EXP,EXP,... (across widths)")
+    if args.widths is not None:
+        import plot_widths  # imports this module: loaded only when asked for
+        exps = [Path(e) for e in args.widths.split(",") if e]
+        missing = [str(e) for e in exps if not (e / "results.csv").is_file()]
+        if not exps or missing or args.out is None:
+            p.error("--widths needs existing experiments (EXP/results.csv) and --out; "
+                    + (f"missing: {', '.join(missing)}" if missing else f"got {args.widths!r}, --out {args.out}"))
+        print(plot_widths.main(exps, Path(args.out), args.tolerance))
+        print(f"wrote {args.out}/widths.png/.svg, widths.md")
+        return
     exp = Path(args.exp)
     out = Path(args.out) if args.out else exp / "plots"
     out.mkdir(parents=True, exist_ok=True)
