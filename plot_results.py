@@ -35,6 +35,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from scipy import stats  # noqa: E402
 
+import operating_point as op  # noqa: E402
 import prune as pm  # noqa: E402
 import run_experiments  # noqa: E402
 import ticket_bytes as tb  # noqa: E402
@@ -542,6 +543,34 @@ def af_table(table: pd.DataFrame) -> list[str]:
     return lines
 
 
+AF_PPV, AF_SENSITIVITY = 0.9, 0.9
+"""The fixed PPV and the fixed sensitivity of the AF operating points in summary.md."""
+
+
+def af_operating_table(exp: Path, table: pd.DataFrame) -> list[str]:
+    """Per level and method (dense first): AF sensitivity and PPV on test at the threshold on
+    P(AF) chosen on each seed's validation records for PPV >= AF_PPV, and for sensitivity >=
+    AF_SENSITIVITY (operating_point.py; 95 % two-level bootstrap). Runs made before
+    predictions.csv held probabilities give 'no probabilities'; [] when none has them."""
+    dense = dense_rows(table)
+    names = [m for m in methods_in(table) if m not in BASELINES]
+    cells: dict[tuple[float, str], tuple[str, str]] = {}
+    groups = [(0.0, "dense", dense)] + [(lv, m, level_rows(table, m, lv)) for m in names for lv in levels_of(table, m)]
+    for lv, m, rows in groups:
+        runs = [exp / f for f in rows.sort_values("seed")["folder"]]
+        at_ppv = op.operating_point(runs, "ppv", AF_PPV)
+        at_sens = op.operating_point(runs, "sensitivity", AF_SENSITIVITY)
+        cells[(lv, m)] = (op.text(at_ppv), op.text(at_sens))
+    if all(c == ("no probabilities", "no probabilities") for c in cells.values()):
+        return []
+    lines = [f"| compression | method | seeds | test at PPV >= {AF_PPV:.2f} on validation | test at sensitivity >= "
+             f"{AF_SENSITIVITY:.2f} on validation |", "| ---: | --- | ---: | ---: | ---: |"]
+    for (lv, m, rows), (a, b) in zip(groups, cells.values(), strict=True):
+        ratio = "1.0x (dense)" if m == "dense" else ratio_text(table, lv)
+        lines.append(f"| {ratio} | {m} | {rows['seed'].nunique()} | {a} | {b} |")
+    return lines
+
+
 def curve_label(method: str, suffix: str, curve: pd.DataFrame, seeds: int) -> str:
     """The legend entry of one curve; one whose pruned points have fewer seeds than the
     experiment (a grid still running) says how many, since the title gives the experiment's."""
@@ -876,6 +905,14 @@ def summary(table: pd.DataFrame, best: pd.DataFrame, tolerance: float, exp: Path
     if af := af_table(table):
         lines += ["", "Atrial fibrillation (class A) on the test split: sensitivity / PPV, mean over seeds.", "",
                   *af]
+    if operating := af_operating_table(exp, table):
+        lines += ["", f"AF operating points: the threshold on P(AF) (softmax of the mean logits, predictions.csv) "
+                  f"chosen on each seed's validation records for PPV >= {AF_PPV:g} (the most AF found), and for "
+                  f"sensitivity >= {AF_SENSITIVITY:g} (the fewest false alarms); test sensitivity / PPV at it, mean "
+                  "over seeds (95 % two-level bootstrap of test records and seeds).", "", *operating]
+    else:
+        lines += ["", "AF operating points: none, since no run here has class probabilities in its predictions.csv "
+                  "(train.py writes them for runs made from 2026-12-05 on)."]
     if controls := controls_table(exp, table):
         lines += ["", "Tickets against the random controls (test challenge F1, mean over seeds; the interval as "
                   "above): above 0 means these tickets beat these controls on records like these.", "", *controls]
