@@ -68,6 +68,12 @@ def test_variants_are_paired_with_the_reference_level_by_level(grids: dict[str, 
     assert at4["worse"][1] == "not reached" and at4["same"][1] == "not reached"
     assert at16["reference"][6] == "0.50 / 0.60"  # AF sensitivity / PPV
     assert (out / "layers.png").is_file()
+    assert "**Exploratory**" not in text
+    (grids["worse"] / "exploratory.json").write_text('{"seeds": [0, 1], "why": "chosen after the test"}')
+    cv.main(["--reference", str(grids["ref"]), "--variant", f"worse={grids['worse']}", "--levels", "16",
+             "--out", str(out)])
+    assert f"**Exploratory** (results chosen after test figures were seen): {grids['worse']}, seeds 0, 1 " \
+           "(chosen after the test)." in (out / "comparison.md").read_text()
 
 
 def test_a_variant_on_fewer_seeds_shows_the_reference_over_the_shared_seeds(grids: dict[str, Path],
