@@ -166,9 +166,12 @@ def main(argv: list[str] | None = None) -> None:
     marked = {exp: m for exp in [args.reference, *(e for _, exps in args.variant for e in exps)]
               if (m := pr.exploratory(exp))}
     if marked:
+        groups: dict[tuple, list[str]] = {}  # experiments with the same seeds and reason, named once
+        for exp, m in marked.items():
+            groups.setdefault((tuple(m["seeds"]), m["why"]), []).append(str(exp))
         head += ["**Exploratory** (results chosen after test figures were seen): "
-                 + "; ".join(f"{exp}, seeds {', '.join(map(str, m['seeds']))} ({m['why']})"
-                             for exp, m in marked.items()) + ".", ""]
+                 + "; ".join(f"{', '.join(exps)}, seeds {', '.join(map(str, seeds))} ({why})"
+                             for (seeds, why), exps in groups.items()) + ".", ""]
     text = "\n".join(head + tables(reference, variants, levels, seeds)) + "\n"
     atomic_write_text(text, args.out / "comparison.md")
     plot_layers(reference, variants, levels, args.layers_seed, args.out)
