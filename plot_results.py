@@ -525,6 +525,46 @@ def goal_table(exp: Path, everything: pd.DataFrame, table: pd.DataFrame) -> list
     return lines
 
 
+def under_budget(everything: pd.DataFrame, method: str, seed: int, budget: int) -> pd.Series | None:
+    """The last accepted ticket of one seed's --goal chain had it run with --max-retries
+    ``budget``: the chain is the same try for try up to its first round that needed more than
+    ``budget`` redos, where it would have stopped (exact, since every try is recorded)."""
+    rows = everything[(everything["method"] == method) & (everything["control"] == "none")
+                      & (everything["seed"] == seed) & (everything["round"] > 0)]
+    last = None
+    for _, tries in rows.groupby("round"):
+        ok = tries[tries["accepted"].astype(bool)].sort_values("attempt")
+        if ok.empty or ok.iloc[0]["attempt"] > budget:
+            break
+        last = ok.iloc[0]
+    return last
+
+
+def budget_table(exp: Path, everything: pd.DataFrame, table: pd.DataFrame, budget: int) -> list[str]:
+    """Per --goal method and seed: where the chain would have stopped under a retry budget,
+    against where it stopped, with the ticket's test F1 - its dense network's."""
+    dense = dense_rows(table)
+    lines = [f"| method | seed | stopped at (no budget) | under {budget} redos per round | test F1 - dense "
+             "(95 % CI) |", "| --- | ---: | ---: | ---: | ---: |"]
+    for method in sorted(goal_methods(everything)):
+        finals = []
+        for seed in sorted(everything.loc[everything["method"] == method, "seed"].unique()):
+            kept = everything[(everything["method"] == method) & (everything["control"] == "none")
+                              & (everything["seed"] == seed) & everything["accepted"].astype(bool)]
+            own = dense[dense["seed"] == seed]
+            last = under_budget(everything, method, seed, budget)
+            if kept.empty or own.empty or last is None:
+                continue
+            finals.append(last)
+            diff = paired(exp, "test", pd.DataFrame([last]), own)
+            lines.append(f"| {method} | {seed} | {kept.iloc[-1]['compression']:.1f}x | {last['compression']:.1f}x | "
+                         f"{paired_text(diff)} |")
+        if len(finals) > 1:
+            d = paired(exp, "test", pd.DataFrame(finals), dense)
+            lines.append(f"| {method} | all {len(finals)} | | | {verdict_text(d)} |")
+    return lines
+
+
 def af_table(table: pd.DataFrame) -> list[str]:
     """Per level and method: the test sensitivity and PPV of the AF class (mean over seeds)."""
     if "test_sensitivity_A" not in table:
@@ -834,7 +874,7 @@ def claim_section(exp: Path, table: pd.DataFrame, tolerance: float) -> list[str]
 
 
 def summary(table: pd.DataFrame, best: pd.DataFrame, tolerance: float, exp: Path | None = None,
-            note: str = "") -> str:
+            note: str = "", retry_budget: int | None = None) -> str:
     dense_val, dense_test = dense_level(table, "val_challenge_f1"), dense_level(table, "test_challenge_f1")
     head = ([f"**{note.capitalize()}** (the grid was interrupted or is still running: these tables hold only "
              "the finished cells).", ""] if note else [])
@@ -883,6 +923,11 @@ def summary(table: pd.DataFrame, best: pd.DataFrame, tolerance: float, exp: Path
                   "whose validation F1 falls below the tolerance is discarded and redone at a smaller rate, so "
                   "seeds stop at different compressions and the tables above, which average seeds level by "
                   "level, mix them; this table reads each seed's last accepted ticket.", "", *goal]
+        if retry_budget is not None:
+            lines += ["", f"The same chains read post hoc under a retry budget of {retry_budget} redos per round "
+                      "(train.py --max-retries; the pre-registered rule of configs/cinc2017-cpu-lthecg-prereg.sh): "
+                      "a chain is the same try for try up to its first round over the budget, where it stops.", "",
+                      *budget_table(exp, load_all(exp), table, retry_budget)]
     how = ("Two 95 % intervals stand beside every difference: first a two-level bootstrap (each replicate draws "
            "the records and the seeds with replacement, the same records and seeds on both sides of a difference, "
            "each seed's run paired with the same seed's), then 't, k df': Student's t over the k + 1 per-seed "
@@ -928,6 +973,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", default=None, help="output folder (default EXP/plots; with --widths, required)")
     p.add_argument("--split", default="test", choices=["test", "val"], help="split drawn in compression.png")
     p.add_argument("--tolerance", type=float, default=0.01, help="allowed relative loss of validation F1")
+    p.add_argument("--retry-budget", type=int, default=None,
+                   help="--goal chains: also read each seed's chain as if run with train.py --max-retries N")
     args = p.parse_args(argv)
     if not 0 <= args.tolerance < 1:
         p.error(f"--tolerance must be in [0, 1), got {args.tolerance}")
@@ -953,7 +1000,9 @@ def main(argv: list[str] | None = None) -> None:
     tickets = best[(best["control"] == "none") & (best["round"] > 0)]
     if len(tickets):
         plot_layers(exp, table, tickets.iloc[0], out)
-    text = summary(table, best, args.tolerance, exp, note)
+    if args.retry_budget is not None and args.retry_budget < 1:
+        p.error(f"--retry-budget must be >= 1, got {args.retry_budget}")
+    text = summary(table, best, args.tolerance, exp, note, args.retry_budget)
     atomic_write_text(text, out / "summary.md")  # export_ticket.py --winner reads winners.csv: never torn
     cols = ["method", "control", "round", "compression_val", "mean_val", "mean_test", "sd_test"]
     atomic_write_text(best[cols].rename(columns={"compression_val": "compression", "mean_val": "val_challenge_f1",

@@ -282,3 +282,16 @@ def test_the_claim_family_is_holm_corrected_and_split_when_seeds_are_exploratory
     (tmp_path / plot_results.EXPLORATORY).write_text('{"seeds": "x"}')
     with pytest.raises(SystemExit, match="exploratory.json"):
         plot_results.exploratory(tmp_path)
+
+
+def test_a_retry_budget_stops_a_goal_chain_where_its_round_needed_more_redos(goal_experiment: Path) -> None:
+    """Seed 0's round 2 was accepted at its first redo: a budget of 1 keeps it (1.9x), a
+    budget of 0 would stop at round 1; seed 1 never passed round 2 (1.43x either way)."""
+    everything, table = plot_results.load_all(goal_experiment), plot_results.load(goal_experiment)
+    assert plot_results.under_budget(everything, "weight_rewind", 0, 1)["compression"] == pytest.approx(1.9)
+    assert plot_results.under_budget(everything, "weight_rewind", 0, 0)["compression"] == pytest.approx(1 / 0.7)
+    assert plot_results.under_budget(everything, "weight_rewind", 1, 5)["compression"] == pytest.approx(1 / 0.7)
+    lines = plot_results.budget_table(goal_experiment, everything, table, 1)
+    assert lines[2].startswith("| weight_rewind | 0 | 1.9x | 1.9x | +0.000 (+0.000 to +0.000)")
+    assert lines[3].startswith("| weight_rewind | 1 | 1.4x | 1.4x | +0.000")
+    assert lines[4].startswith("| weight_rewind | all 2 | | | +0.000")
