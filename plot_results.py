@@ -983,10 +983,14 @@ def main(argv: list[str] | None = None) -> None:
     if args.widths is not None:
         import plot_widths  # imports this module: loaded only when asked for
         exps = [Path(e) for e in args.widths.split(",") if e]
-        missing = [str(e) for e in exps if not (e / "results.csv").is_file()]
-        if not exps or missing or args.out is None:
-            p.error("--widths needs existing experiments (EXP/results.csv) and --out; "
-                    + (f"missing: {', '.join(missing)}" if missing else f"got {args.widths!r}, --out {args.out}"))
+        if args.out is None:
+            p.error("--widths needs --out, the folder for widths.png and widths.md")
+        for e in exps:
+            if not (e / "results.csv").is_file():  # a grid not yet started: the others still draw
+                print(f"note: {e} has no results.csv yet (no finished cell): left out")
+        exps = [e for e in exps if (e / "results.csv").is_file()]
+        if not exps:
+            p.error(f"--widths: none of {args.widths!r} has a results.csv yet")
         print(plot_widths.main(exps, Path(args.out), args.tolerance))
         print(f"wrote {args.out}/widths.png/.svg, widths.md")
         return

@@ -106,6 +106,9 @@ def width_rows(exps: list[Path], tolerance: float) -> list[dict]:
     out = []
     for exp in exps:
         table = pr.load(exp)
+        if pr.dense_rows(table).empty:
+            print(f"note: {exp} has no finished dense run yet: left out")
+            continue
         width = width_of(exp, table)
         dense, goal = pr.dense_rows(table), pr.goal_methods(pr.load_all(exp))
         for method in [m for m in pr.methods_in(table) if m not in BASELINES and m not in goal]:
@@ -147,9 +150,18 @@ def plot(curves: list[dict], out: Path) -> list[str]:
         ax.axhline(0, color="black", lw=1)
         ax.set_xscale("log")
         if x == "remaining":
+            pts = pd.concat([c["test"] for c in curves if not c["test"].empty])
+            low, high = pts["remaining"].min(), pts["remaining"].max()
+            ticks = [m * 10 ** e for e in range(2, 8) for m in (1, 2, 5) if low / 1.5 <= m * 10 ** e <= high * 1.5]
+            ax.set_xticks(ticks, [f"{t / 1e6:g}M" if t >= 1e6 else f"{t / 1e3:g}k" for t in ticks])
+            ax.minorticks_off()
             ax.invert_xaxis()
         else:
             ax.axvline(pr.LTH_ECG_RATIO, color="gold", lw=1, ls="-.")
+            top = max(c["test"]["compression"].max() for c in curves if not c["test"].empty)
+            ticks = [t for t in (2, 4, 8, 16, 32, 64, 142, 256, 512, 1024) if t <= max(top, 150)]
+            ax.set_xticks(ticks, [f"{t}x" for t in ticks])
+            ax.minorticks_off()
         ax.set_xlabel(name)
         ax.grid(True, which="both", alpha=0.25)
     axes[0].set_ylabel("ticket - dense, test challenge F1 (paired by seed)")
@@ -199,6 +211,7 @@ def main(exps: list[Path], out: Path, tolerance: float) -> str:
         raise SystemExit(f"error: no pruned rounds in {', '.join(map(str, exps))}")
     out.mkdir(parents=True, exist_ok=True)
     plot(curves, out)
+    exps = list(dict.fromkeys(c["exp"] for c in curves))  # those with a dense run
     head = ["# Tickets across widths", "", "Experiments: " + "; ".join(
         f"{e} (width {width_of(e, pr.load(e)):g}{', ' + pr.partial(e) if pr.partial(e) else ''})" for e in exps)
         + f". `python plot_results.py --widths {','.join(map(str, exps))} --out {out}`", "",

@@ -56,6 +56,11 @@ def test_widths_draw_partial_experiments_and_name_their_seeds(tmp_path: Path) ->
     assert curves[1]["test"]["which"].eq("bootstrap").all()  # one seed: no t interval, the bootstrap stands
     with pytest.raises(SystemExit):
         plot_results.main(["--widths", str(tmp_path / "a")])  # no --out
+    # a grid not started yet (no results.csv) is left out, the others draw
+    plot_results.main(["--widths", f"{tmp_path / 'a'},{tmp_path / 'none'}", "--out", str(out)])
+    assert "width 0.125" in (out / "widths.md").read_text()
+    with pytest.raises(SystemExit):
+        plot_results.main(["--widths", str(tmp_path / "none"), "--out", str(out)])
 
 
 def test_edges_on_known_values() -> None:
