@@ -9,7 +9,8 @@ those an existing run folder was made with are refused.
 
 The table ``EXP/results.csv`` has one row per seed x method x control x round: remaining
 weights, compression ratio, sparsity, validation and test challenge F1, macro F1, accuracy,
-per-class F1, steps and training time. ``EXP/experiment.json`` keeps the commands run.
+per-class F1, steps and training time, and the ticket's size in bytes (ticket_bytes.py: the dense
+checkpoint with and without Adam's state, the compact export). ``EXP/experiment.json`` keeps the commands run.
 
 Example (the demo of run.sh):
     python run_experiments.py --exp results/demo --seeds 0,1 --data data/synthetic --width 0.125
@@ -42,6 +43,7 @@ import pandas as pd
 from tqdm import tqdm
 
 import prune as pm
+import ticket_bytes
 import train
 from build_datasets import DatasetError, load_dataset
 from run_folders import LOCK, Busy, atomic_write_text, code_version, locked, locked_by_other, script_errors, update_json
@@ -210,11 +212,13 @@ def expected_trainings(args: argparse.Namespace, flags: argparse.Namespace) -> i
 
 
 def collect(exp: Path) -> pd.DataFrame:
-    """All rounds.csv tables under ``exp`` in one (method rows and control rows)."""
+    """All rounds.csv tables under ``exp`` in one (method rows and control rows), with each
+    row's size in bytes (ticket_bytes.BYTE_COLUMNS: dense checkpoints, compact export)."""
     tables = [pd.read_csv(p) for p in sorted(exp.glob("seed*/*/rounds.csv"))]
     if not tables:
         raise SystemExit(f"error: no rounds.csv under {exp}; nothing has finished yet")
-    return pd.concat(tables, ignore_index=True).sort_values(["method", "control", "seed", "round", "attempt"])
+    table = pd.concat(tables, ignore_index=True).sort_values(["method", "control", "seed", "round", "attempt"])
+    return ticket_bytes.add_byte_columns(exp, table)  # the ticket in bytes beside its ratio of weights
 
 
 def write_results(exp: Path) -> pd.DataFrame | None:

@@ -257,7 +257,9 @@ def rebuild_dense(dense_dirs: list[Path]) -> None:
     differ = [f"{split} {key}: recorded {old_metrics[split][key]}, now {new_metrics[split][key]}"
               for split in ("val", "test") for key in old_metrics[split]
               if old_metrics[split][key] != new_metrics[split].get(key)]
-    if (first / tr.PREDICTIONS).read_bytes() != (new / tr.PREDICTIONS).read_bytes():
+    recorded = pd.read_csv(first / tr.PREDICTIONS, keep_default_na=False, dtype=str)
+    # a run recorded before predictions.csv held probabilities is compared on its own columns
+    if not recorded.equals(pd.read_csv(new / tr.PREDICTIONS, keep_default_na=False, dtype=str)[recorded.columns]):
         differ.append("predictions.csv differs")
     losses = ["step", "lr", "train_loss", "val_loss", "val_challenge_f1"]  # per epoch, 6 digits
     if not pd.read_csv(first / tr.HISTORY)[losses].equals(pd.read_csv(new / tr.HISTORY)[losses]):

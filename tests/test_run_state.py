@@ -144,6 +144,25 @@ def test_rebuild_dense_repeats_the_run_or_refuses(finished: Path, tmp_path: Path
     assert not (exp / "seed0" / "dense" / tr.FINAL).exists()  # nothing taken from a run that differs
 
 
+def test_rebuild_dense_accepts_a_run_recorded_before_probabilities(finished: Path, tmp_path: Path) -> None:
+    """A dense run recorded before predictions.csv held class probabilities is compared on its
+    own columns: rebuilt, it repeats; a changed predicted class is still refused."""
+    exp = tmp_path / "exp"
+    shutil.copytree(finished, exp)
+    drop_weights(exp)
+    path = exp / "seed0" / "dense" / tr.PREDICTIONS
+    old = pd.read_csv(path, keep_default_na=False).drop(columns=list(tr.PROBABILITY_COLUMNS))
+    old.to_csv(path, index=False)
+    rs.main(["rebuild-dense", str(exp)])
+    assert (exp / "seed0" / "dense" / tr.FINAL).is_file()
+
+    drop_weights(exp)
+    old.loc[0, "predicted"] = "A" if old.loc[0, "predicted"] != "A" else "N"
+    old.to_csv(path, index=False)
+    with pytest.raises(SystemExit, match="predictions.csv differs"):
+        rs.main(["rebuild-dense", str(exp)])
+
+
 def test_dense_weights_carried_on_request(finished: Path, tmp_path: Path) -> None:
     exp = tmp_path / "exp"
     shutil.copytree(finished, exp)
