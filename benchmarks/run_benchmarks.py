@@ -67,7 +67,7 @@ import prune as pm  # noqa: E402
 import run_folders as rf  # noqa: E402
 import train as tr  # noqa: E402
 from build_datasets import load_dataset  # noqa: E402
-from model import HannunConfig, HannunNet, SameConv1d, bf16_faulty_convs, guard_bf16  # noqa: E402
+from model import HannunConfig, HannunNet, ResidualBlock, SameConv1d, bf16_faulty_convs, guard_bf16  # noqa: E402
 
 
 def matmul_peak(dtype: torch.dtype, seconds: float, n: int = 2048) -> float:
@@ -84,12 +84,12 @@ def forward_flops(model: HannunNet, length: int) -> int:
 
 
 def train_step_fn(model: HannunNet, batch: int, length: int, bf16: bool,
-                  after: Callable[[], None] | None = None) -> Callable[[], None]:
+                  after: Callable[[], None] | None = None, fused_adam: bool = False) -> Callable[[], None]:
     torch.manual_seed(0)
     x = torch.randn(batch, 1, length)
     y = torch.randint(0, 4, (batch,))
     steps = torch.full((batch,), length // model.cfg.stride)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3, fused=fused_adam or None)
     if bf16:  # the layers PyTorch's bf16 conv gets wrong run in fp32, as in training
         guard_bf16(model, bf16_faulty_convs(model, x[:2]))
     model.train()
@@ -345,49 +345,79 @@ DROPOUTS: dict[str, type[nn.Dropout]] = {"float bernoulli": nn.Dropout, "bool be
                                          "rand <": RandDropout}
 
 
-def _batch_norm_4d(bn: nn.BatchNorm1d, x: torch.Tensor) -> torch.Tensor:
-    """``bn(x)`` for a ``[B, C, 1, L]`` tensor (BatchNorm1d itself accepts 2-D/3-D only):
+def _norm(bn: nn.BatchNorm1d, x: torch.Tensor) -> torch.Tensor:
+    """``bn(x)``, also for a ``[B, C, 1, L]`` tensor (BatchNorm1d itself accepts 2-D/3-D only):
     the same batch statistics, running-stat update and affine transform."""
+    if x.dim() < 4:
+        return bn(x)
     if bn.training and bn.track_running_stats:
         bn.num_batches_tracked.add_(1)
     return F.batch_norm(x, bn.running_mean, bn.running_var, bn.weight, bn.bias,
                         bn.training or not bn.track_running_stats, bn.momentum, bn.eps)
 
 
+def max_pool_where(x: torch.Tensor, stride: int) -> torch.Tensor:
+    """``F.max_pool1d(x, stride)`` along the last dim for stride 2, as one elementwise
+    ``where(a >= b, a, b)`` of the even and odd samples instead of a pooling kernel that also
+    computes and saves indices. Ties go to the first sample, as in max_pool's kernel, so the
+    gradient is the same too (a NaN input gives the other sample instead of NaN)."""
+    if stride != 2:
+        raise ValueError(f"max_pool_where handles stride 2 only, got {stride}")
+    n = x.shape[-1] // 2 * 2  # max_pool drops an odd last sample
+    a, b = x[..., 0:n:2], x[..., 1:n:2]
+    return torch.where(a >= b, a, b)
+
+
+class VariantBlock(ResidualBlock):
+    """ResidualBlock for 3-D ``[B, C, L]`` or channels-last 4-D ``[B, C, 1, L]`` activations,
+    with the shortcut's max-pool as ``pool`` ("max_pool" as model.py, or "where")."""
+
+    pool = "max_pool"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.stride == 1:
+            shortcut = x
+        elif self.pool == "where":
+            shortcut = max_pool_where(x, self.stride)
+        else:
+            shortcut = F.max_pool2d(x, (1, self.stride)) if x.dim() == 4 else F.max_pool1d(x, self.stride)
+        if self.pad_channels:  # the channel dim is 1 in both layouts
+            shortcut = F.pad(shortcut, (0, 0) * (x.dim() - 2) + (0, self.pad_channels))
+        if self.bn1 is not None:
+            x = F.relu(_norm(self.bn1, x))
+        x = self.conv1(x)
+        x = self.conv2(self.dropout(F.relu(_norm(self.bn2, x))))
+        return x + shortcut
+
+
 class VariantNet(HannunNet):
-    """HannunNet (same modules, parameter names and initialisation) with a kernel/layout
-    variant: ``pad_in_conv`` (see VariantConv), ``channels_last`` (activations kept as
+    """HannunNet (same modules, parameter names and initialisation) with kernel/layout
+    variants: ``pad_in_conv`` (see VariantConv), ``channels_last`` (activations kept as
     ``[B, C, 1, L]`` in channels-last memory from the stem to the head, so every conv, BatchNorm
-    and elementwise op works on ``[B, L, C]`` order and no layer converts layouts), and the
-    dropout mask (a key of DROPOUTS)."""
+    and elementwise op works on ``[B, L, C]`` order and no layer converts layouts), the dropout
+    mask (a key of DROPOUTS) and the shortcut's ``pool`` (see VariantBlock)."""
 
     def __init__(self, cfg: HannunConfig | None = None, pad_in_conv: bool = False, channels_last: bool = False,
-                 dropout: str = "float bernoulli"):
+                 dropout: str = "float bernoulli", pool: str = "max_pool"):
         super().__init__(cfg)
+        if pool not in ("max_pool", "where"):
+            raise ValueError(f"pool must be 'max_pool' or 'where', got {pool!r}")
         self.channels_last = channels_last
         for m in self.modules():
             if isinstance(m, SameConv1d):
                 m.__class__ = VariantConv
                 m.pad_in_conv = pad_in_conv
         for block in self.blocks:
+            block.__class__ = VariantBlock
+            block.pool = pool
             block.dropout = DROPOUTS[dropout](self.cfg.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.channels_last:
-            return super().forward(x)
-        x = x.unsqueeze(2).contiguous(memory_format=torch.channels_last)
-        x = F.relu(_batch_norm_4d(self.stem_bn, self.stem(x)))
-        for b in self.blocks:
-            shortcut = F.max_pool2d(x, (1, b.stride)) if b.stride > 1 else x
-            if b.pad_channels:
-                shortcut = F.pad(shortcut, (0, 0, 0, 0, 0, b.pad_channels))
-            if b.bn1 is not None:
-                x = F.relu(_batch_norm_4d(b.bn1, x))
-            x = b.conv1(x)
-            x = b.conv2(b.dropout(F.relu(_batch_norm_4d(b.bn2, x))))
-            x = x + shortcut
-        x = F.relu(_batch_norm_4d(self.head_bn, x))
-        return self.head(x.squeeze(2).transpose(1, 2))
+        if self.channels_last:
+            x = x.unsqueeze(2).contiguous(memory_format=torch.channels_last)
+        x = F.relu(_norm(self.stem_bn, self.stem(x)))
+        x = F.relu(_norm(self.head_bn, self.blocks(x)))
+        return self.head((x.squeeze(2) if self.channels_last else x).transpose(1, 2))
 
 
 FULL_SHAPES = ((32, 2048), (8, 4096), (32, 4096), (64, 2048))
@@ -400,6 +430,10 @@ VARIANTS = {  # label: VariantNet keywords
     "channels-last + padding inside the conv": dict(channels_last=True, pad_in_conv=True),
     "dropout mask drawn as bool (same draws)": dict(dropout="bool bernoulli"),
     "dropout mask from rand < keep (other draws)": dict(dropout="rand <"),
+    "shortcut max-pool as where(a >= b)": dict(pool="where"),
+    "Adam fused (one CPU kernel for all weights)": dict(fused_adam=True),
+    "channels-last + bool mask + where-pool + fused Adam": dict(channels_last=True, dropout="bool bernoulli",
+                                                                 pool="where", fused_adam=True),
 }
 
 FULL_MASK_RATIO = 16.0
@@ -421,13 +455,16 @@ def cpu_flags() -> str:
     return " ".join(f for f in wanted if f in flags) or "none of " + ", ".join(wanted)
 
 
-def full_step(amp: str, batch: int, length: int, masks: pm.Masks, **variant: object) -> Callable[[], None]:
+def full_step(amp: str, batch: int, length: int, masks: pm.Masks, fused_adam: bool = False,
+              **variant: object) -> Callable[[], None]:
     """The full network's masked training step (train.train's: forward, loss, backward, clip,
-    Adam, then the masks re-applied), on a model built from seed 0 as every row's."""
+    Adam, then the masks re-applied), on a model built from seed 0 as every row's; ``variant``
+    are VariantNet's keywords, ``fused_adam`` Adam's single-kernel CPU implementation (train.py
+    uses the default, per-weight one on the CPU)."""
     torch.manual_seed(0)
     model = VariantNet(HannunConfig(width=1.0), **variant) if variant else HannunNet(HannunConfig(width=1.0))
     masked = pm.MaskedModel(model, masks)
-    return train_step_fn(model, batch, length, amp == "bf16", after=masked.apply)
+    return train_step_fn(model, batch, length, amp == "bf16", after=masked.apply, fused_adam=fused_adam)
 
 
 def full_masks() -> pm.Masks:

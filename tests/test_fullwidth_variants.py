@@ -12,11 +12,21 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from benchmarks.run_benchmarks import DROPOUTS, VARIANTS, MaskDropout, RandDropout, VariantConv, VariantNet
+from benchmarks.run_benchmarks import (
+    DROPOUTS,
+    VARIANTS,
+    MaskDropout,
+    RandDropout,
+    VariantConv,
+    VariantNet,
+    max_pool_where,
+)
 from model import HannunConfig, HannunNet, SameConv1d, guard_bf16
 
-SAME_DRAWS = {label: kw for label, kw in VARIANTS.items() if kw.get("dropout") != "rand <"}
-SAME_DRAWS["everything that keeps the draws"] = dict(pad_in_conv=True, channels_last=True, dropout="bool bernoulli")
+NETWORK = {label: {k: v for k, v in kw.items() if k != "fused_adam"} for label, kw in VARIANTS.items()}
+SAME_DRAWS = {label: kw for label, kw in NETWORK.items() if kw and kw.get("dropout") != "rand <"}
+SAME_DRAWS["everything that keeps the draws"] = dict(pad_in_conv=True, channels_last=True, dropout="bool bernoulli",
+                                                     pool="where")
 
 
 def relative(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -139,3 +149,42 @@ def test_rand_dropout_keeps_probability_and_scale_but_not_the_draws() -> None:
     assert torch.equal(y[kept], torch.full_like(y[kept], float(reference.max())))  # F.dropout's 1 / (1 - p)
     assert not torch.equal(y, reference)  # other draws: a run with it is not the same run
     assert set(DROPOUTS) == {"float bernoulli", "bool bernoulli", "rand <"}
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_where_pool_is_max_pool_bit_for_bit_with_ties(channels_last: bool) -> None:
+    """Values and gradient, ties included (bf16 activations tie often): a tie's gradient goes to
+    the first sample in both."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 8, 1, 31).round(decimals=1)  # many ties; odd length: the last sample dropped
+    x[..., 4] = x[..., 5]
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    results = []
+    for pool in (lambda t: F.max_pool2d(t, (1, 2)), lambda t: max_pool_where(t, 2)):
+        inp = x.clone().requires_grad_()
+        y = pool(inp)
+        g = torch.arange(y.numel(), dtype=y.dtype).reshape(y.shape)
+        results.append((y.detach(), *torch.autograd.grad(y, inp, g)))
+    assert (x[..., 0:30:2] == x[..., 1:30:2]).any()  # the test has ties
+    for a, b in zip(*results, strict=True):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="stride 2"):
+        max_pool_where(x, 4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_fused_adam_matches_the_default_cpu_adam(dtype: torch.dtype) -> None:
+    """The fused CPU Adam takes the default Adam's steps (float64: 1e-10; float32: rounding)."""
+    shapes = [(32, 16, 16), (32,), (4, 256)]
+    start = [torch.randn(s, generator=torch.Generator().manual_seed(i), dtype=dtype) for i, s in enumerate(shapes)]
+    params = {fused: [s.clone().requires_grad_() for s in start] for fused in (False, True)}
+    opts = {fused: torch.optim.Adam(ps, lr=1e-3, fused=fused or None) for fused, ps in params.items()}
+    for step in range(5):
+        for fused in (False, True):
+            for i, p in enumerate(params[fused]):
+                p.grad = torch.randn(p.shape, generator=torch.Generator().manual_seed(100 * step + i), dtype=dtype)
+            opts[fused].step()
+    tolerance = 1e-10 if dtype == torch.float64 else 1e-6
+    for a, b, s in zip(params[True], params[False], start, strict=True):
+        assert relative(a.detach() - s, b.detach() - s) < tolerance  # the updates agree, not just the weights
