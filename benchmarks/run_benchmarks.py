@@ -508,16 +508,28 @@ def two_workers(amp: str, batch: int, length: int, seconds: float) -> float:
 
 def fullwidth_rows(add: Callable[..., None], seconds: float, out: Path, quick: bool) -> None:
     """The full network's masked training step: dtypes, shapes, threads, kernel/layout variants
-    (see the module docstring), and a short profile of the fp32 and bf16 step."""
+    (see the module docstring); the table also goes to OUT/fullwidth.md, and a short profile of
+    the fp32 and bf16 step to OUT/fullwidth-profile.txt."""
     flags, threads = cpu_flags(), torch.get_num_threads()
     amps = ["fp32"] + (["bf16"] if tr.cpu_has_native_bf16() else [])
+    stamp = time.strftime("%Y-%m-%d") + (" (--quick: a smoke run, not for quoting)" if quick else "")
+    table = [f"Full network (width 1, 16 blocks), masked training step as train.py runs it (forward, loss, "
+             f"backward, clip, Adam, masks), measured by `python benchmarks/run_benchmarks.py --only fullwidth "
+             f"--seconds {seconds:g}` on {stamp}: {platform.processor() or platform.machine()}, "
+             f"{os.cpu_count()} cores, CPU flags {flags}, torch {torch.__version__}. Share of peak = GFLOP/s over the "
+             "2048^3 matmul of the same dtype in this run; vs model.py = records/s over the model.py row of the "
+             "same dtype and shape.", "",
+             "| dtype | batch x samples | what | records/s | GFLOP/s | share of matmul peak | vs model.py |",
+             "| --- | --- | --- | ---: | ---: | ---: | ---: |"]
     peak = {}
     for amp in amps:
         peak[amp] = matmul_peak(torch.float32 if amp == "fp32" else torch.bfloat16, seconds)
         add("fullwidth", f"matmul 2048^3 {amp}", gflops=peak[amp], cpu_flags=flags)
+        table.append(f"| {amp} | 2048^3 | matmul peak | | {peak[amp]:.0f} | 100 % | |")
     if "bf16" not in amps:
         add("fullwidth", "bf16 rows skipped", why="no native bf16 on this CPU (neither avx512_bf16 nor amx_bf16)",
             cpu_flags=flags)
+        table.append("| bf16 | | not measured: no native bf16 on this CPU | | | | |")
     masks = full_masks()
     flops = {length: 3 * forward_flops(HannunNet(HannunConfig(width=1.0)), length)  # per record
              for length in {length for _, length in FULL_SHAPES}}
@@ -528,6 +540,9 @@ def fullwidth_rows(add: Callable[..., None], seconds: float, out: Path, quick: b
         extra = {} if base is None else {"vs_baseline": records_per_s / base}
         add("fullwidth", f"full w1 masked step, {batch} x {length}, {amp}, {label}", records_per_s=records_per_s,
             gflops=gf, share_of_peak=gf / peak[amp], **extra, cpu_flags=flags)
+        vs = "1 (the reference)" if base is None else f"{records_per_s / base:.2f}x"
+        table.append(f"| {amp} | {batch} x {length} | {label} | {records_per_s:.1f} | {gf:.0f} | "
+                     f"{100 * gf / peak[amp]:.0f} % | {vs} |")
         return records_per_s
 
     def rate(amp: str, batch: int, length: int, **variant: object) -> float:
@@ -540,30 +555,38 @@ def fullwidth_rows(add: Callable[..., None], seconds: float, out: Path, quick: b
             base[batch, length] = row(f"model.py, {threads} thread{plural}", amp, batch, length,
                                       rate(amp, batch, length))
         batch, length = FULL_SHAPES[0]
-        row("two 1-thread workers together (summed)", amp, batch, length,
+        row("model.py, two 1-thread workers together (summed)", amp, batch, length,
             two_workers(amp, batch, length, seconds), base[batch, length])
         for label, variant in VARIANTS.items():
             row(f"{label}, {threads} thread{plural}", amp, batch, length, rate(amp, batch, length, **variant),
                 base[batch, length])
-    fullwidth_profile(amps, masks, out / "fullwidth-profile.txt", flags, quick)
+    rf.atomic_write_text("\n".join(table) + "\n", out / "fullwidth.md")
+    print(f"wrote {out / 'fullwidth.md'}")
+    fullwidth_profile(amps, masks, out / "fullwidth-profile.txt", flags, stamp)
 
 
-def fullwidth_profile(amps: list[str], masks: pm.Masks, path: Path, flags: str, quick: bool) -> None:
-    """Top ops by self CPU time of 3 steps of the full network at the first shape, per dtype."""
+PROFILED = {"model.py": {}, "all variants that keep the draws": VARIANTS[
+    "channels-last + bool mask + where-pool + fused Adam"]}
+
+
+def fullwidth_profile(amps: list[str], masks: pm.Masks, path: Path, flags: str, stamp: str) -> None:
+    """Top ops by self CPU time of 3 steps of the full network at the first shape, per dtype,
+    as model.py runs it and with the combined variant."""
     from torch.profiler import ProfilerActivity, profile  # noqa: PLC0415
 
     batch, length = FULL_SHAPES[0]
-    text = [f"Profile of the full network's masked training step ({batch} x {length}, model.py as train.py runs "
-            f"it, {torch.get_num_threads()} threads, 3 steps after 2 of warm-up), by `python "
-            f"benchmarks/run_benchmarks.py --only fullwidth`, {time.strftime('%Y-%m-%d')}"
-            f"{' (--quick)' if quick else ''}; torch {torch.__version__}; CPU flags: {flags}.", ""]
+    text = [f"Profile of the full network's masked training step ({batch} x {length}, {torch.get_num_threads()} "
+            "threads, 3 steps after 2 of warm-up), by `python benchmarks/run_benchmarks.py --only fullwidth`, "
+            f"{stamp}; torch {torch.__version__}; CPU flags: {flags}.", ""]
     for amp in amps:
-        step = full_step(amp, batch, length, masks)
-        step(), step()
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
-            for _ in range(3):
-                step()
-        text += [f"## {amp}", "", prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15), ""]
+        for label, variant in PROFILED.items():
+            step = full_step(amp, batch, length, masks, **variant)
+            step(), step()
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                for _ in range(3):
+                    step()
+            text += [f"## {amp}, {label}", "",
+                     prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15), ""]
     rf.atomic_write_text("\n".join(text), path)
     print(f"wrote {path}")
 
