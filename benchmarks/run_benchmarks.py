@@ -3,6 +3,7 @@
     python benchmarks/run_benchmarks.py                 # about 5 minutes on 2 CPU cores
     python benchmarks/run_benchmarks.py --quick         # a smoke run (seconds per row)
     python benchmarks/run_benchmarks.py --only compile  # re-measure some sections, keep the rest
+    python benchmarks/run_benchmarks.py --only fullwidth --seconds 5  # the full network's step (~5 min)
 
 Sections (each row: median of repeated timings after warm-up, so one noisy run moves it
 little; ratios are only ever taken between rows of the same run):
@@ -26,8 +27,9 @@ little; ratios are only ever taken between rows of the same run):
               against two 1-thread workers started together, and kernel/layout variants
               (Keras "same" padding inside the conv, channels-last convs, cheaper dropout
               masks); each row with rec/s, GFLOP/s and its share of the matmul peak measured
-              in the same section, and the CPU flags. Writes a short profile of the fp32 and
-              bf16 step (top ops by self CPU time) to OUT/fullwidth-profile.txt
+              in the same section, and the CPU flags. Also writes the table to
+              OUT/fullwidth.md and a short profile of the fp32 and bf16 step (top ops by self
+              CPU time, model.py and the combined variant) to OUT/fullwidth-profile.txt
   compile     the CPU-scale lottery step (w0.25, masks on, as in every pruning round)
               eager vs torch.compile of the model (default inductor; optimizer and mask
               step eager), fp32 and bf16, with the time the first (compiling) call takes
