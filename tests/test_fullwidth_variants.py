@@ -54,6 +54,9 @@ def test_variant_network_matches_model_in_float64(label: str, blocks: int) -> No
     ref = HannunNet(cfg).double().train()
     var = VariantNet(cfg, **variant).double().train()
     var.load_state_dict(ref.state_dict())
+    if variant.get("channels_last"):  # the weights kept as channels-last kernels, so no conv copies them
+        assert all(m.weight.unsqueeze(2).is_contiguous(memory_format=torch.channels_last)
+                   for m in var.modules() if isinstance(m, SameConv1d))
     x = torch.randn(3, 1, 2 * cfg.stride * 4, dtype=torch.float64)
     out_ref, grads_ref = run(ref, x)
     out_var, grads_var = run(var, x)
@@ -188,3 +191,45 @@ def test_fused_adam_matches_the_default_cpu_adam(dtype: torch.dtype) -> None:
     tolerance = 1e-10 if dtype == torch.float64 else 1e-6
     for a, b, s in zip(params[True], params[False], start, strict=True):
         assert relative(a.detach() - s, b.detach() - s) < tolerance  # the updates agree, not just the weights
+
+
+@pytest.mark.parametrize("label", ["channels-last + bool mask + fused Adam", "shortcut max-pool as where(a >= b)",
+                                   "channels-last + padding inside the conv"])
+def test_masked_training_steps_match_model_in_float64(label: str) -> None:
+    """Three masked steps as train.py takes them (train_step, then the masks re-applied): the
+    variant ends on model.py's weights, and its pruned weights stay zero."""
+    import prune as pm  # noqa: PLC0415
+    import train as tr  # noqa: PLC0415
+
+    variant = dict(VARIANTS[label])
+    fused = variant.pop("fused_adam", False)
+    if variant.get("channels_last") and variant.get("dropout") is None:
+        variant["dropout"] = "bool bernoulli"  # the same draws on the same elements (see above)
+    cfg = HannunConfig(width=0.125, blocks=6)
+    torch.manual_seed(0)
+    ref = HannunNet(cfg).double()
+    var = VariantNet(cfg, **variant).double()
+    var.load_state_dict(ref.state_dict())
+    masks = {n: torch.rand(w.shape, generator=torch.Generator().manual_seed(4)) < 0.3
+             for n, w in pm.prunable_weights(ref).items()}
+    x = torch.randn(4, 1, 256, dtype=torch.float64)
+    y, steps = torch.tensor([0, 1, 2, 3]), torch.tensor([32, 32, 20, 10])
+    for model, fused_adam in ((ref, False), (var, fused)):
+        masked = pm.MaskedModel(model, masks)
+        opt = torch.optim.Adam(model.parameters(), lr=1e-3, fused=fused_adam or None)
+        torch.manual_seed(5)
+        for _ in range(3):
+            tr.train_step(model.train(), opt, x, y, steps, 1.0, False)
+            masked.apply()
+    for name, w in pm.prunable_weights(var).items():
+        assert not w[~masks[name]].any(), name
+    convs = {n for n, m in ref.named_modules() if isinstance(m, SameConv1d)}
+    for (name, a), b in zip(ref.state_dict().items(), var.state_dict().values(), strict=True):
+        if name.endswith(".bias") and name.rsplit(".", 1)[0] in convs:
+            # a conv bias feeding BatchNorm has a zero gradient up to rounding (~1e-17), which Adam
+            # scales up to steps of ~lr: in model.py too, these biases walk on rounding noise
+            assert (b - a).abs().max() < 1e-2 * 1e-3 * 3, name
+        elif "running" in name:  # the running means follow those biases
+            assert torch.allclose(b, a, rtol=1e-10, atol=1e-9), name
+        else:
+            assert relative(b.double(), a.double()) < 1e-10 or torch.equal(a, b), name
