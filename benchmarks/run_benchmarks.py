@@ -111,7 +111,7 @@ def pruned_masks(model: HannunNet, ratio: float) -> pm.Masks:
 
 
 SECTIONS = ("peak", "train", "masked", "eval", "inference", "compile", "fullwidth", "gpu")
-CPU_SECTIONS = SECTIONS[:-2]  # the default run; fullwidth (~6 min) and gpu only when asked for
+CPU_SECTIONS = SECTIONS[:-2]  # the default run; fullwidth (~5 min) and gpu only when asked for
 
 NETS = {  # label: (config, batch, length)
     "full (w1, 10.47 M)": (HannunConfig(width=1.0), 8, 4096),
