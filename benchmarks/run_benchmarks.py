@@ -573,7 +573,7 @@ def fullwidth_rows(add: Callable[..., None], seconds: float, out: Path, quick: b
     fullwidth_profile(amps, masks, out / "fullwidth-profile.txt", flags, stamp)
 
 
-PROFILED = {"model.py": {}, "all variants that keep the draws": VARIANTS[
+PROFILED = {"model.py": {}, "channels-last + bool mask + fused Adam (the combined variant)": VARIANTS[
     "channels-last + bool mask + fused Adam"]}
 
 
