@@ -6,8 +6,8 @@ Why a script: checkpoints are not in git, so the winning ticket of a grid has to
 re-made on the machine that ships it, and the choice must not be made by hand (or, worse,
 by looking at test figures). The steps, each resumable:
 
-  1. choose  the method and level by the interval rule (plot_results.interval_level: the
-             largest compression up to which the lower bound of the paired 95 % interval of
+  1. choose  the method and level by the interval rule (plot_results.interval_winner: the
+             largest compression up to which the lower bound of the wider paired 95 % interval of
              validation F1(ticket) - F1(dense) stays above -tolerance x dense, over every
              seed of the grid, from the committed predictions.csv); across methods the
              largest such level. Then the seed: among those whose chain run_state.py
@@ -70,7 +70,10 @@ def choose(exp: Path, tolerance: float) -> dict:
     table = pr.load(exp)
     methods = {}
     for m in [m for m in pr.methods_in(table) if m not in pr.BASELINES]:
-        lv, d, bar = pr.interval_level(exp, table, m, tolerance)
+        lv, d, bar = pr.interval_winner(exp, table, m, tolerance)
+        if d is not None:  # the interval the rule reads: the wider of the bootstrap and the t interval
+            low, high, kind = pr.wider(d)
+            d = {"diff": d["diff"], "low": low, "high": high, "interval": kind, "seeds": d["seeds"]}
         methods[m] = {"level": lv, "bar": bar, "val_diff": d,
                       "compression": None if lv is None else pr.ratio_text(table, lv)}
     passed = {m: v for m, v in methods.items() if v["level"] is not None}
@@ -91,8 +94,7 @@ def choose(exp: Path, tolerance: float) -> dict:
             "carried_seeds": {int(s): float(v) for s, v in zip(rows["seed"], rows["val_challenge_f1"], strict=True)
                               if s in carried},
             "methods": {m: {"level": v["level"], "compression": v["compression"], "bar": v["bar"],
-                            "val_diff": None if v["val_diff"] is None else
-                            {k: v["val_diff"][k] for k in ("diff", "low", "high", "seeds")}}
+                            "val_diff": v["val_diff"]}
                         for m, v in methods.items()}}
 
 
@@ -204,12 +206,14 @@ def report(choice: dict, run_dir: Path, out: Path, export: dict, command: str) -
         "## Which ticket, and why", "",
         f"- Grid: `{choice['exp']}` (width {flags['width']:g}, {flags['epochs']} epochs, "
         f"{flags['prune_fraction']:.0%} per round). The interval rule on **validation** "
-        f"(tolerance {choice['tolerance']:.0%} of dense; paired 95 % bootstrap over records and seeds, from the "
-        "committed predictions.csv; plot_results.interval_level), per method:",
+        f"(tolerance {choice['tolerance']:.0%} of dense; the wider of the paired 95 % bootstrap over records "
+        "and seeds and the t interval over seeds, from the committed predictions.csv; "
+        "plot_results.interval_winner), per method:",
         *[f"  - {meth}: " + ("no level" if v["level"] is None else
                               f"{v['compression']} (val F1 - dense {v['val_diff']['diff']:+.3f}, "
                               f"{v['val_diff']['low']:+.3f} to {v['val_diff']['high']:+.3f}, "
-                              f"{v['val_diff']['seeds']} seeds)") + f"; bar {v['bar']:+.4f}"
+                              f"{v['val_diff']['interval']} interval, {v['val_diff']['seeds']} seeds)")
+          + f"; bar {v['bar']:+.4f}"
           for meth, v in choice["methods"].items()],
         f"- The largest level over the methods: **{choice['method']} at {choice['compression']:.1f}x** "
         f"(round {choice['round']}; val F1 - dense {m['diff']:+.3f}, {m['low']:+.3f} to {m['high']:+.3f}).",
