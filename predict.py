@@ -26,7 +26,7 @@ ship_ticket.py; its report is results/ticket-cinc2017/README.md), so a real reco
 classified in one command without training.
 
 Example:
-    python predict.py ../shared/data/cinc2017/training2017/A00001.mat
+    python predict.py ../shared/data/cinc2017/training2017/A00001
     python predict.py --ticket tickets/demo/ticket-int8.npz --fs 250 --units mV my_ecg.csv
     python predict.py --ticket tickets/demo/ticket-int8.npz --lead II holter.hea
 """
@@ -92,7 +92,10 @@ UNITS_TO_UV = {"uV": 1.0, "µV": 1.0, "mV": 1000.0, "V": 1e6}
 
 
 def read_samples(path: Path, fs: float | None, units: str, lead: str | None = None) -> tuple[np.ndarray, float]:
-    """(samples in microvolts as float64, sampling rate) of one file."""
+    """(samples in microvolts as float64, sampling rate) of one file, or of a WFDB record named
+    without its extension (``A00001`` for ``A00001.hea``, as WFDB tools name records)."""
+    if not path.exists() and path.with_name(path.name + ".hea").is_file():
+        path = path.with_name(path.name + ".hea")
     if path.is_dir():
         raise PredictError(f"{path}: a folder; give the ECG files in it (e.g. {path}/*.mat)")
     if not path.is_file():

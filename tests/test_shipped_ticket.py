@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import SHARED_CINC, tiny_train_args
+from conftest import SHARED_CINC, tiny_train_args, write_wfdb
 from test_summary import experiment  # noqa: F401 - a fixture: 2 seeds, lr_rewind holds at 2x only
 
 import predict
@@ -103,12 +103,17 @@ def _predict_json(capsys: pytest.CaptureFixture, *argv: str) -> tuple[int, list[
 
 
 def test_predict_uses_the_shipped_ticket_by_default(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    """No --ticket: the shipped ticket classifies (the same output as naming it)."""
+    """No --ticket: the shipped ticket classifies (the same output as naming it); a WFDB
+    record may be named without its extension."""
     x = synthetic_record("N", np.random.default_rng(1), fs=300, seconds=(12, 12))
     np.save(tmp_path / "r.npy", x)
     code, default = _predict_json(capsys, "--fs", "300", str(tmp_path / "r.npy"))
     assert code == 0 and default[0]["class"] in CLASSES
     assert _predict_json(capsys, "--ticket", str(SHIPPED), "--fs", "300", str(tmp_path / "r.npy")) == (0, default)
+    write_wfdb(tmp_path, "R1", x)  # a WFDB record named as WFDB tools name it, without extension
+    code, bare = _predict_json(capsys, str(tmp_path / "R1"))
+    named = _predict_json(capsys, str(tmp_path / "R1.mat"))[1]
+    assert code == 0 and {**bare[0], "file": ""} == {**named[0], "file": ""}
 
 
 @pytest.mark.skipif(not (SHARED_CINC / "REFERENCE-v3.csv").is_file(),
