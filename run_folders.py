@@ -33,7 +33,7 @@ CHECKPOINT = "checkpoint.pt"
 LOCK = ".lock"
 RESUME_NEUTRAL = {"device", "checkpoint_minutes", "quiet", "step_mode", "busy"}
 """Flags that may differ when a run is resumed (they do not change its results)."""
-ADDED_FLAGS = {"max_steps": 0, "definitions_version": 1, "numerics_version": 1}
+ADDED_FLAGS = {"max_steps": 0, "definitions_version": 1, "numerics_version": 1, "max_retries": 0}
 """Flags added after the first results were made, with the default that older runs had."""
 
 

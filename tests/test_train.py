@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -296,3 +297,20 @@ def test_bf16_on_a_cpu_without_native_bf16_is_refused(monkeypatch):
     with pytest.raises(SystemExit, match="no native bf16"):
         tr.use_bf16("bf16", torch.device("cpu"))
     assert tr.use_bf16("fp32", torch.device("cpu")) is False
+
+
+def test_a_folder_made_before_a_flag_existed_resumes_under_its_default(tiny_data, tmp_path):
+    """A run folder's config.json written before a flag was added to train.py (e.g. the
+    multi-session full-width grid, made before --max-retries) resumes: the missing flag counts
+    as its default, which is what the older code did."""
+    data = tiny_data
+    args = tr.parse_args(["--data", str(data), "--retrain", "lr_rewind"])
+    flags = {k: str(v) if isinstance(v, Path) else list(v) if isinstance(v, tuple) else v
+             for k, v in vars(args).items() if k not in ("model", "out")}
+    flags.update(model=asdict(args.model), layer_fraction=[])  # as train.run writes them
+    for added in {"max_retries", *rf.ADDED_FLAGS}:
+        old = {k: v for k, v in flags.items() if k != added}
+        run_dir = tmp_path / added
+        run_dir.mkdir()
+        rf.prepare_run(run_dir, old, data)
+        assert rf.prepare_run(run_dir, flags, data)["flags"] == old, added
