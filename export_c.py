@@ -516,7 +516,8 @@ def fit_budget(levels: dict[float, HannunNet], flash: int, ram: int, seconds: fl
         row = {"compression": compression, **costs(p, dtype)}
         per_step = plan_arena(build_program(model, norm, p.stride / FS), ACT_BYTES[dtype])[1]
         row["longest_window_s_in_ram"] = round(ram / per_step * p.stride / FS, 2) if per_step else None
-        row["fits"] = row["flash_bytes"] <= flash and row["arena_bytes"] <= ram
+        row["fits_flash"] = row["flash_bytes"] <= flash
+        row["fits"] = row["fits_flash"] and row["arena_bytes"] <= ram
         rows.append(row)
         if first is None and row["fits"]:
             first = compression
@@ -573,7 +574,9 @@ def main(argv: list[str] | None = None) -> dict:
             for r in rows:
                 print(f"{r['compression']:>11g}  {r['flash_bytes']:>11,}  {r['arena_bytes']:>11,}  "
                       f"{r['macs_per_second_of_ecg']:>10,}  {r['longest_window_s_in_ram']:>23}  {r['fits']}")
-            print(f"first level that fits: {first if first is not None else 'none'}\n")
+            flash_only = next((r["compression"] for r in rows if r["fits_flash"]), None)
+            print(f"first level that fits: {first if first is not None else 'none'} "
+                  f"(flash alone: {flash_only if flash_only is not None else 'none'})\n")
         return report
     try:
         model, norm = read_ticket(args.run)
