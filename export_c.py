@@ -2,7 +2,7 @@
 
 A wearable has no Python and a few hundred kB of flash and tens of kB of RAM. This script
 turns a ticket into a generated header (``ecg_ticket.h``: the weights and a layer table)
-next to a small, fixed inference file (``c/ecg_infer.c``, ~130 lines, no allocation at run
+next to a small, fixed inference file (``c/ecg_infer.c``, ~120 lines, no allocation at run
 time):
 
   * the ticket is shrunk first (export_ticket.shrink: dead inner channels removed), every
