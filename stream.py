@@ -261,10 +261,14 @@ def main(argv: list[str] | None = None) -> int:
         except (OSError, ValueError) as e:
             print(f"error: {path}: unreadable as .npy ({e})", file=sys.stderr)
             return 1
+        if not len(x) or not np.isfinite(x).all():
+            print(f"error: {path}: empty or holds NaN/infinite samples", file=sys.stderr)
+            return 1
         s = Streamer(model, meta["normalizer"])
         print(f"{path}: delay {s.lookahead} samples ({s.lookahead / FS:.2f} s), {s.delay_steps} steps")
         outs = [s.push(x[i:i + HOP]) for i in range(0, len(x), HOP)] + [s.flush()]
-        classes = [CLASSES[i] for i in torch.cat(outs).argmax(1).tolist()]
+        steps = max(1, len(x) // s.stride)  # as predict.py: a last partial step is not shown
+        classes = [CLASSES[i] for i in torch.cat(outs)[:steps].argmax(1).tolist()]
         print("  " + " ".join(classes))
     return 0
 

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
+import numpy as np
 import pytest
 import torch
 from torch import nn
 
 import export_ticket as et
+import stream
 from model import HannunConfig, HannunNet
 from stream import HOP, Streamer, lookahead_samples
 
@@ -99,3 +104,21 @@ def test_a_shrunk_ticket_streams_too() -> None:
 def test_training_mode_is_refused() -> None:
     with pytest.raises(ValueError, match="eval mode"):
         Streamer(HannunNet(HannunConfig(width=0.125, blocks=2)))
+
+
+def test_command_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert stream.main(["--bench", "--widths", "0.125", "--blocks", "2", "--seconds", "0.01"]) == 0
+    row = json.loads(capsys.readouterr().out)[0]
+    assert row["lookahead_samples"] == 47 and row["ms_per_hop_1_thread"] > 0  # 8 + 39
+    model = _net(blocks=4)
+    ticket = tmp_path / "t.npz"
+    et.save_ticket(et.ticket_arrays(model.cfg, model.state_dict(), None, {"mean": 0.0, "std": 100.0}, "fp32", "t"),
+                   ticket)
+    rng = np.random.default_rng(0)
+    np.save(tmp_path / "ok.npy", rng.normal(0, 100, 1000))
+    np.save(tmp_path / "bad.npy", np.full(1000, np.nan))
+    assert stream.main(["--ticket", str(ticket), str(tmp_path / "ok.npy")]) == 0
+    out = capsys.readouterr().out
+    assert "delay 125 samples" in out and len(out.splitlines()[1].split()) == 1000 // 4
+    assert stream.main(["--ticket", str(ticket), str(tmp_path / "bad.npy")]) == 1
+    assert "NaN" in capsys.readouterr().err
