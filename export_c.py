@@ -556,6 +556,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("give --run and --out (or --fit)")
     if args.seconds * FS < 1:
         p.error("--seconds must cover at least one sample")
+    if args.check and args.data is None:
+        p.error("--check compares on test records: give --data too")
     if set(args.dtypes) - {"fp32"} and not args.fit and args.data is None:
         p.error("int8 needs --data (training records calibrate the activation scales), or --dtypes fp32")
     return args

@@ -157,3 +157,26 @@ def test_sizes_parse_and_bad_input_is_refused() -> None:
     with pytest.raises(ec.ExportCError, match="no .*model.pt"):
         ec.read_ticket(Path("/nonexistent/round_01"))
     assert et.TicketError  # the ticket loader's errors are export_ticket's
+
+
+def test_command_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    model, norm = _random_ticket()
+    ticket = tmp_path / "t.npz"
+    et.save_ticket(et.ticket_arrays(model.cfg, model.state_dict(), None, norm, "fp32", "t"), ticket)
+    report = ec.main(["--run", str(ticket), "--out", str(tmp_path / "c"), "--dtypes", "fp32", "--seconds", "2.56"])
+    row = report["fp32"]
+    assert row["window_samples"] == 512 and (tmp_path / "c" / "fp32" / "ecg_main").is_file()
+    assert row["flash_bytes"] <= row["flash_bytes_compiled"] and row["macs_per_second_of_ecg"] > 0
+    assert (tmp_path / "c" / "report.json").is_file()
+    report = ec.main(["--fit", "--width", "0.125", "--levels", "1,4", "--flash", "1MB", "--ram", "1MB",
+                      "--dtypes", "int8", "--seconds", "2.56"])
+    assert report["int8"]["first_fit"] == 1.0 and "first level that fits: 1.0" in capsys.readouterr().out
+    for argv, message in ((["--run", str(ticket), "--out", str(tmp_path / "d")], "int8 needs --data"),
+                          (["--run", str(ticket), "--out", str(tmp_path / "d"), "--dtypes", "fp32", "--check", "3"],
+                           "--check compares"),
+                          (["--fit", "--flash", "lots"], "not a size")):
+        with pytest.raises(SystemExit):
+            ec.main(argv)
+        assert message in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="no model.pt"):
+        ec.main(["--run", str(tmp_path / "nothing"), "--out", str(tmp_path / "e"), "--dtypes", "fp32"])
