@@ -504,18 +504,35 @@ def parse_bytes(text: str) -> int:
     return int(float(m.group(1)) * {"": 1, "k": 1024, "m": 1024 ** 2}[m.group(2).lower()])
 
 
+def longest_window_steps(model: HannunNet, norm: dict, ram: int, dtype: str) -> int:
+    """The most output steps (windows of steps x stride samples) whose arena fits ``ram``
+    bytes: estimated from one step (the arena grows about linearly), then checked."""
+    stride = model.cfg.stride
+
+    def arena(steps: int) -> int:
+        return plan_arena(build_program(model, norm, steps * stride / FS), ACT_BYTES[dtype])[1]
+
+    if arena(1) > ram:
+        return 0
+    steps = max(1, ram // arena(1))
+    while steps > 1 and arena(steps) > ram:
+        steps -= 1
+    while arena(steps + 1) <= ram:
+        steps += 1
+    return steps
+
+
 def fit_budget(levels: dict[float, HannunNet], flash: int, ram: int, seconds: float, dtype: str,
                norm: dict | None = None) -> tuple[list[dict], float | None]:
     """(a row of costs per compression level, the first level, in increasing compression,
     whose flash and arena fit ``flash`` and ``ram`` bytes; None if none does). Each row
-    also gives the longest window (in 256-sample steps) whose arena fits ``ram``."""
+    also gives the longest window (whole output steps, in seconds) whose arena fits ``ram``."""
     norm = norm or {"mean": 0.0, "std": 1.0}
     rows, first = [], None
     for compression, model in sorted(levels.items()):
         p = build_program(model, norm, seconds)
         row = {"compression": compression, **costs(p, dtype)}
-        per_step = plan_arena(build_program(model, norm, p.stride / FS), ACT_BYTES[dtype])[1]
-        row["longest_window_s_in_ram"] = round(ram / per_step * p.stride / FS, 2) if per_step else None
+        row["longest_window_s_in_ram"] = longest_window_steps(model, norm, ram, dtype) * p.stride / FS
         row["fits_flash"] = row["flash_bytes"] <= flash
         row["fits"] = row["fits_flash"] and row["arena_bytes"] <= ram
         rows.append(row)

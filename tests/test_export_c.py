@@ -142,8 +142,12 @@ def test_fit_budget_names_the_first_level_that_fits() -> None:
     assert first == 4.0
     _, first = ec.fit_budget(levels, flash[8.0] - 1, 1 << 30, 2.56, "fp32")
     assert first is None
-    _, first = ec.fit_budget(levels, 1 << 30, 16, 2.56, "fp32")  # no arena fits 16 bytes
-    assert first is None
+    rows, first = ec.fit_budget(levels, 1 << 30, 16, 2.56, "fp32")  # no arena fits 16 bytes
+    assert first is None and rows[0]["longest_window_s_in_ram"] == 0
+    model, norm = levels[1.0], {"mean": 0.0, "std": 1.0}
+    ram = ec.costs(ec.build_program(model, norm, 3 * model.cfg.stride / ec.FS), "fp32")["arena_bytes"]
+    assert ec.longest_window_steps(model, norm, ram, "fp32") == 3
+    assert ec.longest_window_steps(model, norm, ram - 1, "fp32") == 2
 
 
 def test_sizes_parse_and_bad_input_is_refused() -> None:
