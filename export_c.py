@@ -50,6 +50,7 @@ import run_folders as rf
 import run_state
 import train
 from model import HannunConfig, HannunNet, SameConv1d
+from stream import cpu_flags
 
 FS = 200
 TEMPLATES = Path(__file__).resolve().parent / "c"
@@ -182,10 +183,6 @@ def run_program(p: Program, samples_uv: torch.Tensor) -> dict[str, torch.Tensor]
     return t
 
 
-def logits_of(p: Program, t: dict[str, torch.Tensor]) -> torch.Tensor:
-    return t["logits"].transpose(1, 2)  # [B, steps, classes], as HannunNet returns
-
-
 def calibrate(p: Program, records: list[np.ndarray]) -> None:
     """Activation ranges of the integer dtypes: CLIP_PERCENTILE of |activation| over ``records``."""
     tops: dict[str, list[float]] = {}
@@ -241,7 +238,8 @@ def check_plan(p: Program, offsets: dict[str, int], elem_bytes: int) -> None:
             if life[a][0] <= life[b][1] and life[b][0] <= life[a][1]:
                 ea = offsets[a] + p.tensors[a][0] * p.tensors[a][1] * elem_bytes
                 eb = offsets[b] + p.tensors[b][0] * p.tensors[b][1] * elem_bytes
-                assert ea <= offsets[b] or eb <= offsets[a], (a, b)
+                if not (ea <= offsets[b] or eb <= offsets[a]):
+                    raise ExportCError(f"buffer plan: {a} and {b} are alive together and overlap")
 
 
 # --------------------------------------------------------------------------- sizes
@@ -602,7 +600,7 @@ def main(argv: list[str] | None = None) -> dict:
         p = build_program(model, norm, args.seconds)
     except (ExportCError, et.TicketError) as e:
         sys.exit(f"error: {e}")
-    report: dict = {"source": str(args.run), "code_version": rf.code_version(), "cpu_flags": _cpu_flags()}
+    report: dict = {"source": str(args.run), "code_version": rf.code_version(), "cpu_flags": cpu_flags()}
     ds = None
     if args.data is not None:
         from build_datasets import DatasetError, load_dataset  # noqa: PLC0415
@@ -632,12 +630,6 @@ def main(argv: list[str] | None = None) -> dict:
     rf.atomic_write(args.out / "report.json", (json.dumps(report, indent=2) + "\n").encode())
     print(json.dumps(report, indent=2))
     return report
-
-
-def _cpu_flags() -> str:
-    from stream import cpu_flags  # noqa: PLC0415
-
-    return cpu_flags()
 
 
 if __name__ == "__main__":

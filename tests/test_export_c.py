@@ -112,6 +112,8 @@ def test_buffer_plan_and_sizes() -> None:
         offsets, arena, bound = ec.plan_arena(p, elem)
         ec.check_plan(p, offsets, elem)
         assert bound <= arena <= 1.25 * bound
+    with pytest.raises(ec.ExportCError, match="overlap"):  # the check can fail: stem output on the input
+        ec.check_plan(p, {**offsets, "stem": offsets["input"]}, 1)
     # the first block: input, stem output, conv1 output and conv2 output; the stem's output
     # (the shortcut) lives until conv2, so three tensors of 4 channels x 1024 are alive
     c = model.cfg.start_filters
