@@ -54,13 +54,17 @@ from stream import cpu_flags
 
 FS = 200
 TEMPLATES = Path(__file__).resolve().parent / "c"
-C_FILES = ("ecg_infer.c", "ecg_infer.h", "ecg_layer.h", "ecg_main.c")
+C_FILES = ("ecg_infer.c", "ecg_infer.h", "ecg_layer.h", "ecg_main.c", "ecg_stream.c", "ecg_stream.h",
+           "ecg_stream_main.c")
 DTYPES = ("fp32", "int8", "int8a8")
 """fp32; int8 weights with int16 activations (int8, the default: TFLite's "16x8"); int8
 weights and activations (int8a8: a quarter of fp32's RAM, but on the real ticket 2-3 % of
 records change class, see README)."""
 ACT_BYTES = {"fp32": 4, "int8": 2, "int8a8": 1}
 ACT_LEVELS = {"int8": 32767, "int8a8": 127}
+STREAM_HOP = 32
+"""Samples per push of the streaming C program: rings at the first layers hold about one
+push plus the kernel, so a smaller push needs less RAM (and more calls)."""
 CLIP_PERCENTILE = {"int8": 100.0, "int8a8": 99.99}
 """Activation ranges: this percentile of |activation| over the calibration records. With
 8-bit activations the maximum would let one noisy record's spike set the resolution of
@@ -104,6 +108,7 @@ class Program:
     norm: dict
     classes: int
     clip: dict[str, dict[str, float]] = field(default_factory=dict)  # dtype: tensor: largest |activation| kept
+    rings: dict[int, tuple[dict[str, int], int]] = field(default_factory=dict)  # ring_plan's answer per hop
 
 
 def _bn(bn: torch.nn.BatchNorm1d) -> tuple[torch.Tensor, torch.Tensor]:
@@ -242,6 +247,83 @@ def check_plan(p: Program, offsets: dict[str, int], elem_bytes: int) -> None:
                     raise ExportCError(f"buffer plan: {a} and {b} are alive together and overlap")
 
 
+# --------------------------------------------------------------------------- streaming plan
+
+
+def ring_plan(p: Program, hop: int = STREAM_HOP) -> tuple[dict[str, int], int]:
+    """({tensor: ring capacity in columns}, most logit steps one push or flush returns)
+    when the program is pushed ``hop`` samples at a time (c/ecg_stream.c). The schedule
+    is simulated: every layer computes each output column as soon as the columns it reads
+    exist, push after push until 8 output steps past the first (the steady state), then a
+    flush after a last push of every length from 1 to the stride; each ring holds the most
+    columns written but still to be read at any point."""
+    if hop in p.rings:
+        return p.rings[hop]
+    producer = {layer.dst: i for i, layer in enumerate(p.layers)}
+    cap = {layer.dst: 1 for layer in p.layers if layer.dst != "logits"}
+    readers = [(i, layer) for i, layer in enumerate(p.layers) if layer.kind != "input"]
+    div = {layer.dst: p.samples // layer.out_len for layer in p.layers}
+    div["input"] = 1
+
+    def first_read(done: list[int], i: int, layer: Layer, name: str) -> int | None:
+        if layer.res == name:
+            return layer.res_stride * done[i]
+        if layer.src != name:
+            return None
+        return done[i] * layer.stride - layer.pad if layer.kind == "conv" else done[i]
+
+    def ready(done: list[int], i: int, layer: Layer, total: int | None) -> bool:
+        n = done[i]
+        if total is not None and n >= total // div[layer.dst]:
+            return False
+        last = n * layer.stride - layer.pad + layer.weight.shape[2] - 1 if layer.kind == "conv" else n
+        if total is not None:
+            last = min(last, total // div[layer.src] - 1)
+        if last >= done[producer[layer.src]]:
+            return False
+        return layer.res is None or (n + 1) * layer.res_stride - 1 < done[producer[layer.res]]
+
+    consumers = {name: [(j, other) for j, other in readers if name in (other.src, other.res)] for name in cap}
+
+    def measure(done: list[int], name: str) -> None:
+        """A ring is fullest right after its producer wrote: measure it then."""
+        start = min(first_read(done, j, other, name) for j, other in consumers[name])
+        cap[name] = max(cap[name], done[producer[name]] - max(0, start))
+
+    def run(done: list[int], total: int | None = None) -> int:
+        """One push's work, or the flush's (in passes of at most one hop's worth of
+        columns per layer, as c/ecg_stream.c does); returns the logit steps it emits."""
+        before = done[-1]
+        measure(done, "input")
+        progress = True
+        while progress:
+            progress = False
+            for i, layer in readers:
+                quota = max(1, hop // div[layer.dst]) if total is not None else None
+                made = 0
+                while (quota is None or made < quota) and ready(done, i, layer, total):
+                    done[i] += 1
+                    made += 1
+                progress = progress or (made > 0 and total is not None)
+                if layer.dst in cap:
+                    measure(done, layer.dst)
+        return done[-1] - before
+
+    done, most = [0] * len(p.layers), 1
+    while done[-1] < 9 or done[0] % p.stride:
+        done[0] += hop
+        most = max(most, run(done))
+    for last in range(1, p.stride + 1):
+        end = list(done)
+        for at in range(0, last, hop):
+            end[0] += min(hop, last - at)
+            most = max(most, run(end))
+        end[0] = p.stride * -(-end[0] // p.stride)  # the flush pads the input with zeros
+        most = max(most, run(end, end[0]))
+    p.rings[hop] = cap, most
+    return cap, most
+
+
 # --------------------------------------------------------------------------- sizes
 
 
@@ -270,13 +352,23 @@ LAYER_STRUCT_BYTES = 96
 32-bit microcontroller: the flash figures are an upper bound there by 32 bytes a layer."""
 
 
-def costs(p: Program, dtype: str) -> dict:
+def ring_bytes(p: Program, dtype: str, cap: dict[str, int]) -> int:
+    """Bytes of the rings of the streaming program (c/ecg_stream.c), each 4-byte aligned."""
+    return sum(-(-p.tensors[name][0] * c * ACT_BYTES[dtype] // 4) * 4 for name, c in cap.items())
+
+
+def costs(p: Program, dtype: str, cap: dict[str, int] | None = None) -> dict:
+    """Flash, RAM and MACs of ``p`` in ``dtype``; with ``cap`` (ring_plan) also the RAM of
+    the streaming program."""
     _, arena, bound = plan_arena(p, ACT_BYTES[dtype])
     m = macs(p)
-    return {"dtype": dtype, "window_samples": p.samples, "flash_bytes": flash_bytes(p, dtype),
-            "arena_bytes": arena, "arena_lower_bound_bytes": bound,
-            "logits_bytes": 4 * p.classes * (p.samples // p.stride),
-            "macs_per_window": m, "macs_per_second_of_ecg": round(m / (p.samples / FS))}
+    row = {"dtype": dtype, "window_samples": p.samples, "flash_bytes": flash_bytes(p, dtype),
+           "arena_bytes": arena, "arena_lower_bound_bytes": bound,
+           "logits_bytes": 4 * p.classes * (p.samples // p.stride),
+           "macs_per_window": m, "macs_per_second_of_ecg": round(m / (p.samples / FS))}
+    if cap is not None:
+        row["stream_ring_bytes"] = ring_bytes(p, dtype, cap)
+    return row
 
 
 # --------------------------------------------------------------------------- C code
@@ -290,12 +382,28 @@ def _ints(v: np.ndarray) -> str:
     return ", ".join(str(int(x)) for x in np.asarray(v).ravel())
 
 
-def header(p: Program, dtype: str, source: str) -> str:
-    """ecg_ticket.h: constants, weights and the layer table of ``p`` in ``dtype``."""
+def ring_arena(p: Program, dtype: str) -> tuple[dict[str, int], int, dict[str, int], int]:
+    """(byte offset of every ring, arena bytes, ring capacities, most steps per call) of
+    the streaming program: all rings live all the time, one after the other."""
+    cap, most = ring_plan(p)
+    offsets, at = {}, 0
+    for name, c in cap.items():
+        offsets[name] = at
+        at += ring_bytes(p, dtype, {name: c})
+    return offsets, at, cap, most
+
+
+def header(p: Program, dtype: str, source: str, stream: bool = False) -> str:
+    """ecg_ticket.h: constants, weights and the layer table of ``p`` in ``dtype``; with
+    ``stream`` the arena holds the rings of c/ecg_stream.c instead of whole tensors."""
     if dtype != "fp32" and dtype not in p.clip:
         raise ExportCError(f"{dtype} needs calibration records (calibrate) first")
-    offsets, arena, bound = plan_arena(p, ACT_BYTES[dtype])
-    check_plan(p, offsets, ACT_BYTES[dtype])
+    if stream:
+        offsets, arena, cap, most = ring_arena(p, dtype)
+        bound = arena
+    else:
+        offsets, arena, bound = plan_arena(p, ACT_BYTES[dtype])
+        check_plan(p, offsets, ACT_BYTES[dtype])
     sc = {n: top / ACT_LEVELS[dtype] for n, top in p.clip[dtype].items()} if dtype != "fp32" else {}
     out_scale = {n: sc.get(n, 1.0) for n in p.tensors}
     out_scale["logits"] = 1.0  # float logits
@@ -308,7 +416,8 @@ def header(p: Program, dtype: str, source: str) -> str:
              f"#define ECG_STEPS {p.samples // p.stride}", f"#define ECG_CLASSES {p.classes}",
              f"#define ECG_MEAN {p.norm['mean']:.9e}f",
              f"#define ECG_ARENA_BYTES {arena} /* lower bound {bound} */",
-             f"#define ECG_LAYERS {len(p.layers)}", ""]
+             f"#define ECG_LAYERS {len(p.layers)}",
+             *([f"#define ECG_HOP {STREAM_HOP}", f"#define ECG_STREAM_MAX_STEPS {most}"] if stream else []), ""]
     table = []
     for i, layer in enumerate(p.layers):
         pre = f"L{i}_"
@@ -351,16 +460,28 @@ def header(p: Program, dtype: str, source: str) -> str:
                 f.update(res=offsets[layer.res], res_channels=p.tensors[layer.res][0], res_stride=layer.res_stride,
                          res_mult=f"{out_scale[layer.res] / o_s:.9e}f")
         table.append("    {" + ", ".join(f".{k} = {v}" for k, v in f.items()) + "},")
-    lines += ["", "static const ecg_layer ECG_NET[ECG_LAYERS] = {", *table, "};", "", "#endif", ""]
+    lines += ["", "static const ecg_layer ECG_NET[ECG_LAYERS] = {", *table, "};", ""]
+    if stream:
+        producer = {layer.dst: i for i, layer in enumerate(p.layers)}
+        rings = []
+        for layer in p.layers:
+            div = p.samples // layer.in_len, p.samples // layer.out_len
+            rings.append(f"    {{.src_layer = {producer.get(layer.src, 0)}, "
+                         f".res_layer = {producer.get(layer.res, -1)}, .src_cap = {cap.get(layer.src, 1)}, "
+                         f".res_cap = {cap.get(layer.res, 1)}, .dst_cap = {cap.get(layer.dst, 1)}, "
+                         f".in_div = {div[0]}, .out_div = {div[1]}}},")
+        lines += ["static const ecg_ring ECG_RING[ECG_LAYERS] = {", *rings, "};", ""]
+    lines += ["#endif", ""]
     return "\n".join(lines)
 
 
-def write_c(p: Program, dtype: str, out: Path, source: str) -> Path:
-    """The C sources for ``dtype`` in ``out``: the templates and the generated header."""
+def write_c(p: Program, dtype: str, out: Path, source: str, stream: bool = False) -> Path:
+    """The C sources for ``dtype`` in ``out``: the templates and the generated header
+    (for c/ecg_stream.c with ``stream``)."""
     out.mkdir(parents=True, exist_ok=True)
     for name in C_FILES:
         shutil.copyfile(TEMPLATES / name, out / name)
-    rf.atomic_write(out / "ecg_ticket.h", header(p, dtype, source).encode())
+    rf.atomic_write(out / "ecg_ticket.h", header(p, dtype, source, stream).encode())
     return out
 
 
@@ -371,11 +492,12 @@ def compiler() -> str:
     return found
 
 
-def build(folder: Path, extra: tuple[str, ...] = ()) -> Path:
+def build(folder: Path, extra: tuple[str, ...] = (), stream: bool = False) -> Path:
     """Compile the driver and the network in ``folder`` (C99, -O2, every warning an error)."""
-    exe = folder / "ecg_main"
+    net, main = ("ecg_stream.c", "ecg_stream_main.c") if stream else ("ecg_infer.c", "ecg_main.c")
+    exe = folder / main.removesuffix(".c")
     cmd = [compiler(), "-std=c99", "-O2", "-Wall", "-Wextra", "-Werror", "-pedantic", "-D_POSIX_C_SOURCE=199309L",
-           *extra, "-o", str(exe), str(folder / "ecg_infer.c"), str(folder / "ecg_main.c"), "-lm"]
+           *extra, "-o", str(exe), str(folder / net), str(folder / main), "-lm"]
     r = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if r.returncode:
         raise ExportCError(f"C compilation failed:\n{' '.join(cmd)}\n{r.stderr}")
@@ -411,6 +533,27 @@ def run_c(exe: Path, records: list[np.ndarray], steps: int, classes: int) -> lis
     return list(out)
 
 
+def run_c_stream(exe: Path, records: list[np.ndarray], classes: int) -> tuple[list[np.ndarray], dict[int, int]]:
+    """(per-step logits of each record from the streaming program, {step: push after which
+    it came out} of the first record)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "records.f32"
+        with open(path, "wb") as f:
+            for x in records:
+                f.write(np.int32(len(x)).tobytes() + x.astype(np.float32).tobytes())
+        r = subprocess.run([str(exe), str(path)], capture_output=True, check=False)
+    if r.returncode:
+        raise ExportCError(f"{exe} failed ({r.returncode}): {r.stderr.decode()}")
+    out, at = [], 0
+    for _ in records:
+        steps = int(np.frombuffer(r.stdout, dtype=np.int32, count=1, offset=at)[0])
+        logits = np.frombuffer(r.stdout, dtype=np.float32, count=steps * classes, offset=at + 4)
+        out.append(logits.reshape(steps, classes))
+        at += 4 + 4 * steps * classes
+    when = dict(tuple(int(v) for v in pair.split(":")) for pair in r.stderr.decode().split())
+    return out, when
+
+
 def c_latency_ms(exe: Path, record: np.ndarray, seconds: float = 2.0) -> float:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "r.f32"
@@ -439,6 +582,23 @@ def compare(model: HannunNet, p: Program, exe: Path, records: list[np.ndarray]) 
         inp[0, 0, :len(x)] = (torch.from_numpy(x.astype(np.float32)) - p.norm["mean"]) / p.norm["std"]
         with torch.inference_mode():
             want = model(inp)[0].numpy()
+        worst = max(worst, float(np.abs(c - want).max() / max(np.abs(want).max(), 1e-12)))
+        same += record_class(c, len(x), p.stride) == record_class(want, len(x), p.stride)
+    return {"records": len(records), "max_rel_diff": worst, "same_class": same / len(records)}
+
+
+def compare_stream(model: HannunNet, p: Program, exe: Path, records: list[np.ndarray]) -> dict:
+    """As ``compare``, for the streaming program: every step of each record (zero-padded
+    to the stride, not to the window) against the whole-record PyTorch pass."""
+    got, _ = run_c_stream(exe, records, p.classes)
+    worst, same = 0.0, 0
+    for x, c in zip(records, got, strict=True):
+        inp = torch.zeros(1, 1, p.stride * -(-len(x) // p.stride))
+        inp[0, 0, :len(x)] = (torch.from_numpy(x.astype(np.float32)) - p.norm["mean"]) / p.norm["std"]
+        with torch.inference_mode():
+            want = model(inp)[0].numpy()
+        if c.shape != want.shape:
+            raise ExportCError(f"streaming C gave {c.shape[0]} steps for a record of {want.shape[0]}")
         worst = max(worst, float(np.abs(c - want).max() / max(np.abs(want).max(), 1e-12)))
         same += record_class(c, len(x), p.stride) == record_class(want, len(x), p.stride)
     return {"records": len(records), "max_rel_diff": worst, "same_class": same / len(records)}
@@ -524,15 +684,17 @@ def fit_budget(levels: dict[float, HannunNet], flash: int, ram: int, seconds: fl
                norm: dict | None = None) -> tuple[list[dict], float | None]:
     """(a row of costs per compression level, the first level, in increasing compression,
     whose flash and arena fit ``flash`` and ``ram`` bytes; None if none does). Each row
-    also gives the longest window (whole output steps, in seconds) whose arena fits ``ram``."""
+    also gives the longest window (whole output steps, in seconds) whose arena fits ``ram``,
+    and the RAM of the streaming program (its rings) and whether that fits instead."""
     norm = norm or {"mean": 0.0, "std": 1.0}
     rows, first = [], None
     for compression, model in sorted(levels.items()):
         p = build_program(model, norm, seconds)
-        row = {"compression": compression, **costs(p, dtype)}
+        row = {"compression": compression, **costs(p, dtype, ring_plan(p)[0])}
         row["longest_window_s_in_ram"] = longest_window_steps(model, norm, ram, dtype) * p.stride / FS
         row["fits_flash"] = row["flash_bytes"] <= flash
         row["fits"] = row["fits_flash"] and row["arena_bytes"] <= ram
+        row["fits_streaming"] = row["fits_flash"] and row["stream_ring_bytes"] <= ram
         rows.append(row)
         if first is None and row["fits"]:
             first = compression
@@ -587,13 +749,18 @@ def main(argv: list[str] | None = None) -> dict:
             rows, first = fit_budget(levels, args.flash_bytes, args.ram_bytes, args.seconds, dtype)
             report[dtype] = {"levels": rows, "first_fit": first}
             print(f"{dtype}, width {args.width:g}, window {args.seconds:g} s, budget flash {args.flash} RAM {args.ram}")
-            print("compression  flash_bytes  arena_bytes  MACs/s_ECG  longest_window_s_in_RAM  fits")
+            print("compression  flash_bytes  arena_bytes  MACs/s_ECG  longest_window_s_in_RAM  fits  "
+                  "stream_ring_bytes  fits_streaming")
             for r in rows:
                 print(f"{r['compression']:>11g}  {r['flash_bytes']:>11,}  {r['arena_bytes']:>11,}  "
-                      f"{r['macs_per_second_of_ecg']:>10,}  {r['longest_window_s_in_ram']:>23}  {r['fits']}")
+                      f"{r['macs_per_second_of_ecg']:>10,}  {r['longest_window_s_in_ram']:>23}  {r['fits']!s:>4}  "
+                      f"{r['stream_ring_bytes']:>17,}  {r['fits_streaming']}")
             flash_only = next((r["compression"] for r in rows if r["fits_flash"]), None)
+            streaming = next((r["compression"] for r in rows if r["fits_streaming"]), None)
+            report[dtype]["first_fit_streaming"] = streaming
             print(f"first level that fits: {first if first is not None else 'none'} "
-                  f"(flash alone: {flash_only if flash_only is not None else 'none'})\n")
+                  f"(flash alone: {flash_only if flash_only is not None else 'none'}; "
+                  f"streaming: {streaming if streaming is not None else 'none'})\n")
         return report
     try:
         model, norm = read_ticket(args.run)
@@ -614,16 +781,19 @@ def main(argv: list[str] | None = None) -> dict:
         idx = ds.indices(split)[:n]
         return [ds.signals[i, : min(ds.lengths[i], p.samples)].astype(np.float32) for i in idx]
 
+    cap = ring_plan(p)[0]
     if set(args.dtypes) - {"fp32"}:
         calibrate(p, records("train", args.calibration))
     for dtype in args.dtypes:
         folder = write_c(p, dtype, args.out / dtype, str(args.run))
         exe = build(folder)
-        row = costs(p, dtype)
+        row = costs(p, dtype, cap)
         row.update(compiled_sizes(folder))
+        stream_exe = build(write_c(p, dtype, args.out / f"{dtype}-stream", str(args.run), stream=True), stream=True)
         test = records("test", args.check) if ds is not None and args.check else []
         if test:
             row["check"] = compare(model, p, exe, test)
+            row["check_stream"] = compare_stream(model, p, stream_exe, test)
         probe = test[0] if test else np.zeros(p.samples, dtype=np.float32)
         row["c_ms_per_window_host"] = c_latency_ms(exe, probe)
         report[dtype] = row

@@ -42,4 +42,11 @@ typedef struct {
     float input_mult;       /* ECG_INPUT: 1 / (std x input scale) */
 } ecg_layer;
 
+/* Streaming (ecg_stream.c): every tensor is a ring of its last `cap` columns. */
+typedef struct {
+    int16_t src_layer, res_layer; /* layers that write the input and the shortcut (-1: none) */
+    int32_t src_cap, res_cap, dst_cap; /* ring capacities in columns */
+    int32_t in_div, out_div;      /* input samples per column of the input and of the output */
+} ecg_ring;
+
 #endif

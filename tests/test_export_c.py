@@ -91,6 +91,30 @@ def test_real_ticket_on_real_records(tmp_path: Path) -> None:
         assert r["same_class"] >= 0.99, (dtype, r)
 
 
+def test_streaming_c_equals_the_whole_record_after_the_delay(tmp_path: Path) -> None:
+    """c/ecg_stream.c under AddressSanitizer/UBSan (so the planned rings are big enough):
+    every step of records of any length equals the whole-record pass, and step t comes
+    out with the push that completes sample 256 t + 255 + 9,953 (the look-ahead of stream.py)."""
+    model, norm = _random_ticket(seed=2)
+    rng = np.random.default_rng(3)
+    records = [rng.normal(0, 200, n).astype(np.float32) for n in (12_800, 1000, 6000, 257)]
+    for dtype in ("fp32", "int8"):
+        p = ec.build_program(model, norm, 30)
+        if dtype != "fp32":
+            ec.calibrate(p, _synthetic(4, 30))
+        folder = ec.write_c(p, dtype, tmp_path / dtype, "test", stream=True)
+        exe = ec.build(folder, ("-fsanitize=address,undefined", "-fno-sanitize-recover=all", "-g"), stream=True)
+        r = ec.compare_stream(model, p, exe, records)
+        if dtype == "fp32":
+            assert r["max_rel_diff"] <= 1e-4, r
+        assert r["same_class"] >= 0.99, (dtype, r)
+        _, when = ec.run_c_stream(exe, records, p.classes)
+        hop = ec.STREAM_HOP
+        assert when == {t: (256 * t + 255 + 9953) // hop for t in range((12_800 - 9953) // 256)}
+        cap = ec.ring_plan(p)[0]
+        assert ec.ring_bytes(p, dtype, cap) < ec.costs(p, dtype)["arena_bytes"] / 2
+
+
 def test_the_c_code_stays_in_its_arena_and_is_defined(tmp_path: Path) -> None:
     """AddressSanitizer and UBSan: any read or write past the planned arena (or signed
     overflow) aborts the program; the outputs are those of the plain build."""
