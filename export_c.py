@@ -9,17 +9,19 @@ time):
     BatchNorm that follows a conv is folded into it, and the two that follow a residual
     sum become a per-channel scale and shift;
   * weights are stored sparse, per output channel (CSR: 2-byte index + value per
-    surviving weight), in fp32 or int8 (per-output-channel weight scales; int8
-    activations with per-tensor scales calibrated on records; int32 sums);
+    surviving weight), in fp32 or int8 (per-output-channel weight scales) with int16
+    (``int8``) or int8 (``int8a8``) activations, per-tensor scales calibrated on records;
   * every activation lives in one static arena, laid out by a buffer plan (each tensor
     lives from the layer that writes it to the last that reads it; first fit by offset).
 
 It reports flash bytes (weights and tables, from the header; checked against the compiled
 object), peak RAM for activations (the arena; next to the lower bound, the largest sum of
 tensors alive at one layer), multiply-accumulates per second of ECG, and, with --fit, the
-first compression level that fits a flash and RAM budget. A window (--seconds, default 30)
-is classified at once, so RAM grows with the window; stream.py shows the streaming
-alternative in Python.
+first compression level that fits a flash and RAM budget. ``c/ecg_infer.c`` classifies a
+window (--seconds, default 30) at once, so its RAM grows with the window; ``c/ecg_stream.c``
+(the same header written with stream=True, in a ``<dtype>-stream`` folder) takes pushes
+of 32 samples and keeps per tensor only a ring of the columns still to be read, as
+stream.py does in Python: its RAM is the rings' bytes, whatever the recording's length.
 
 Examples:
     python export_c.py --run results/cinc2017-cpu/seed3/lr_rewind/round_04 --out c-ticket \\
