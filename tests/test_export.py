@@ -180,6 +180,32 @@ def test_onnx_export_matches_pytorch(ticket_run: Path, tmp_path: Path) -> None:
     assert diff < 1e-5 * max(1.0, scale) and (tmp_path / "t.onnx").stat().st_size > 0
 
 
+@pytest.mark.skipif(any(importlib.util.find_spec(m) is None for m in ("onnx", "onnxruntime", "onnxscript")),
+                    reason="onnx/onnxruntime not installed (pip install -r requirements-export.txt)")
+def test_onnx_int8_is_the_shrunk_network_statically_quantised(ticket_run: Path, tiny_data: Path,
+                                                               tmp_path: Path) -> None:
+    import onnx  # noqa: PLC0415 - optional
+
+    report = et.main(["--run", str(ticket_run), "--out", str(tmp_path), "--data", str(tiny_data), "--onnx",
+                      "--calibration", "8", "--dtypes", "fp32", "--latency-seconds", "0.02", "--threads", "1"])
+    fp32, int8 = (onnx.load(tmp_path / f) for f in ("ticket.onnx", "ticket-int8.onnx"))
+    cfg, state, _, norm, _ = et.read_run(ticket_run)
+    shrunk = et.shrink(et.build_model(cfg, state))
+    convs = [i for i in fp32.graph.initializer if i.name.endswith("conv1.weight")]
+    assert [i.dims[0] for i in convs] == [b.conv1.out_channels for b in shrunk.blocks]  # the shrunk network
+    assert {"QuantizeLinear", "DequantizeLinear"} <= {n.op_type for n in int8.graph.node}
+    assert report["onnx_int8_bytes"] < report["onnx_bytes"] and report["onnx_int8_calibration_records"] == 8
+    label = "ONNX int8 static (onnxruntime)"
+    assert label in report["latency_ms"] and label in report["f1"]
+    x = et.calibration_inputs(tiny_data, norm, cfg.stride, 4)[0]
+    want = shrunk(torch.from_numpy(x)).detach()
+    got = et.OnnxModule(tmp_path / "ticket-int8.onnx")(torch.from_numpy(x))
+    # the 1-epoch tiny network's logits are near 0 (max ~0.2), so 8-bit steps are large
+    # relative to them; wrong scales or a wrong graph give errors many times the logits
+    assert float((got - want).abs().max()) < 0.5 * float(want.abs().max())
+    assert "ONNX int8" in (tmp_path / "report.md").read_text()
+
+
 def test_bad_runs_and_tickets_are_clear_errors(tmp_path: Path) -> None:
     with pytest.raises(SystemExit, match="model.pt missing"):
         et.main(["--run", str(tmp_path), "--out", str(tmp_path / "o")])
