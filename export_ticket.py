@@ -46,6 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import batching
 import prune as pm
 import run_folders as rf
 import train
@@ -392,7 +393,7 @@ def evaluate_variants(variants: dict[str, nn.Module], data: Path, norm: dict, st
     """Validation and test challenge F1 and accuracy of each network on ``data``, in fp32,
     with the run's evaluation settings (batch size, aggregation)."""
     ds = load_dataset(data)
-    batcher = train.Batcher(ds, train.Normalizer(**norm), stride, torch.device("cpu"))
+    batcher = batching.Batcher(ds, batching.Normalizer(**norm), stride, torch.device("cpu"))
     cfg = train.TrainConfig(eval_batch_size=flags.get("eval_batch_size", 64), aggregate=flags.get("aggregate", "mean"))
     out = {}
     for label, model in variants.items():
