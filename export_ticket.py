@@ -581,5 +581,11 @@ def main(argv: list[str] | None = None) -> dict:
     return report
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The ecg-export-ticket command (pyproject.toml): main() returns the report for callers in
+    Python, which a console entry point would pass to sys.exit and print as an error."""
     main()
+
+
+if __name__ == "__main__":
+    cli()

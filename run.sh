@@ -54,7 +54,28 @@ DATA_DIR=""                # built data set folder (default data/$DATASET)
 #   bash run.sh configs/cinc2017-cpu.sh     (real data, CPU scale)
 #   bash run.sh configs/cinc2017-gpu.sh     (real data, the full network on a GPU)
 # and --dry-run after it prints the commands instead of running them (gpu_sitting.py reads them).
+if [ $# -ge 1 ] && { [ "$1" = --help ] || [ "$1" = -h ]; }; then
+    cat <<'USAGE'
+usage: bash run.sh [CONFIG] [--dry-run]
+
+Builds the data, runs the lottery-ticket grid (every method, its controls and the dense
+baseline, over the seeds), plots it and exports the winning ticket. Every step skips work
+already done: re-running continues where an interruption stopped it.
+
+  CONFIG     a bash file that sets some of the variables below (configs/*.sh), e.g.
+             configs/cinc2017-cpu.sh for the real data at CPU scale
+  --dry-run  print the commands instead of running them
+
+The variables and their defaults (the synthetic demo):
+USAGE
+    sed -n '/^# --- data$/,/^DATA_DIR=/p' "$0"
+    exit 0
+fi
 if [ $# -ge 1 ] && [ "$1" != --dry-run ]; then
+    if [ "${1#-}" != "$1" ] || [ ! -f "$1" ]; then
+        echo "error: $1 is neither a configuration file nor --dry-run; usage: bash run.sh [CONFIG] [--dry-run] (see --help)" >&2
+        exit 2
+    fi
     # shellcheck source=/dev/null
     source "$1"
     shift

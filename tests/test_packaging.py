@@ -1,0 +1,40 @@
+"""What a newcomer runs first: `bash run.sh --help` and `pip install .` (pyproject.toml)."""
+
+from __future__ import annotations
+
+import importlib
+import re
+import subprocess
+import tomllib
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_run_sh_help_prints_usage_and_every_variable_and_runs_nothing() -> None:
+    done = subprocess.run(["bash", "run.sh", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("usage: bash run.sh [CONFIG] [--dry-run]")
+    assert "builtin" not in done.stdout  # not bash's help for `source`
+    assigned = re.findall(r"^([A-Z_]+)=", (ROOT / "run.sh").read_text(), flags=re.M)
+    variables = assigned[:assigned.index("DATA_DIR") + 1]  # the settings block, not the script's own
+    assert len(variables) > 20
+    for name in variables:
+        assert re.search(rf"^{name}=", done.stdout, flags=re.M), f"--help does not list {name}"
+
+
+def test_run_sh_refuses_an_unknown_flag_or_a_missing_config(tmp_path: Path) -> None:
+    for arg in ("--bogus", str(tmp_path / "missing.sh")):
+        done = subprocess.run(["bash", "run.sh", arg], cwd=ROOT, capture_output=True, text=True, timeout=30)
+        assert done.returncode == 2 and f"error: {arg} is neither" in done.stderr
+
+
+def test_pyproject_lists_every_module_and_its_commands_exist() -> None:
+    """`pip install .` installs only the modules pyproject.toml names: a new script left out
+    would import in a checkout and fail after an install."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    modules = project["tool"]["setuptools"]["py-modules"]
+    assert sorted(modules) == sorted(p.stem for p in ROOT.glob("*.py"))
+    for command, target in project["project"]["scripts"].items():
+        module, func = target.split(":")
+        assert module in modules and callable(getattr(importlib.import_module(module), func)), command
