@@ -8,6 +8,8 @@ import subprocess
 import tomllib
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -38,3 +40,19 @@ def test_pyproject_lists_every_module_and_its_commands_exist() -> None:
     for command, target in project["project"]["scripts"].items():
         module, func = target.split(":")
         assert module in modules and callable(getattr(importlib.import_module(module), func)), command
+
+
+def test_slurm_tests_run_only_when_asked(pytester: pytest.Pytester) -> None:
+    """A plain `python -m pytest` must not start SLURM (or apt-install it as root): the slurm
+    marker skips unless --slurm is given, as CI (.ci/run) gives it."""
+    pytester.makeconftest((ROOT / "tests" / "conftest.py").read_text())
+    pytester.makeini("[pytest]\nmarkers = slurm: test\n")
+    pytester.makepyfile("import pytest\n\n\n@pytest.mark.slurm\ndef test_x():\n    pass\n")
+    pytester.runpytest_inprocess("-p", "no:cacheprovider").assert_outcomes(skipped=1)
+    pytester.runpytest_inprocess("-p", "no:cacheprovider", "--slurm").assert_outcomes(passed=1)
+    assert "--slurm" in (ROOT / ".ci" / "run").read_text().splitlines()[-1]
+
+
+def test_readme_test_command_is_what_ci_runs() -> None:
+    ci = [line for line in (ROOT / ".ci" / "run").read_text().splitlines() if line.startswith("python ")]
+    assert f"    {' && '.join(ci)}\n" in (ROOT / "README.md").read_text()
