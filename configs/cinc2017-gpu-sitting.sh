@@ -1,5 +1,5 @@
-# Full width on one lent GPU, one seed per 10-minute command (gpu_sitting.py; README "A GPU
-# sitting"): the published 10,466,148-parameter network (width 1, 16 blocks), the reference
+# Full width on one lent GPU, one seed per 10-minute command (gpu_sitting.py;
+# docs/gpu-sitting.md): the published 10,466,148-parameter network (width 1, 16 blocks), the reference
 # optimiser (Adam 1e-3, batch 32, clip 1) on random 4,096-sample (20.5 s) training windows,
 # with the converged schedule of the CPU-scale fair test (LR x0.1 at 80 % and 95 % of T) over
 # 8 epochs (1,712 steps); 50 % global magnitude pruning per round to 142x (8 rounds), all four

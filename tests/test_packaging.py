@@ -56,3 +56,13 @@ def test_slurm_tests_run_only_when_asked(pytester: pytest.Pytester) -> None:
 def test_readme_test_command_is_what_ci_runs() -> None:
     ci = [line for line in (ROOT / ".ci" / "run").read_text().splitlines() if line.startswith("python ")]
     assert f"    {' && '.join(ci)}\n" in (ROOT / "README.md").read_text()
+
+
+def test_relative_links_in_the_readmes_resolve() -> None:
+    """Folders move (results/archive/, results/demo-reference/): a link left behind is caught here."""
+    for md in (ROOT / "README.md", ROOT / "results" / "README.md", ROOT / "results" / "archive" / "README.md",
+               ROOT / "docs" / "gpu-sitting.md"):
+        for target in re.findall(r"\]\(([^)\s]+)\)", md.read_text()):
+            path = target.split("#")[0]
+            if path and not path.startswith(("http://", "https://")):
+                assert (md.parent / path).exists(), f"{md.relative_to(ROOT)} links to missing {target}"
