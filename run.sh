@@ -12,8 +12,8 @@ cd "$(dirname "$0")"
 # --- data
 DATASET=synthetic          # synthetic | cinc2017
 SYNTHETIC_RECORDS=800      # records of the synthetic demo set
-SOURCE=../shared/data/cinc2017/training2017   # CinC 2017 .mat/.hea folder
-DOWNLOAD=0                 # 1: fetch training2017.zip from PhysioNet into data/raw first
+SOURCE=${SOURCE:-../shared/data/cinc2017/training2017}   # CinC 2017 .mat/.hea folder (or from the environment)
+DOWNLOAD=${DOWNLOAD:-0}    # 1: fetch training2017.zip from PhysioNet into data/raw first (or from the environment)
 SPLIT_SEED=0               # seed of the stratified train/val/test split
 # --- network and dense training (train.py)
 WIDTH=0.25                 # filter multiplier: 1 = the published 10.47 M-parameter network

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import os
 import re
 import subprocess
 import tomllib
@@ -66,3 +67,12 @@ def test_relative_links_in_the_readmes_resolve() -> None:
             path = target.split("#")[0]
             if path and not path.startswith(("http://", "https://")):
                 assert (md.parent / path).exists(), f"{md.relative_to(ROOT)} links to missing {target}"
+
+
+def test_the_real_data_source_comes_from_the_environment() -> None:
+    """README's `DOWNLOAD=1 bash run.sh configs/cinc2017-cpu.sh` and `SOURCE=...` forms."""
+    for env, build in ((("DOWNLOAD", "1"), "--source data/raw/training2017 --seed 0 --out data/cinc2017 --download"),
+                       (("SOURCE", "/x/training2017"), "--source /x/training2017 --seed 0 --out data/cinc2017")):
+        done = subprocess.run(["bash", "run.sh", "configs/cinc2017-cpu.sh", "--dry-run"], cwd=ROOT, text=True,
+                              capture_output=True, timeout=60, env={**os.environ, env[0]: env[1]})
+        assert done.stdout.splitlines()[0].strip() == f"python build_datasets.py {build}", done.stdout
