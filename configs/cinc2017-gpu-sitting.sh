@@ -29,3 +29,5 @@ DEVICE=cuda
 EXTRA="--eval-batch-size 256"
 WORKERS=1
 EXP=results/cinc2017-gpu-sitting
+LATENCY_THREADS=1,2        # the exported ticket's latency table (run.sh's demo times it briefly)
+LATENCY_SECONDS=2

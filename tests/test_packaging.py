@@ -20,7 +20,7 @@ def test_run_sh_help_prints_usage_and_every_variable_and_runs_nothing() -> None:
     assert done.stdout.startswith("usage: bash run.sh [CONFIG] [--dry-run]")
     assert "builtin" not in done.stdout  # not bash's help for `source`
     assigned = re.findall(r"^([A-Z_]+)=", (ROOT / "run.sh").read_text(), flags=re.M)
-    variables = assigned[:assigned.index("DATA_DIR") + 1]  # the settings block, not the script's own
+    variables = assigned[:assigned.index("LATENCY_SECONDS") + 1]  # the settings block, not the script's own
     assert len(variables) > 20
     for name in variables:
         assert re.search(rf"^{name}=", done.stdout, flags=re.M), f"--help does not list {name}"
