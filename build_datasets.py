@@ -29,6 +29,7 @@ import json
 import lzma
 import math
 import os
+import re
 import shutil
 import sys
 import urllib.error
@@ -48,7 +49,7 @@ from scipy.signal import resample_poly
 from tqdm import tqdm
 
 from model import CLASSES
-from run_folders import atomic_write, code_version, sha256_of
+from run_folders import TableError, atomic_write, code_version, read_table, script_errors, sha256_of
 
 FS = 200
 """Sampling rate of the built data (the rate Hannun et al.'s network expects)."""
@@ -64,8 +65,12 @@ LABELS_V3 = "REFERENCE-v3.csv"
 LABELS_V1 = "REFERENCE.csv"
 CINC_SAMPLES_SHA256 = "8a257fb08210697a26833c6fdff5205f4e29f89aa25f02d984f2d2052309705b"
 """sha256 of all 8,528 official records' 300 Hz samples (little-endian int16, in order)."""
+CINC_FS = 300
+"""The rate every official CinC 2017 header states: with the official samples, another is a wrong header."""
 SAMPLES_FILE = "samples.i16d.xz"
 RECORDS_FILE = "records.csv"
+RECORDS_SCHEMA = {"record": "str", "label": "str", "length": "int", "split": "str"}
+"""The columns of records.csv (label and split also checked against CLASSES and SPLITS)."""
 INFO_FILE = "build_info.json"
 INT16 = np.iinfo(np.int16)
 XZ_CHUNKS = 16
@@ -124,21 +129,65 @@ def read_labels(path: Path) -> dict[str, str]:
 
 
 def read_header(path: Path) -> tuple[float, int]:
-    """(sampling rate, number of samples) from a single-signal WFDB header."""
+    """(sampling rate, number of samples) from a single-signal WFDB header whose signal is
+    stored as this build stores it: 1000 ADC units per mV, baseline 0 (CinC 2017's layout).
+    Another gain, baseline or unit would be read as wrong microvolts, so it is refused
+    (predict.py reads such records through the ``wfdb`` package)."""
     try:
-        fields = path.read_text().split("\n", 1)[0].split()
+        lines = [line for line in path.read_text().splitlines() if line.strip() and not line.startswith("#")]
+        fields = lines[0].split()
         n_signals, fs, n_samples = int(fields[1]), float(fields[2].split("/")[0]), int(fields[3])
     except (OSError, UnicodeDecodeError, IndexError, ValueError) as e:
         raise DatasetError(f"{path.stem}: unreadable header {path} ({e})") from e
     if n_signals != 1:
         raise DatasetError(f"{path.stem}: header {path} has {n_signals} signals, expected 1")
-    if fs <= 0 or n_samples <= 0:
+    if not (math.isfinite(fs) and fs > 0) or n_samples <= 0:
         raise DatasetError(f"{path.stem}: header {path} has fs={fs}, samples={n_samples}")
+    gain, baseline, units = signal_scale(lines[1] if len(lines) > 1 else "", path)
+    if (gain, baseline, units) != (1000.0, 0, "mV"):
+        raise DatasetError(f"{path.stem}: header {path} stores {gain:g} ADC units per {units} with baseline "
+                           f"{baseline}; this reader takes CinC 2017's 1000/mV with baseline 0 (predict.py reads "
+                           "other records through the wfdb package)")
     return fs, n_samples
 
 
+def signal_scale(line: str, path: Path) -> tuple[float, int, str]:
+    """(gain, baseline, units) of a WFDB header's signal line (``file format gain(baseline)/units
+    resolution zero ...``), with the WFDB defaults: gain 200, baseline = ADC zero, mV."""
+    fields = line.split()
+    spec = fields[2] if len(fields) > 2 else "200"
+    zero = fields[4] if len(fields) > 4 else "0"
+    found = re.fullmatch(r"([-+0-9.eE]+)(?:\(([-+0-9]+)\))?(?:/(\S+))?", spec)
+    try:
+        if found is None:
+            raise ValueError(f"gain field {spec!r}")
+        gain = float(found.group(1)) or 200.0
+        baseline = int(found.group(2) if found.group(2) is not None else zero)
+    except ValueError as e:
+        raise DatasetError(f"{path.stem}: unreadable signal line in header {path} ({e})") from e
+    return gain, baseline, found.group(3) or "mV"
+
+
+def check_int16(values: np.ndarray, name: str, source: object) -> np.ndarray:
+    """``values`` as int16, refused (naming ``name`` and ``source``) when not whole numbers or
+    outside int16: a cast would wrap them silently (73680 becomes 8144)."""
+    values = np.asarray(values)
+    if not (np.issubdtype(values.dtype, np.integer) or np.issubdtype(values.dtype, np.floating)):
+        raise DatasetError(f"{name}: {source} holds {values.dtype} values, expected integers")
+    if values.size and np.issubdtype(values.dtype, np.floating) and not (
+            np.isfinite(values).all() and (values == np.round(values)).all()):
+        raise DatasetError(f"{name}: {source} holds non-integer or non-finite samples, expected int16")
+    if values.size and (values.min() < INT16.min or values.max() > INT16.max):
+        bad = int(np.count_nonzero((values < INT16.min) | (values > INT16.max)))
+        raise DatasetError(f"{name}: {source} holds {bad} sample(s) outside int16 ({values.min():g} to "
+                           f"{values.max():g}); int16 microvolts cannot hold them: the file is not CinC-scaled")
+    return values.astype(np.int16)
+
+
 def read_record(folder: Path, name: str) -> tuple[np.ndarray, float]:
-    """One record's int16 samples and sampling rate, checked against its header."""
+    """One record's int16 samples and sampling rate, checked against its header: the
+    header's gain and units (1000/mV), its sample count and rate (the duration must be
+    plausible), and the samples' type and range (never wrapped into int16)."""
     mat, hea = folder / f"{name}.mat", folder / f"{name}.hea"
     for path in (mat, hea):
         if not path.is_file():
@@ -148,15 +197,15 @@ def read_record(folder: Path, name: str) -> tuple[np.ndarray, float]:
         val = scipy.io.loadmat(str(mat))["val"]
     except Exception as e:  # scipy raises many types on truncated or corrupt files
         raise DatasetError(f"{name}: unreadable .mat file {mat} ({type(e).__name__}: {e})") from e
-    if val.ndim != 2 or val.shape[0] != 1 or not np.issubdtype(val.dtype, np.integer):
+    if val.ndim != 2 or val.shape[0] != 1 or not np.issubdtype(val.dtype, np.number):
         raise DatasetError(f"{name}: {mat} holds {val.dtype} {val.shape}, expected int (1, N)")
-    x = val[0].astype(np.int16)
+    x = check_int16(val[0], name, mat)
     if len(x) != n_header:
         raise DatasetError(f"{name}: header says {n_header} samples, {mat} has {len(x)}")
     seconds = len(x) / fs
     if not MIN_SECONDS <= seconds <= MAX_SECONDS:
-        raise DatasetError(f"{name}: {seconds:.2f} s long, outside the {MIN_SECONDS:g}-{MAX_SECONDS:g} s this "
-                           "build accepts (CinC 2017 records are 9-61 s)")
+        raise DatasetError(f"{name}: {seconds:.2f} s long, outside the {MIN_SECONDS:g}-{MAX_SECONDS:g} s this build "
+                           f"accepts (CinC 2017 records are 9-61 s; at the {fs:g} Hz its header states: check it)")
     if x.min() == x.max():
         raise DatasetError(f"{name}: flat: every one of its {len(x)} samples is {x[0]} (no signal recorded)")
     return x, fs
@@ -187,6 +236,7 @@ def read_cinc(source: Path, labels_path: Path | None, skip_bad: bool
     if not on_disk:
         raise DatasetError(f"no .mat/.hea records in {source}")
     names, ys, signals, bad = [], [], [], []
+    rates: dict[str, float] = {}
     digest = hashlib.sha256()
     for name in tqdm(sorted(on_disk | set(labels)), desc="reading records", unit="rec", disable=None):
         try:
@@ -199,14 +249,21 @@ def read_cinc(source: Path, labels_path: Path | None, skip_bad: bool
             bad.append((name, str(e)))
             continue
         digest.update(x.astype("<i2").tobytes())
+        rates[name] = fs
         names.append(name)
         ys.append(labels[name])
         signals.append(resample(x, fs))
     if not names:
         raise DatasetError(f"no readable records in {source}")
     sha = digest.hexdigest()
+    wrong_rate = sorted(n for n, fs in rates.items() if fs != CINC_FS)
+    if sha == CINC_SAMPLES_SHA256 and wrong_rate:  # the samples are the official ones, recorded at 300 Hz
+        raise DatasetError(f"the samples are the official CinC 2017 set (recorded at {CINC_FS} Hz), but the "
+                           f"header(s) of {', '.join(wrong_rate[:5])} state {rates[wrong_rate[0]]:g} Hz: "
+                           f"restore {wrong_rate[0]}.hea from training2017.zip")
     facts = {"source": str(source.resolve()), "label_file": str(label_file.resolve()),
-             "raw_samples_sha256": sha, "matches_official_cinc2017": sha == CINC_SAMPLES_SHA256}
+             "raw_samples_sha256": sha, "header_rates_hz": sorted(set(rates.values())),
+             "matches_official_cinc2017": sha == CINC_SAMPLES_SHA256}
     return names, ys, signals, bad, facts
 
 
@@ -508,9 +565,21 @@ def load_dataset(folder: Path | str) -> ECGDataset:
     if not (folder / INFO_FILE).is_file():
         raise DatasetError(f"{folder} holds no complete data set ({INFO_FILE} missing); "
                            "build it with build_datasets.py")
-    info = json.loads((folder / INFO_FILE).read_text())
-    table = pd.read_csv(folder / RECORDS_FILE, dtype={"record": str, "label": str, "split": str},
-                        keep_default_na=False)
+    try:
+        info = json.loads((folder / INFO_FILE).read_text())
+        if not isinstance(info, dict) or not isinstance(info.get("fs"), int) or info["fs"] <= 0:
+            raise ValueError(f"'fs' is {info.get('fs') if isinstance(info, dict) else info!r}, expected Hz")
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise DatasetError(f"{folder / INFO_FILE} is unreadable ({e}); rebuild the data set") from e
+    try:
+        table = read_table(folder / RECORDS_FILE, RECORDS_SCHEMA, key=("record",),
+                           allowed={"label": CLASSES, "split": SPLITS})
+    except TableError as e:
+        raise DatasetError(f"{e}; fix it or rebuild the data set with build_datasets.py") from e
+    if (table["length"] <= 0).any():
+        bad = table[table["length"] <= 0].iloc[0]
+        raise DatasetError(f"{folder / RECORDS_FILE}: record {bad['record']} has length {bad['length']}; "
+                           "rebuild the data set")
     try:
         blob = (folder / SAMPLES_FILE).read_bytes()
         ends = np.cumsum(info.get("xz_stream_bytes", [len(blob)]))
@@ -560,6 +629,18 @@ def inputs_fingerprint(source: Path, labels: Path | None) -> str | None:
     return digest.hexdigest()
 
 
+PATH_FLAGS = ("out", "source", "labels", "download_dir")
+"""Flags naming paths: compared by the place they name, not by their spelling."""
+
+
+def normal_flags(flags: dict | None) -> dict | None:
+    """``flags`` with every path flag resolved (an absolute path, ./ or a trailing slash
+    names the same folder), so that the same build is not taken for another."""
+    if flags is None:
+        return None
+    return {k: (str(Path(v).resolve()) if k in PATH_FLAGS and isinstance(v, str) else v) for k, v in flags.items()}
+
+
 def build(args: argparse.Namespace) -> Path:
     """Run the build described by the parsed flags; returns the output folder.
 
@@ -581,22 +662,23 @@ def build(args: argparse.Namespace) -> Path:
         source, Path(args.labels) if args.labels else None)
     if (out / INFO_FILE).is_file():
         old_info = json.loads((out / INFO_FILE).read_text())
-        old = old_info.get("flags")
+        old = normal_flags(old_info.get("flags"))
         same_inputs = source is None or (inputs is not None and old_info.get("inputs_sha256") == inputs)
-        if old == flags and old_info.get("format", 1) == BUILD_FORMAT and same_inputs:
+        same = old == normal_flags(flags)
+        if same and old_info.get("format", 1) == BUILD_FORMAT and same_inputs:
             print(f"{out} is already built with these flags from the same inputs; nothing to do")
             return out
-        if old == flags and old_info.get("format", 1) != BUILD_FORMAT:
+        if same and old_info.get("format", 1) != BUILD_FORMAT:
             print(f"{out} was made by an older build_datasets.py (format {old_info.get('format', 1)}, now "
                   f"{BUILD_FORMAT}: duplicate records kept in one split); rebuilding it")
-        elif old == flags and "inputs_sha256" not in old_info:
+        elif same and "inputs_sha256" not in old_info:
             print(f"{out} does not record a fingerprint of its inputs (an older build); rebuilding it")
-        elif old == flags:
+        elif same:
             print(f"the records or labels in {source} changed since {out} was built; rebuilding it")
         elif not args.overwrite:
             old = old or {}
             diff = ", ".join(f"--{k.replace('_', '-')} {old.get(k)} (now {v})"
-                             for k, v in flags.items() if old.get(k) != v)
+                             for k, v in flags.items() if old.get(k) != normal_flags(flags)[k])
             raise DatasetError(f"{out} was built with other flags: {diff}; pass --overwrite to "
                                "replace it or --out for a new folder")
     if args.synthetic:
@@ -626,18 +708,25 @@ def build(args: argparse.Namespace) -> Path:
             "duplicate_groups": [[names[i] for i in g] for g in duplicates],
             "counts": {s: table[table["split"] == s]["label"].value_counts().to_dict()
                        for s in SPLITS}}
-    building, previous = out.with_name(out.name + ".building"), out.with_name(out.name + ".previous")
-    shutil.rmtree(building, ignore_errors=True)  # the leftover of a build that failed
+    # a symlinked --out keeps its link: the swap happens in the folder it points to
+    dest = Path(os.path.realpath(out)) if out.is_symlink() else out
+    building, previous = dest.with_name(dest.name + ".building"), dest.with_name(dest.name + ".previous")
     try:
+        shutil.rmtree(building, ignore_errors=True)  # the leftover of a build that failed
         write_dataset(building, names, labels, signals, split, info)
     except OSError as e:
         shutil.rmtree(building, ignore_errors=True)
-        raise DatasetError(f"writing the data set failed ({e}); {out} is unchanged") from e
-    shutil.rmtree(previous, ignore_errors=True)
-    if out.exists():
-        os.replace(out, previous)
-    os.replace(building, out)
-    shutil.rmtree(previous, ignore_errors=True)
+        raise DatasetError(f"writing the data set to {building} failed ({e.strerror or e}); {out} is unchanged: "
+                           "free space or choose a writable --out") from e
+    try:
+        shutil.rmtree(previous, ignore_errors=True)
+        if dest.exists():
+            os.replace(dest, previous)
+        os.replace(building, dest)
+        shutil.rmtree(previous, ignore_errors=True)
+    except OSError as e:
+        raise DatasetError(f"swapping the new build into {dest} failed ({e.strerror or e}); the new build is in "
+                           f"{building}, the old one in {previous if previous.exists() else dest}") from e
     print(summarize(table, FS))
     if bad:
         print(f"\nskipped {len(bad)} bad record(s):")
@@ -694,7 +783,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     try:
-        build(args)
+        with script_errors():
+            build(args)
     except DatasetError as e:
         sys.exit(f"error: {e}")
 

@@ -160,8 +160,18 @@ def main(argv: list[str] | None = None) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     head = [f"# {args.method}: variants against {args.reference}", "",
             f"Test challenge F1 at each level; the difference is paired (same seeds, same test records; "
-            f"95 % two-level bootstrap of records and seeds, per-seed range). Reference: {args.reference}; "
+            f"95 % two-level bootstrap of records and seeds; 95 % t interval over the per-seed differences, "
+            f"'t, k df' for k + 1 seeds; per-seed range). Reference: {args.reference}; "
             + "; ".join(f"{n}: {', '.join(map(str, e))}" for n, e in args.variant) + ".", ""]
+    marked = {exp: m for exp in [args.reference, *(e for _, exps in args.variant for e in exps)]
+              if (m := pr.exploratory(exp))}
+    if marked:
+        groups: dict[tuple, list[str]] = {}  # experiments with the same seeds and reason, named once
+        for exp, m in marked.items():
+            groups.setdefault((tuple(m["seeds"]), m["why"]), []).append(str(exp))
+        head += ["**Exploratory** (results chosen after test figures were seen): "
+                 + "; ".join(f"{', '.join(exps)}, seeds {', '.join(map(str, seeds))} ({why})"
+                             for (seeds, why), exps in groups.items()) + ".", ""]
     text = "\n".join(head + tables(reference, variants, levels, seeds)) + "\n"
     atomic_write_text(text, args.out / "comparison.md")
     plot_layers(reference, variants, levels, args.layers_seed, args.out)

@@ -80,7 +80,8 @@ def read_run(run: Path) -> tuple[HannunConfig, dict, pm.Masks | None, dict, dict
     try:
         flags = json.loads(config.read_text())["flags"]
         model_cfg = HannunConfig(**flags["model"])
-        metrics = {**json.loads((run / train.METRICS).read_text()), "flags": flags}
+        metrics = {**json.loads((run / train.METRICS).read_text()), "flags": flags,
+                   "data_fingerprint": json.loads(config.read_text()).get("data_fingerprint")}
         norm = metrics["normalizer"]
     except (OSError, KeyError, ValueError, TypeError) as e:
         raise TicketError(f"{run}: unreadable run files ({type(e).__name__}: {e})") from e
@@ -188,6 +189,58 @@ def save_ticket(arrays: dict[str, np.ndarray], path: Path) -> int:
     return len(buf.getvalue())
 
 
+META_SCHEMA: dict[str, type | tuple[type, ...]] = {
+    "format": str, "model": dict, "normalizer": dict, "classes": list, "fs": (int, float), "dtype": str,
+    "layers": list, "source": str, "code_version": str}
+"""The keys a ticket's metadata must hold, and their JSON types (data_fingerprint is optional:
+tickets made before it have none)."""
+INDEX_KINDS = ("bits", "gaps16", "gaps32")
+STORED_DTYPES = {"fp32": np.float32, "fp16": np.float16, "int8": np.int8}
+
+
+def check_meta(meta: dict, arrays: dict[str, np.ndarray], path: Path) -> None:
+    """Refuse a ticket whose metadata would make predictions wrong without an error: class
+    names in another order (probabilities under the wrong names), a normaliser that is not
+    finite or has std <= 0 (every probability NaN), another input rate, a layout that does
+    not match the stored arrays. Each refusal names the field."""
+    def bad(what: str) -> TicketError:
+        return TicketError(f"{path}: {what}; the ticket's metadata was changed or damaged: export it again "
+                           "with export_ticket.py")
+
+    for key, kind in META_SCHEMA.items():
+        if not isinstance(meta.get(key), kind) or isinstance(meta.get(key), bool):
+            raise bad(f"metadata field {key!r} is {meta.get(key)!r}, expected a JSON "
+                      f"{' or '.join(t.__name__ for t in (kind if isinstance(kind, tuple) else (kind,)))}")
+    if meta["classes"] != list(CLASSES):
+        raise bad(f"classes {meta['classes']!r}, expected exactly {list(CLASSES)!r} in this order (the network's "
+                  "outputs are in that order)")
+    norm = meta["normalizer"]
+    if set(norm) != {"mean", "std"} or not all(isinstance(norm[k], (int, float)) and not isinstance(norm[k], bool)
+                                               and math.isfinite(norm[k]) for k in norm) or norm["std"] <= 0:
+        raise bad(f"normalizer {norm!r}, expected finite 'mean' and 'std' with std > 0")
+    if meta["model"].get("num_classes", len(CLASSES)) != len(CLASSES):
+        raise bad(f"num_classes {meta['model']['num_classes']!r} in the network's configuration, expected "
+                  f"{len(CLASSES)} ({', '.join(CLASSES)})")
+    if meta["fs"] != FS:
+        raise bad(f"input rate {meta['fs']!r} Hz, expected {FS} (the rate the network was trained at)")
+    if meta["dtype"] not in DTYPES:
+        raise bad(f"dtype {meta['dtype']!r}, expected one of {', '.join(DTYPES)}")
+    for layer in meta["layers"]:
+        if not (isinstance(layer, list) and len(layer) == 3 and isinstance(layer[0], int) and layer[0] >= 0
+                and layer[1] in INDEX_KINDS and isinstance(layer[2], int) and layer[2] >= 0):
+            raise bad(f"layer entry {layer!r}, expected [survivors, one of {', '.join(INDEX_KINDS)}, index bytes]")
+    expected = {"values": STORED_DTYPES[meta["dtype"]], "scales": np.float32, "index": np.uint8,
+                "others": np.float32}
+    for name, dtype in expected.items():
+        a = arrays[name]
+        if a.ndim != 1 or a.dtype != dtype:
+            raise bad(f"array {name!r} is {a.dtype} of shape {a.shape}, expected 1-D {np.dtype(dtype)}")
+    if len(arrays["scales"]) != len(meta["layers"]):
+        raise bad(f"{len(arrays['scales'])} scales for {len(meta['layers'])} layers")
+    if not (np.isfinite(arrays["scales"]).all() and (arrays["scales"] > 0).all()):
+        raise bad("a layer's scale is not finite and positive")
+
+
 def load_ticket(path: Path | str) -> tuple[HannunNet, dict]:
     """The network of a ticket file (eval mode, pruned weights exactly zero) and its meta."""
     path = Path(path)
@@ -206,8 +259,9 @@ def load_ticket(path: Path | str) -> tuple[HannunNet, dict]:
         with z:
             arrays = {k: z[k] for k in ("values", "scales", "index", "others", "meta")}
         meta = json.loads(arrays["meta"].tobytes())
-        if meta.get("format") != FORMAT:
-            raise ValueError(f"format {meta.get('format')!r}, expected {FORMAT!r}")
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+            raise ValueError(f"format {meta.get('format') if isinstance(meta, dict) else meta!r}, expected {FORMAT!r}")
+        check_meta(meta, arrays, path)
         model = HannunNet(HannunConfig(**meta["model"]))
         state = model.state_dict()
         v = i = o = 0
@@ -452,7 +506,9 @@ def resolve_run(p: argparse.ArgumentParser, args: argparse.Namespace) -> Path:
     results = args.exp / "results.csv"
     if not results.is_file():
         p.error(f"{results} not found: run run_experiments.py --exp {args.exp} first")
-    table = pd.read_csv(results)
+    import plot_results  # noqa: PLC0415 - its results.csv reader checks the table's schema
+
+    table = plot_results.load_all(args.exp)
     table = table[(table["seed"] == args.seed) & (table["control"] == "none") & table["accepted"]]
     if args.round == 0:
         rows = table[table["round"] == 0]
@@ -515,11 +571,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    args = parse_args(argv)
+    with rf.script_errors():
+        return export(parse_args(argv))
+
+
+def export(args: argparse.Namespace) -> dict:
+    """What main() does with the parsed flags."""
     try:
         cfg, state, masks, norm, trained_metrics = read_run(args.run)
     except TicketError as e:
         sys.exit(f"error: {e}")
+    if args.data is not None:  # before any work: F1 on other data would be a wrong number
+        rf.check_same_data(args.data, trained_metrics.get("data_fingerprint"), str(args.run))
     args.out.mkdir(parents=True, exist_ok=True)
     trained = build_model(cfg, state)
     if masks is not None:  # the weights are zero where pruned; make sure of it

@@ -24,6 +24,7 @@ Tickets are chosen on the validation split; the test split is only reported.
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 import matplotlib
@@ -32,13 +33,16 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
+from scipy import stats  # noqa: E402
 
+import operating_point as op  # noqa: E402
 import prune as pm  # noqa: E402
 import run_experiments  # noqa: E402
+import ticket_bytes as tb  # noqa: E402
 from metrics import bootstrap  # noqa: E402
-from model import CLASSES  # noqa: E402
-from run_folders import atomic_write_text  # noqa: E402
-from train import BASELINES, METHODS, PREDICTIONS  # noqa: E402
+from model import CLASSES, HannunConfig  # noqa: E402
+from run_folders import TableError, atomic_write_text, read_table, script_errors  # noqa: E402
+from train import BASELINES, CONTROLS, METHODS, PREDICTIONS  # noqa: E402
 
 LTH_ECG_RATIO = 142.0
 """Sahu et al. 2022 (LTH-ECG): a 142x smaller network with < 1 % loss of test F1."""
@@ -72,13 +76,21 @@ def load_all(exp: Path) -> pd.DataFrame:
     if not path.is_file():
         raise SystemExit(f"error: {path} not found; run run_experiments.py --exp {exp} first "
                          "(it writes the table after each finished cell)")
-    table = pd.read_csv(path)
-    needed = {"method", "control", "seed", "round", "compression", "accepted", "remaining", "val_challenge_f1",
-              "test_challenge_f1", "val_accuracy", "test_accuracy", "folder"}
-    missing = needed - set(table.columns)
-    if missing:
-        raise SystemExit(f"error: {path} lacks columns {', '.join(sorted(missing))}")
-    return table
+    try:
+        return read_table(path, RESULTS_SCHEMA, key=("seed", "method", "control", "round", "attempt"),
+                          allowed={"method": (*METHODS, *BASELINES), "control": ("none", *CONTROLS),
+                                   "accepted": (True, False)}, optional={"attempt": "int"})
+    except TableError as e:
+        raise SystemExit(f"error: {e}; rebuild it from the runs' rounds.csv with "
+                         f"python run_experiments.py --exp {exp} --collect (same grid flags)") from None
+
+
+RESULTS_SCHEMA = {"folder": "str", "seed": "int", "method": "str", "control": "str", "round": "int",
+                  "accepted": "bool", "remaining": "float", "compression": "float",
+                  "val_challenge_f1": "float", "test_challenge_f1": "float", "val_accuracy": "float",
+                  "test_accuracy": "float"}
+"""The columns of results.csv this script reads: each present and complete in every row (and
+``attempt``, checked where present: tables made before --goal lack it)."""
 
 
 def place_baselines(table: pd.DataFrame) -> pd.DataFrame:
@@ -241,12 +253,62 @@ def dense_rows(table: pd.DataFrame) -> pd.DataFrame:
     return table[table["round"] == 0].drop_duplicates("seed")
 
 
+def t_interval(diffs: np.ndarray | list[float], confidence: float = 0.95) -> tuple[float, float] | None:
+    """The ``confidence`` interval of the mean of per-seed paired differences by Student's t
+    with n - 1 degrees of freedom: mean -+ t(n-1) x sd / sqrt(n). It treats each seed as one
+    draw (the records are not resampled), so with few seeds it is wider than the two-level
+    bootstrap, whose seed level can take only a few distinct draws. None for one seed."""
+    d = np.asarray(diffs, dtype=float)
+    if len(d) < 2:
+        return None
+    half = stats.t.ppf(0.5 + confidence / 2, len(d) - 1) * d.std(ddof=1) / np.sqrt(len(d))
+    return float(d.mean() - half), float(d.mean() + half)
+
+
+def noninferiority_p(diffs: np.ndarray | list[float], margin: float) -> float:
+    """One-sided p-value over seeds (t, n - 1 degrees of freedom) against "the ticket loses
+    ``margin`` or more" (H0: mean difference <= -margin): small p supports "within the
+    margin of dense". nan for one seed; with no spread between seeds, 0 or 1."""
+    d = np.asarray(diffs, dtype=float)
+    if len(d) < 2:
+        return float("nan")
+    se = d.std(ddof=1) / np.sqrt(len(d))
+    if se == 0:
+        return 0.0 if d.mean() > -margin else 1.0
+    return float(stats.t.sf((d.mean() + margin) / se, len(d) - 1))
+
+
+def holm(pvalues: list[float] | np.ndarray) -> np.ndarray:
+    """Holm's step-down adjusted p-values (family-wise error), in the input order; nan
+    entries (not testable) are left out of the family and stay nan."""
+    p = np.asarray(pvalues, dtype=float)
+    out = np.full(len(p), np.nan)
+    ok = np.flatnonzero(~np.isnan(p))
+    order = ok[np.argsort(p[ok], kind="stable")]
+    m, running = len(order), 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (m - rank) * p[i]))
+        out[i] = running
+    return out
+
+
+def wider(d: dict) -> tuple[float, float, str]:
+    """The wider of the bootstrap and the t interval of a paired difference (the bootstrap
+    alone for one seed, or where the t interval is missing; the bootstrap on a tie), and
+    which it is: what a verdict reads."""
+    boot, t = (d["low"], d["high"]), (d["t_low"], d["t_high"])
+    if np.isnan(t[0]) or (not np.isnan(boot[0]) and boot[1] - boot[0] >= t[1] - t[0]):
+        return (*boot, "bootstrap")
+    return (*t, "t")
+
+
 def paired(exp: Path, split: str, mine: pd.DataFrame, theirs: pd.DataFrame) -> dict | None:
     """``mine - theirs`` in challenge F1 on ``split``, over the seeds both have (each seed's
     run paired with the same seed's): the mean difference, its 95 % two-level bootstrap
-    interval (records and seeds, the same on both sides; see ``bootstrap``) and the per-seed
-    differences; ``mine`` and ``theirs``: each side's mean over those seeds.
-    None when they share no seed; no interval when a predictions.csv is missing."""
+    interval (records and seeds, the same on both sides; see ``bootstrap``), its 95 % t
+    interval over the per-seed differences (``t_interval``; nan for one seed) and the
+    per-seed differences; ``mine`` and ``theirs``: each side's mean over those seeds.
+    None when they share no seed; no bootstrap interval when a predictions.csv is missing."""
     seeds = sorted(set(mine["seed"]) & set(theirs["seed"]))
     if not seeds:
         return None
@@ -255,21 +317,39 @@ def paired(exp: Path, split: str, mine: pd.DataFrame, theirs: pd.DataFrame) -> d
     diffs = mine[f"{split}_challenge_f1"].to_numpy() - theirs[f"{split}_challenge_f1"].to_numpy()
     found = predictions_of(exp, pd.concat([mine, theirs]), split)
     low, high = bootstrap(found[0], found[1][:len(seeds)], found[1][len(seeds):]) if found else (np.nan, np.nan)
-    return {"seeds": len(seeds), "diff": float(diffs.mean()), "low": low, "high": high,
+    t_low, t_high = t_interval(diffs) or (np.nan, np.nan)
+    return {"seeds": len(seeds), "seed_list": seeds, "diffs": diffs, "diff": float(diffs.mean()),
+            "low": low, "high": high, "t_low": t_low, "t_high": t_high,
             "min": float(diffs.min()), "max": float(diffs.max()),
             "mine": float(mine[f"{split}_challenge_f1"].mean()),
             "theirs": float(theirs[f"{split}_challenge_f1"].mean())}
 
 
 def paired_text(d: dict | None, seeds: int = 0) -> str:
-    """The difference, its interval and per-seed range; ``seeds``: the experiment's number of
-    seeds, so a difference over fewer of them (a grid still running) says so."""
+    """The difference, its bootstrap interval, its t interval over seeds ('t, k df': k + 1
+    seeds) and per-seed range; ``seeds``: the experiment's number of seeds, so a difference
+    over fewer of them (a grid still running) says so."""
     if d is None:
         return ""
-    ci = "" if np.isnan(d["low"]) else f" ({d['low']:+.3f} to {d['high']:+.3f})"
+    ci = "" if np.isnan(d["low"]) else f" ({d['low']:+.3f} to {d['high']:+.3f}"
+    if not np.isnan(d["t_low"]):
+        t = f"t, {d['seeds'] - 1} df {d['t_low']:+.3f} to {d['t_high']:+.3f}"
+        ci = f"{ci}; {t})" if ci else f" ({t})"
+    elif ci:
+        ci += ")"
     spread = f", seeds {d['min']:+.3f}..{d['max']:+.3f}" if d["seeds"] > 1 else ""
     fewer = f", {d['seeds']} of {seeds} seeds" if d["seeds"] < seeds else ""
     return f"{d['diff']:+.3f}{ci}{spread}{fewer}"
+
+
+def verdict_text(d: dict | None) -> str:
+    """A verdict's figure: the difference with the wider of its two intervals (see
+    ``wider``) and the seed count next to it."""
+    if d is None:
+        return ""
+    low, high, which = wider(d)
+    ci = "" if np.isnan(low) else f" ({low:+.3f} to {high:+.3f}, {which})"
+    return f"{d['diff']:+.3f}{ci}, n = {d['seeds']} seed{'s' * (d['seeds'] > 1)}"
 
 
 def levels_of(table: pd.DataFrame, method: str) -> list[float]:
@@ -337,30 +417,41 @@ def methods_table(exp: Path, table: pd.DataFrame) -> list[str]:
     return lines
 
 
+def interval_winner(exp: Path, table: pd.DataFrame, method: str, tolerance: float
+                    ) -> tuple[float | None, dict | None, float]:
+    """(level, its validation difference from dense, the bar) of ``method``'s interval-rule
+    winner (see ``interval_winners``); level None when no level passes."""
+    dense, seeds = dense_rows(table), run_seeds(table, method)
+    best, best_val = None, None
+    margin = -tolerance * dense_level(table, "val_challenge_f1", seeds)
+    for lv in levels_of(table, method):
+        rows = level_rows(table, method, lv)
+        d = paired(exp, "val", rows, dense)
+        if d is None or rows["seed"].nunique() < len(seeds) or np.isnan(wider(d)[0]) or wider(d)[0] <= margin:
+            break
+        best, best_val = lv, d
+    return best, best_val, margin
+
+
 def interval_winners(exp: Path, table: pd.DataFrame, tolerance: float) -> list[str]:
     """The winning ticket with its uncertainty: per method, the largest level up to which
-    (at it and at every lower level) the lower bound of the 95 % paired interval of
-    validation F1(ticket) - F1(dense) stays above -tolerance x dense validation F1; chosen
-    on validation, its test difference reported beside it."""
+    (at it and at every lower level) the lower bound of the wider of the two 95 % paired
+    intervals (bootstrap, t over seeds: see ``wider``) of validation F1(ticket) - F1(dense)
+    stays above -tolerance x dense validation F1; chosen on validation, its test difference
+    reported beside it (the wider interval again, with the seed count)."""
     dense = dense_rows(table)
-    lines = ["| method | seeds | largest level with lower bound > -tolerance x dense val | val F1 - dense (95 % CI) | "
-             "test F1 - dense (95 % CI) |", "| --- | --- | ---: | ---: | ---: |"]
+    lines = ["| method | seeds | largest level with lower bound > -tolerance x dense val | val F1 - dense "
+             "(wider 95 % CI, seeds) | test F1 - dense (wider 95 % CI, seeds) |", "| --- | --- | ---: | ---: | ---: |"]
     for m in [m for m in methods_in(table) if m not in BASELINES]:
-        best, best_val, seeds = None, None, run_seeds(table, m)
-        margin = -tolerance * dense_level(table, "val_challenge_f1", seeds)
-        for lv in levels_of(table, m):
-            rows = level_rows(table, m, lv)
-            d = paired(exp, "val", rows, dense)
-            if d is None or rows["seed"].nunique() < len(seeds) or np.isnan(d["low"]) or d["low"] <= margin:
-                break
-            best, best_val = lv, d
+        seeds = run_seeds(table, m)
+        best, best_val, margin = interval_winner(exp, table, m, tolerance)
         seed_text = ",".join(map(str, seeds))
         if best is None:
             lines.append(f"| {m} | {seed_text} | none (bar {margin:+.4f}) | | |")
             continue
         test = paired(exp, "test", level_rows(table, m, best), dense)
-        lines.append(f"| {m} | {seed_text} | {ratio_text(table, best)} (bar {margin:+.4f}) | {paired_text(best_val)} "
-                     f"| {paired_text(test)} |")
+        lines.append(f"| {m} | {seed_text} | {ratio_text(table, best)} (bar {margin:+.4f}) | {verdict_text(best_val)} "
+                     f"| {verdict_text(test)} |")
     return lines
 
 
@@ -416,6 +507,46 @@ def goal_table(exp: Path, everything: pd.DataFrame, table: pd.DataFrame) -> list
     return lines
 
 
+def under_budget(everything: pd.DataFrame, method: str, seed: int, budget: int) -> pd.Series | None:
+    """The last accepted ticket of one seed's --goal chain had it run with --max-retries
+    ``budget``: the chain is the same try for try up to its first round that needed more than
+    ``budget`` redos, where it would have stopped (exact, since every try is recorded)."""
+    rows = everything[(everything["method"] == method) & (everything["control"] == "none")
+                      & (everything["seed"] == seed) & (everything["round"] > 0)]
+    last = None
+    for _, tries in rows.groupby("round"):
+        ok = tries[tries["accepted"].astype(bool)].sort_values("attempt")
+        if ok.empty or ok.iloc[0]["attempt"] > budget:
+            break
+        last = ok.iloc[0]
+    return last
+
+
+def budget_table(exp: Path, everything: pd.DataFrame, table: pd.DataFrame, budget: int) -> list[str]:
+    """Per --goal method and seed: where the chain would have stopped under a retry budget,
+    against where it stopped, with the ticket's test F1 - its dense network's."""
+    dense = dense_rows(table)
+    lines = [f"| method | seed | stopped at (no budget) | under {budget} redos per round | test F1 - dense "
+             "(95 % CI) |", "| --- | ---: | ---: | ---: | ---: |"]
+    for method in sorted(goal_methods(everything)):
+        finals = []
+        for seed in sorted(everything.loc[everything["method"] == method, "seed"].unique()):
+            kept = everything[(everything["method"] == method) & (everything["control"] == "none")
+                              & (everything["seed"] == seed) & everything["accepted"].astype(bool)]
+            own = dense[dense["seed"] == seed]
+            last = under_budget(everything, method, seed, budget)
+            if kept.empty or own.empty or last is None:
+                continue
+            finals.append(last)
+            diff = paired(exp, "test", pd.DataFrame([last]), own)
+            lines.append(f"| {method} | {seed} | {kept.iloc[-1]['compression']:.1f}x | {last['compression']:.1f}x | "
+                         f"{paired_text(diff)} |")
+        if len(finals) > 1:
+            d = paired(exp, "test", pd.DataFrame(finals), dense)
+            lines.append(f"| {method} | all {len(finals)} | | | {verdict_text(d)} |")
+    return lines
+
+
 def af_table(table: pd.DataFrame) -> list[str]:
     """Per level and method: the test sensitivity and PPV of the AF class (mean over seeds)."""
     if "test_sensitivity_A" not in table:
@@ -431,6 +562,34 @@ def af_table(table: pd.DataFrame) -> list[str]:
     for lv in lvls:
         lines.append(f"| {ratio_text(table, lv) if lv else '1.0x (dense)'} | "
                      + " | ".join(cell.get((m, lv), "") for m in names) + " |")
+    return lines
+
+
+AF_PPV, AF_SENSITIVITY = 0.9, 0.9
+"""The fixed PPV and the fixed sensitivity of the AF operating points in summary.md."""
+
+
+def af_operating_table(exp: Path, table: pd.DataFrame) -> list[str]:
+    """Per level and method (dense first): AF sensitivity and PPV on test at the threshold on
+    P(AF) chosen on each seed's validation records for PPV >= AF_PPV, and for sensitivity >=
+    AF_SENSITIVITY (operating_point.py; 95 % two-level bootstrap). Runs made before
+    predictions.csv held probabilities give 'no probabilities'; [] when none has them."""
+    dense = dense_rows(table)
+    names = [m for m in methods_in(table) if m not in BASELINES]
+    cells: dict[tuple[float, str], tuple[str, str]] = {}
+    groups = [(0.0, "dense", dense)] + [(lv, m, level_rows(table, m, lv)) for m in names for lv in levels_of(table, m)]
+    for lv, m, rows in groups:
+        runs = [exp / f for f in rows.sort_values("seed")["folder"]]
+        at_ppv = op.operating_point(runs, "ppv", AF_PPV)
+        at_sens = op.operating_point(runs, "sensitivity", AF_SENSITIVITY)
+        cells[(lv, m)] = (op.text(at_ppv), op.text(at_sens))
+    if all(c == ("no probabilities", "no probabilities") for c in cells.values()):
+        return []
+    lines = [f"| compression | method | seeds | test at PPV >= {AF_PPV:.2f} on validation | test at sensitivity >= "
+             f"{AF_SENSITIVITY:.2f} on validation |", "| ---: | --- | ---: | ---: | ---: |"]
+    for (lv, m, rows), (a, b) in zip(groups, cells.values(), strict=True):
+        ratio = "1.0x (dense)" if m == "dense" else ratio_text(table, lv)
+        lines.append(f"| {ratio} | {m} | {rows['seed'].nunique()} | {a} | {b} |")
     return lines
 
 
@@ -549,18 +708,170 @@ def plot_layers(exp: Path, table: pd.DataFrame, best: pd.Series, out: Path) -> N
     plt.close(fig)
 
 
+def byte_ratios(rows: pd.DataFrame) -> dict[str, float]:
+    """Mean over ``rows`` of each dense file's bytes over the ticket's (export; entropy)."""
+    out = {}
+    for unit in tb.UNITS:
+        out[unit] = float((rows[unit] / rows["bytes_ticket"]).mean())
+        out[f"{unit} entropy"] = float((rows[unit] / rows["bytes_ticket_entropy"]).mean())
+    return out
+
+
+def bytes_section(exp: Path, table: pd.DataFrame, best: pd.DataFrame, tolerance: float) -> list[str]:
+    """The unit of "142x" (issue 32 item 3): per level, the ticket in bytes next to its ratio
+    of weights; the byte ratios the winners within the tolerance reach; and how a 142x ratio
+    in bytes reads in weights, for this width and the full network."""
+    if not set(tb.BYTE_COLUMNS) <= set(table.columns):
+        return ["", f"(No byte columns in {exp / 'results.csv'}: rebuild it with `python run_experiments.py --exp "
+                f"{exp} --collect`.)"]
+    tickets = table[~table["method"].isin(BASELINES) & (table["control"] == "none")]
+    dense = dense_rows(table)
+    fp32, adam = dense["bytes_dense_fp32"].iloc[0], dense["bytes_dense_adam"].iloc[0]
+    lines = ["", "The unit of the ratio: each level's ticket in bytes as a user counts it, next to its ratio of "
+             f"weights (ticket_bytes.py; mean over methods and seeds). Dense network: fp32 checkpoint "
+             f"(`torch.save(state_dict)`) {fp32:,.0f} B; with Adam's two moments (a training checkpoint, as PyTorch "
+             f"and Keras users save one) {adam:,.0f} B. Ticket: export_ticket.py's fp32 file (survivors + bitmask or "
+             "gap index + biases and BatchNorm + header), and the same with each mask at its entropy.", "",
+             "| compression (weights) | surviving weights | ticket file B | ticket, mask at entropy B | "
+             "fp32 checkpoint / ticket (file; entropy) | Adam checkpoint / ticket (file; entropy) |",
+             "| ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for lv in sorted(level(tickets["compression"]).unique()):
+        rows = tickets[level(tickets["compression"]) == lv]
+        r = byte_ratios(rows)
+        lines.append(f"| {ratio_text(table, lv)} | {rows['remaining'].mean():,.0f} | "
+                     f"{rows['bytes_ticket'].mean():,.0f} | "
+                     f"{rows['bytes_ticket_entropy'].mean():,.0f} | {r['bytes_dense_fp32']:.1f}x; "
+                     f"{r['bytes_dense_fp32 entropy']:.1f}x | {r['bytes_dense_adam']:.1f}x; "
+                     f"{r['bytes_dense_adam entropy']:.1f}x |")
+    lines += ["", f"The byte ratios of the largest level within {tolerance:.0%} of dense, per method (point rule: "
+              "mean validation F1; interval rule: the wider interval's lower bound, both chosen on validation):", "",
+              "| method | rule | compression (weights) | fp32 checkpoint / ticket (file; entropy) | "
+              "Adam checkpoint / ticket (file; entropy) |", "| --- | --- | ---: | ---: | ---: |"]
+    for m in [m for m in methods_in(table) if m not in BASELINES]:
+        point = best[(best["method"] == m) & (best["control"] == "none")]
+        chosen = {"point": point["level"].iloc[0] if len(point) else None,
+                  "interval": interval_winner(exp, table, m, tolerance)[0]}
+        for rule, lv in chosen.items():
+            if lv is None:
+                lines.append(f"| {m} | {rule} | none | | |")
+                continue
+            r = byte_ratios(level_rows(table, m, lv))
+            lines.append(f"| {m} | {rule} | {ratio_text(table, lv)} | {r['bytes_dense_fp32']:.1f}x; "
+                         f"{r['bytes_dense_fp32 entropy']:.1f}x | {r['bytes_dense_adam']:.1f}x; "
+                         f"{r['bytes_dense_adam entropy']:.1f}x |")
+    cfg = tb.run_config(exp / dense["folder"].iloc[0])
+    lines += ["", f"How LTH-ECG's \"{LTH_ECG_RATIO:g}x\" reads if it is a ratio of bytes: the compression of the "
+              "prunable weights (uniform density over the layers) at which each dense file over the compact ticket "
+              f"is {LTH_ECG_RATIO:g}x (the paper speaks of a model of more than 100 MB; a public reproduction "
+              "quotes 115 MB to about 0.8 MB, about 144x in bytes). 'unreachable': the biases, BatchNorm and "
+              "header alone exceed the target.", "",
+              "| network | fp32 checkpoint, ticket file | fp32 checkpoint, mask at entropy | Adam checkpoint, "
+              "ticket file | Adam checkpoint, mask at entropy |", "| --- | ---: | ---: | ---: | ---: |"]
+    full = HannunConfig(**{**vars(cfg), "width": 1.0})
+    for name, c in ((f"this experiment (width {cfg.width:g})", cfg), ("the full network (width 1)", full)):
+        sizes = tb.dense_bytes(c)
+        cells = []
+        for unit in tb.UNITS:
+            for entropy in (False, True):
+                w = tb.weight_ratio_at(c, LTH_ECG_RATIO, unit, entropy)
+                cells.append("unreachable" if np.isinf(w) else f"{w:.0f}x")
+        lines.append(f"| {name}: {sizes[0] / 1e6:.1f} MB fp32, {sizes[1] / 1e6:.1f} MB with Adam | "
+                     + " | ".join(cells) + " |")
+    return lines
+
+
+EXPLORATORY = "exploratory.json"
+"""An experiment's seeds added after its test figures were seen: {"seeds": [...], "why": "..."}."""
+
+
+def exploratory(exp: Path) -> dict | None:
+    """The experiment's exploratory seeds (``EXP/exploratory.json``), or None; a clear error
+    when the file is malformed."""
+    path = exp / EXPLORATORY
+    if not path.is_file():
+        return None
+    try:
+        marked = json.loads(path.read_text())
+        seeds = [int(s) for s in marked["seeds"]]
+        why = str(marked["why"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise SystemExit(f"error: {path} must be JSON {{\"seeds\": [3, 4], \"why\": \"...\"}}: {e}") from e
+    return {"seeds": seeds, "why": why}
+
+
+def claim_family(exp: Path, table: pd.DataFrame, tolerance: float) -> pd.DataFrame:
+    """The family of comparisons the LTH-ECG claim ("a ticket within 1 % of dense at a high
+    compression") rests on: every method's ticket against its own seed's dense network at
+    every level all its seeds reached, on test F1. For each, the one-sided t test over seeds
+    of "within the margin" (``noninferiority_p``; margin = tolerance x the dense test F1 of
+    those seeds) and its Holm-adjusted p over the whole family."""
+    dense, rows = dense_rows(table), []
+    for m in [m for m in methods_in(table) if m not in BASELINES]:
+        seeds = run_seeds(table, m)
+        margin = tolerance * dense_level(table, "test_challenge_f1", seeds)
+        for lv in levels_of(table, m):
+            d = paired(exp, "test", level_rows(table, m, lv), dense)
+            if d is None or d["seeds"] < len(seeds):
+                continue
+            rows.append({"method": m, "level": lv, "d": d, "margin": margin,
+                         "p": noninferiority_p(d["diffs"], margin)})
+    family = pd.DataFrame(rows, columns=["method", "level", "d", "margin", "p"])
+    return family.assign(holm=holm(family["p"].to_numpy()) if len(family) else [])
+
+
+def claim_table(table: pd.DataFrame, family: pd.DataFrame) -> list[str]:
+    lines = ["| method | compression | seeds | test F1 - dense (wider 95 % CI, seeds) | margin | p (one-sided t) | "
+             "Holm p | within 1 % of dense (Holm, 0.05) |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+    for r in family.itertuples():
+        within = "n/a (one seed)" if np.isnan(r.holm) else ("yes" if r.holm < 0.05 else "not shown")
+        p_text = "n/a" if np.isnan(r.p) else f"{r.p:.3g}"
+        holm_text = "n/a" if np.isnan(r.holm) else f"{r.holm:.3g}"
+        lines.append(f"| {r.method} | {ratio_text(table, r.level)} | {','.join(map(str, r.d['seed_list']))} | "
+                     f"{verdict_text(r.d)} | -{r.margin:.4f} | {p_text} | {holm_text} | {within} |")
+    return lines
+
+
+def claim_section(exp: Path, table: pd.DataFrame, tolerance: float) -> list[str]:
+    """The claim's family, Holm-corrected: over every seed (exploratory when the experiment
+    marks seeds so) and, where seeds are marked, over the pre-registered seeds alone."""
+    text = ("The family of comparisons the LTH-ECG claim rests on (a ticket within "
+            f"{tolerance:.0%} of dense): every method at every level all its seeds reached, ticket - dense on test "
+            "F1; p: one-sided t over the per-seed differences against \"loses the margin or more\" (margin = "
+            f"{tolerance:g} x the dense test F1 of the same seeds), Holm-adjusted over the whole family. \"yes\" "
+            "means this family shows the ticket within the margin at 5 % family-wise error.")
+    marked = exploratory(exp)
+    family = claim_family(exp, table, tolerance)
+    if not len(family):
+        return []
+    if marked is None:
+        return ["", text, "", *claim_table(table, family)]
+    pre = table[~table["seed"].isin(marked["seeds"])]
+    lines = ["", text, "", f"Confirmatory: the pre-registered seeds only (seeds {', '.join(map(str, marked['seeds']))} "
+             "left out).", ""]
+    confirmatory = claim_family(exp, pre, tolerance)
+    lines += claim_table(pre, confirmatory) if len(confirmatory) else ["(no comparison)"]
+    lines += ["", f"Exploratory: every seed, seeds {', '.join(map(str, marked['seeds']))} included ({marked['why']}).",
+              "", *claim_table(table, family)]
+    return lines
+
+
 def summary(table: pd.DataFrame, best: pd.DataFrame, tolerance: float, exp: Path | None = None,
-            note: str = "") -> str:
+            note: str = "", retry_budget: int | None = None) -> str:
     dense_val, dense_test = dense_level(table, "val_challenge_f1"), dense_level(table, "test_challenge_f1")
     head = ([f"**{note.capitalize()}** (the grid was interrupted or is still running: these tables hold only "
              "the finished cells).", ""] if note else [])
+    if exp is not None and (marked := exploratory(exp)):
+        head += [f"**Exploratory seeds {', '.join(map(str, marked['seeds']))}** ({marked['why']}): every figure "
+                 "below that averages or pairs over them (a cell over more seeds than the pre-registered "
+                 f"{', '.join(map(str, sorted(set(table['seed']) - set(marked['seeds']))))}) is exploratory; "
+                 "the claim's family is also given over the pre-registered seeds alone (confirmatory).", ""]
     lines = head + [
              f"Winning ticket per method: the largest compression whose mean validation challenge F1 is at "
              f"least dense x (1 - {tolerance:g}), dense averaged over the seeds the method ran (all "
              f"{table['seed'].nunique()} seed(s): validation {dense_val:.4f}, bar {dense_val * (1 - tolerance):.4f}, "
              f"test {dense_test:.4f}).", "",
              "| method | control | seeds | compression | remaining weights | FLOPs per 30-s record (dense) | val F1 "
-             "(bar) | test F1 (mean ± sd) | test F1 95 % CI | test F1 - dense | test accuracy |",
+             "(bar) | test F1 (mean ± sd) | test F1 95 % CI | test F1 - dense (wider 95 % CI, seeds) | test accuracy |",
              "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     dense_flops = table.loc[table["round"] == 0, "flops"].mean() if "flops" in table else np.nan
     for _, b in best.iterrows():
@@ -571,10 +882,12 @@ def summary(table: pd.DataFrame, best: pd.DataFrame, tolerance: float, exp: Path
         ci = bootstrap_interval(exp, table, b) if exp is not None else None
         ci_text = f"{ci[0]:.3f}-{ci[1]:.3f}" if ci else "n/a"
         seed_text = ",".join(map(str, run_seeds(table, b["method"], b["control"])))
+        versus = (verdict_text(paired(exp, "test", ticket_rows(table, b), dense_rows(table))) if exp is not None
+                  else f"{b['mean_test'] - b['dense_test']:+.4f}")
         lines.append(f"| {b['method']} | {b['control']} | {seed_text} | {b['compression_val']:.1f}x | "
                      f"{remaining:,.0f} | {flops_text} | {b['mean_val']:.4f} "
                      f"({b['dense_val'] * (1 - tolerance):.4f}) | "
-                     f"{b['mean_test']:.4f} ± {sd:.4f} | {ci_text} | {b['mean_test'] - b['dense_test']:+.4f} | "
+                     f"{b['mean_test']:.4f} ± {sd:.4f} | {ci_text} | {versus} | "
                      f"{b['test_accuracy']:.4f} |")
     candidates = table.loc[~table["method"].isin(BASELINES), ["method", "control"]].drop_duplicates()
     missing = set(map(tuple, candidates.values)) - set(map(tuple, best[["method", "control"]].values))
@@ -592,12 +905,22 @@ def summary(table: pd.DataFrame, best: pd.DataFrame, tolerance: float, exp: Path
                   "whose validation F1 falls below the tolerance is discarded and redone at a smaller rate, so "
                   "seeds stop at different compressions and the tables above, which average seeds level by "
                   "level, mix them; this table reads each seed's last accepted ticket.", "", *goal]
-    how = ("The intervals are a two-level bootstrap: each replicate draws the records and the seeds with "
-           "replacement (the same records and seeds on both sides of a difference, each seed's run paired with "
-           "the same seed's), so they cover the sampling of the records and the spread between seeds; with few "
-           "seeds the seed level is coarse, so the per-seed differences are given too (`seeds min..max`).")
+        if retry_budget is not None:
+            lines += ["", f"The same chains read post hoc under a retry budget of {retry_budget} redos per round "
+                      "(train.py --max-retries; the pre-registered rule of configs/cinc2017-cpu-lthecg-prereg.sh): "
+                      "a chain is the same try for try up to its first round over the budget, where it stops.", "",
+                      *budget_table(exp, load_all(exp), table, retry_budget)]
+    how = ("Two 95 % intervals stand beside every difference: first a two-level bootstrap (each replicate draws "
+           "the records and the seeds with replacement, the same records and seeds on both sides of a difference, "
+           "each seed's run paired with the same seed's), then 't, k df': Student's t over the k + 1 per-seed "
+           "paired differences (each seed one draw; none for one seed). With few seeds the bootstrap's seed level "
+           "can take only a few distinct draws and is too narrow, so the per-seed differences are given too "
+           "(`seeds min..max`), and every verdict (this table, the point rule's test difference above, the "
+           "claim's family below) reads the wider of the two intervals and gives its seed count.")
     lines += ["", f"Winning tickets with their uncertainty (the interval rule; chosen on validation). {how}", "",
               *interval_winners(exp, table, tolerance)]
+    lines += claim_section(exp, table, tolerance)
+    lines += bytes_section(exp, table, best, tolerance)
     lines += ["", "Each method against the dense network of its own seed, and against the dense network trained "
               "for the same cumulative steps (dense_equal_steps, placed at the level of lr_rewind's round with the "
               "same budget): test challenge F1 difference, mean over the seeds both sides have (95 % CI, per-seed "
@@ -609,6 +932,14 @@ def summary(table: pd.DataFrame, best: pd.DataFrame, tolerance: float, exp: Path
     if af := af_table(table):
         lines += ["", "Atrial fibrillation (class A) on the test split: sensitivity / PPV, mean over seeds.", "",
                   *af]
+    if operating := af_operating_table(exp, table):
+        lines += ["", f"AF operating points: the threshold on P(AF) (softmax of the mean logits, predictions.csv) "
+                  f"chosen on each seed's validation records for PPV >= {AF_PPV:g} (the most AF found), and for "
+                  f"sensitivity >= {AF_SENSITIVITY:g} (the fewest false alarms); test sensitivity / PPV at it, mean "
+                  "over seeds (95 % two-level bootstrap of test records and seeds).", "", *operating]
+    else:
+        lines += ["", "AF operating points: none, since no run here has class probabilities in its predictions.csv "
+                  "(train.py writes them for runs made from 2026-12-05 on)."]
     if controls := controls_table(exp, table):
         lines += ["", "Tickets against the random controls (test challenge F1, mean over seeds; the interval as "
                   "above): above 0 means these tickets beat these controls on records like these.", "", *controls]
@@ -618,13 +949,33 @@ def summary(table: pd.DataFrame, best: pd.DataFrame, tolerance: float, exp: Path
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--exp", required=True, help="experiment folder holding results.csv")
-    p.add_argument("--out", default=None, help="output folder (default EXP/plots)")
+    p.add_argument("--exp", help="experiment folder holding results.csv")
+    p.add_argument("--widths", help="EXP,EXP,...: experiments of one grid at several network widths; draws "
+                   "widths.png and widths.md (plot_widths.py) into --out instead of one experiment's plots")
+    p.add_argument("--out", default=None, help="output folder (default EXP/plots; with --widths, required)")
     p.add_argument("--split", default="test", choices=["test", "val"], help="split drawn in compression.png")
     p.add_argument("--tolerance", type=float, default=0.01, help="allowed relative loss of validation F1")
+    p.add_argument("--retry-budget", type=int, default=None,
+                   help="--goal chains: also read each seed's chain as if run with train.py --max-retries N")
     args = p.parse_args(argv)
     if not 0 <= args.tolerance < 1:
         p.error(f"--tolerance must be in [0, 1), got {args.tolerance}")
+    if (args.exp is None) == (args.widths is None):
+        p.error("give one of --exp EXP (one experiment) or --widths EXP,EXP,... (across widths)")
+    if args.widths is not None:
+        import plot_widths  # imports this module: loaded only when asked for
+        exps = [Path(e) for e in args.widths.split(",") if e]
+        if args.out is None:
+            p.error("--widths needs --out, the folder for widths.png and widths.md")
+        for e in exps:
+            if not (e / "results.csv").is_file():  # a grid not yet started: the others still draw
+                print(f"note: {e} has no results.csv yet (no finished cell): left out")
+        exps = [e for e in exps if (e / "results.csv").is_file()]
+        if not exps:
+            p.error(f"--widths: none of {args.widths!r} has a results.csv yet")
+        print(plot_widths.main(exps, Path(args.out), args.tolerance))
+        print(f"wrote {args.out}/widths.png/.svg, widths.md")
+        return
     exp = Path(args.exp)
     out = Path(args.out) if args.out else exp / "plots"
     out.mkdir(parents=True, exist_ok=True)
@@ -635,7 +986,9 @@ def main(argv: list[str] | None = None) -> None:
     tickets = best[(best["control"] == "none") & (best["round"] > 0)]
     if len(tickets):
         plot_layers(exp, table, tickets.iloc[0], out)
-    text = summary(table, best, args.tolerance, exp, note)
+    if args.retry_budget is not None and args.retry_budget < 1:
+        p.error(f"--retry-budget must be >= 1, got {args.retry_budget}")
+    text = summary(table, best, args.tolerance, exp, note, args.retry_budget)
     atomic_write_text(text, out / "summary.md")  # export_ticket.py --winner reads winners.csv: never torn
     cols = ["method", "control", "round", "compression_val", "mean_val", "mean_test", "sd_test"]
     atomic_write_text(best[cols].rename(columns={"compression_val": "compression", "mean_val": "val_challenge_f1",
@@ -646,4 +999,5 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with script_errors():
+        main()

@@ -1,40 +1,48 @@
 """Classify single-lead ECG files with an exported ticket (export_ticket.py).
 
-Reads WFDB records as in CinC 2017 (``A00001.mat`` with its ``A00001.hea`` beside it; the
-header gives the sampling rate) and plain samples: ``.npy`` (a 1-D array) or ``.csv``/``.txt``
-(one column or one row, an optional header line) with ``--fs``. Every record is resampled to
-the network's 200 Hz (polyphase, anti-aliased, as in build_datasets.py) and z-scored with
-the training set's statistics stored in the ticket. Samples are expected in microvolts, as
-the CinC 2017 int16 values are (``--units mV`` multiplies by 1000); WFDB files are read as
-CinC 2017 stores them (int16 at 1000 per mV, baseline 0), other gains are not converted.
+Reads any WFDB record (``X.hea`` with its ``X.dat`` or ``X.mat``: any signal format, gain,
+baseline, physical unit, and the sampling rate from the header) through the optional
+``wfdb`` package (requirements-export.txt); without it, CinC 2017's own layout (``A00001.mat``
++ ``.hea``, 1000 per mV) through build_datasets' reader. A record of several leads needs
+``--lead`` (a name or an index from 0). Plain samples: ``.npy`` (a 1-D array) or
+``.csv``/``.txt`` (one row or one column, or ``--lead`` for a column; an optional header
+line; values separated by ``;``, tabs, ``,`` or spaces, and a decimal comma where it cannot be
+the separator) with ``--fs``. Plain samples are expected in microvolts (``--units mV``
+multiplies by 1000). Every record is resampled to the network's 200 Hz (polyphase,
+anti-aliased, as in build_datasets.py) and z-scored with the training set's statistics
+stored in the ticket.
 
 Prints, per file, the class (from the mean of the per-segment logits, as in training), the
 four class probabilities and the class of every 256-sample segment (1.28 s); ``--json`` for
 machine-readable output. A file that cannot be used (unreadable, no or implausible sampling
-rate, several leads, too short, not finite, or an amplitude or heart rate that says the
-units or the rate are wrong: see MIN_SPAN_UV and MIN_BPM; ``--no-checks`` to classify anyway)
-gets an error naming it and how to fix the flags, the other files are still classified,
-and the exit status is 1.
+rate, several leads and no --lead, too short, not finite, beyond the int16 microvolts the
+network was trained on, or an amplitude, heart rate or spectrum that says the units or the
+rate are wrong: see MIN_SPAN_UV, MIN_BPM and MIN_QRS_SHARE; ``--no-checks`` to classify
+anyway) gets an error naming it and how to fix the flags, the other files are still
+classified, and the exit status is 1.
 
 Example:
     python predict.py --ticket tickets/demo/ticket-fp32.npz ../shared/data/cinc2017/training2017/A00001.mat
     python predict.py --ticket tickets/demo/ticket-int8.npz --fs 250 --units mV my_ecg.csv
+    python predict.py --ticket tickets/demo/ticket-int8.npz --lead II holter.hea
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
+import scipy.io
 import torch
 from scipy.signal import butter, find_peaks, sosfiltfilt
 
-from build_datasets import FS, DatasetError, read_record, resample
+from build_datasets import FS, INT16, DatasetError, check_int16, read_record, resample
 from export_ticket import TicketError, load_ticket
+from run_folders import script_errors
 
 MIN_FS, MAX_FS = 50.0, 5000.0
 """Plausible ECG sampling rates; anything outside is most likely a wrong --fs."""
@@ -52,47 +60,186 @@ high moves the QRS out of the detector's 5-25 Hz band and is seldom caught, so i
 prove a rate right."""
 
 
+MIN_QRS_SHARE = 0.009
+"""Least share of an ECG's power (0.5-25 Hz) that lies in the QRS band (5-25 Hz), at 200 Hz:
+the 8,528 CinC 2017 records at their true rate have 0.0094 or more (median 0.40). A rate
+given k times too low squeezes the QRS below 5 Hz. With the heart-rate check, of 300 random
+CinC records given a rate k times too low, 1 % are refused at k = 2, 54 % at 3, 83 % at 4,
+89 % at 5, 92 % at 6; at their true rate 1 of the 8,528 is refused (its heart rate,
+23.9 bpm). Measured on the 200 Hz build: ``benchmarks/rate_check.py``."""
+
+
+def qrs_share(x: np.ndarray, fs: float) -> float:
+    """Share of the power in 0.5-25 Hz that lies in 5-25 Hz (the QRS complexes)."""
+    band = lambda lo: sosfiltfilt(butter(3, [lo, 25], btype="band", fs=fs, output="sos"), x)  # noqa: E731
+    return float((band(5) ** 2).sum() / max((band(0.5) ** 2).sum(), 1e-12))
+
+
 class PredictError(Exception):
     """An input file that cannot be classified; the message names it."""
 
 
-def read_samples(path: Path, fs: float | None, units: str) -> tuple[np.ndarray, float]:
+UNITS_TO_UV = {"uV": 1.0, "µV": 1.0, "mV": 1000.0, "V": 1e6}
+"""Physical units a WFDB header may state, and their factor to microvolts."""
+
+
+def read_samples(path: Path, fs: float | None, units: str, lead: str | None = None) -> tuple[np.ndarray, float]:
     """(samples in microvolts as float64, sampling rate) of one file."""
     if path.is_dir():
         raise PredictError(f"{path}: a folder; give the ECG files in it (e.g. {path}/*.mat)")
     if not path.is_file():
         raise PredictError(f"{path}: no such file")
     suffix = path.suffix.lower()
-    if suffix in (".mat", ".hea"):
-        try:
-            x, file_fs = read_record(path.parent, path.stem)
-        except DatasetError as e:
-            raise PredictError(f"{path}: {e}") from e
+    if suffix in (".mat", ".hea", ".dat"):
+        x, file_fs = read_wfdb(path, lead)
         if fs is not None and fs != file_fs:
             raise PredictError(f"{path}: its header says {file_fs:g} Hz but --fs is {fs:g}; drop --fs for WFDB files")
-        return x.astype(np.float64), file_fs
+        return x, file_fs
     if fs is None:
         raise PredictError(f"{path}: plain samples need their sampling rate: pass --fs (e.g. --fs 300)")
     try:
         if suffix == ".npy":
-            x = np.load(path, allow_pickle=False)
+            x = np.asarray(np.load(path, allow_pickle=False))
+            if x.dtype.kind not in "iuf":
+                raise PredictError(f"{path}: holds {x.dtype} values, expected numbers")
+            x = x.astype(np.float64)
         elif suffix in (".csv", ".txt"):
-            table = pd.read_csv(path, header=None, sep=r"[,;\s]+", engine="python")
-            if not all(pd.api.types.is_numeric_dtype(t) for t in table.dtypes):  # a header line
-                table = pd.read_csv(path, sep=r"[,;\s]+", engine="python")
-            x = table.to_numpy()
+            x = read_text_samples(path, lead)
         else:
-            raise PredictError(f"{path}: unknown file type {suffix!r} (use .mat/.hea, .npy, .csv or .txt)")
-        x = np.asarray(x, dtype=np.float64)
+            raise PredictError(f"{path}: unknown file type {suffix!r} (use .hea/.mat/.dat, .npy, .csv or .txt)")
     except PredictError:
         raise
-    except (OSError, EOFError, ValueError, TypeError, pd.errors.ParserError, pd.errors.EmptyDataError) as e:
+    except (OSError, EOFError, ValueError, TypeError) as e:
         raise PredictError(f"{path}: unreadable ({type(e).__name__}: {e})") from e
     if x.ndim == 2 and 1 in x.shape:
         x = x.ravel()
     if x.ndim != 1:
         raise PredictError(f"{path}: holds an array of shape {x.shape}; give one lead (a single row or column)")
     return x * (1000.0 if units == "mV" else 1.0), fs
+
+
+def read_wfdb(path: Path, lead: str | None) -> tuple[np.ndarray, float]:
+    """One lead of a WFDB record in microvolts, and the header's rate. Read through the
+    ``wfdb`` package (any signal format, gain, baseline and physical unit); without it, only
+    CinC 2017's own layout (.mat, 1000/mV) through build_datasets' reader."""
+    record = path.with_suffix("")
+    try:
+        import wfdb  # noqa: PLC0415 - optional (requirements-export.txt)
+    except ImportError:
+        try:
+            x, fs = read_record(path.parent, path.stem)
+        except DatasetError as e:
+            raise PredictError(f"{path}: not a CinC 2017 .mat record ({e}); other WFDB records are read through "
+                               "the wfdb package: pip install -r requirements-export.txt") from e
+        return pick_lead(x[:, None].astype(np.float64), ["ECG"], lead, path), fs
+    if not record.with_suffix(".hea").is_file():
+        raise PredictError(f"{path}: its header {record.with_suffix('.hea')} is missing")
+    mat = record.with_suffix(".mat")
+    if mat.is_file():  # wfdb reads a .mat's bytes as the header's format says: int32 values would be garbage
+        try:
+            check_int16(scipy.io.loadmat(str(mat))["val"], record.name, mat)
+        except DatasetError as e:
+            raise PredictError(str(e)) from e
+        except Exception as e:  # scipy raises many types on truncated or corrupt files
+            raise PredictError(f"{path}: unreadable .mat file {mat} ({type(e).__name__}: {e})") from e
+    try:
+        rec = wfdb.rdrecord(str(record), physical=True)
+    except Exception as e:  # wfdb raises many types on a malformed header or signal file
+        raise PredictError(f"{path}: unreadable WFDB record ({type(e).__name__}: {e})") from e
+    if rec.p_signal is None or rec.n_sig < 1 or not rec.fs:
+        raise PredictError(f"{path}: the record holds no signal or no sampling rate")
+    names = list(rec.sig_name or [str(i) for i in range(rec.n_sig)])
+    i = lead_index(names, lead, path)
+    unit = (rec.units or ["mV"] * rec.n_sig)[i]
+    if unit not in UNITS_TO_UV:
+        raise PredictError(f"{path}: lead {names[i]!r} is in {unit!r}; expected one of {', '.join(UNITS_TO_UV)} "
+                           "(is it an ECG lead?)")
+    return rec.p_signal[:, i].astype(np.float64) * UNITS_TO_UV[unit], float(rec.fs)
+
+
+def lead_index(names: list[str], lead: str | None, path: Path) -> int:
+    """The column of the lead asked for (``--lead``: a name, or an index from 0); a single
+    lead needs no choice, several do."""
+    listed = ", ".join(f"{i}: {n}" for i, n in enumerate(names))
+    if lead is None:
+        if len(names) == 1:
+            return 0
+        raise PredictError(f"{path}: holds {len(names)} leads ({listed}); choose one with --lead NAME or INDEX")
+    if lead in names:
+        return names.index(lead)
+    if lead.lstrip("-").isdigit() and 0 <= int(lead) < len(names):
+        return int(lead)
+    raise PredictError(f"{path}: no lead {lead!r}; it holds {listed}")
+
+
+def pick_lead(table: np.ndarray, names: list[str], lead: str | None, path: Path) -> np.ndarray:
+    return table[:, lead_index(names, lead, path)]
+
+
+def read_text_samples(path: Path, lead: str | None) -> np.ndarray:
+    """The samples of a .csv/.txt file, read as written: values separated by ';', tabs, ','
+    or spaces (in that order of precedence), '.' or ',' as the decimal mark (',' only where
+    it cannot be the separator), an optional header line. One row or one column is one
+    lead; several columns need --lead. What cannot be read unambiguously is refused with a
+    sentence about the format."""
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise PredictError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8") from e
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if not lines:
+        raise PredictError(f"{path}: empty: no samples")
+    body = "\n".join(lines[1:] if len(lines) > 1 else lines)
+    if ";" in body:
+        sep, decimal = ";", ","
+    elif "\t" in body:
+        sep, decimal = "\t", ","
+    elif "," in body and not re.search(r"\d,\d+[ ]+[-+]?\d", body):
+        sep, decimal = ",", "."
+    else:
+        sep, decimal = None, ","  # spaces between values; a comma can only be a decimal mark
+    rows = [[f.strip() for f in (line.rstrip(sep).split(sep) if sep else line.split())] for line in lines]
+
+    def number(field: str) -> float:
+        if decimal == "," and "," in field:
+            if "." in field:
+                raise ValueError(field)  # 1.234,5: a thousands mark, not a sample
+            field = field.replace(",", ".")
+        return float(field)
+
+    def parse(row: list[str]) -> list[float] | None:
+        try:
+            return [number(f) for f in row]
+        except ValueError:
+            return None
+
+    header = None
+    if len(rows) > 1 and parse(rows[0]) is None:  # a single line is samples, never a header
+        header, rows = rows[0], rows[1:]
+    values = []
+    for n, row in enumerate(rows, start=2 if header else 1):
+        parsed = parse(row)
+        if parsed is None:
+            raise PredictError(f"{path}: line {n} ({' '.join(row)[:40]!r}) is not numbers separated by "
+                               f"{'spaces' if sep is None else repr(sep)}; give one number per value, '.' or ',' as "
+                               "decimal mark, ';' between values when ',' is the decimal mark")
+        values.append(parsed)
+    if not values:
+        raise PredictError(f"{path}: only a header line, no samples")
+    widths = {len(v) for v in values}
+    if len(widths) > 1:
+        raise PredictError(f"{path}: its lines hold different numbers of values ({sorted(widths)}) with "
+                           f"{'spaces' if sep is None else repr(sep)} as separator; give one row or one column")
+    table = np.asarray(values, dtype=np.float64)
+    if len(values) > 1 and table.shape[1] > 1:
+        if sep == "," and table.shape[1] == 2 and all(re.fullmatch(r"\d+", r[-1]) for r in rows[:50]):
+            raise PredictError(f"{path}: every line holds two ','-separated numbers: if ',' is the decimal mark "
+                               "(1,25 for 1.25), separate values by ';' or use '.' decimals; if these are two "
+                               "leads, choose one with --lead")
+        names = header if header is not None and len(header) == table.shape[1] else [
+            str(i) for i in range(table.shape[1])]
+        return pick_lead(table, names, lead, path)
+    return table.ravel()
 
 
 def heart_rate(x: np.ndarray, fs: float) -> float:
@@ -103,9 +250,9 @@ def heart_rate(x: np.ndarray, fs: float) -> float:
     return float(60 * fs / np.median(np.diff(peaks))) if len(peaks) > 1 else float("nan")
 
 
-def check_plausible(x: np.ndarray, fs: float, name: str) -> None:
-    """Refuse input whose amplitude or heart rate says the units or the rate are wrong:
-    such a file would still get a confident class, and a wrong one."""
+def check_amplitude(x: np.ndarray, name: str) -> None:
+    """Refuse input whose amplitude says the units are wrong: such a file would still get a
+    confident class, and a wrong one."""
     low, high = np.percentile(x, [0.5, 99.5])
     span = high - low
     if span < MIN_SPAN_UV:
@@ -114,11 +261,22 @@ def check_plausible(x: np.ndarray, fs: float, name: str) -> None:
     if span > MAX_SPAN_UV:
         raise PredictError(f"{name}: spans {span / 1000:.3g} mV, too much for an ECG: if it is in uV, drop "
                            "--units mV (or --no-checks if it is right)")
-    if fs > 60:  # the 5-25 Hz band needs a rate above 50 Hz
-        bpm = heart_rate(x, fs)
-        if not MIN_BPM <= bpm <= MAX_BPM:
-            raise PredictError(f"{name}: its beats give {bpm:.0f} bpm at --fs {fs:g}, outside {MIN_BPM:g}-"
-                               f"{MAX_BPM:g}: check --fs (a wrong rate scales the heart rate), or --no-checks")
+
+
+def check_rate(x: np.ndarray, fs: float, name: str) -> None:
+    """Refuse input whose heart rate says the declared rate ``fs`` is wrong. ``x`` is the
+    record resampled to 200 Hz from ``fs``, so the heart rate is measured the same way
+    whatever rate was declared (a rate several times too low, e.g. --fs 50 for a 300 Hz
+    record, makes the beats too slow)."""
+    share = qrs_share(x.astype(np.float64), FS)
+    if share < MIN_QRS_SHARE:
+        raise PredictError(f"{name}: at --fs {fs:g} only {100 * share:.2g} % of its power lies in the QRS band "
+                           f"(5-25 Hz; ECGs at their true rate have at least {100 * MIN_QRS_SHARE:g} %): the rate is "
+                           "most likely given too low: check --fs (or --no-checks)")
+    bpm = heart_rate(x.astype(np.float64), FS)
+    if not MIN_BPM <= bpm <= MAX_BPM:
+        raise PredictError(f"{name}: its beats give {bpm:.0f} bpm at --fs {fs:g}, outside {MIN_BPM:g}-"
+                           f"{MAX_BPM:g}: check --fs (a wrong rate scales the heart rate), or --no-checks")
 
 
 def prepare(x: np.ndarray, fs: float, name: str, min_seconds: float, checks: bool = True) -> np.ndarray:
@@ -132,8 +290,15 @@ def prepare(x: np.ndarray, fs: float, name: str, min_seconds: float, checks: boo
         raise PredictError(f"{name}: {seconds:.2f} s long; at least {min_seconds:g} s are needed "
                            "(--min-seconds)")
     if checks:
-        check_plausible(x, fs, name)
-    y = resample(np.clip(np.round(x), -32768, 32767).astype(np.int16), fs, FS)
+        check_amplitude(x, name)
+    outside = int(np.count_nonzero(np.abs(x) > INT16.max))
+    if outside and checks:  # the network knows int16 microvolts only: clipping would change the record
+        raise PredictError(f"{name}: {outside} sample(s) beyond +-{INT16.max / 1000:g} mV (largest "
+                           f"{np.abs(x).max() / 1000:.3g} mV), outside the int16 microvolts the network was "
+                           "trained on: check --units (or --no-checks to clip them)")
+    y = resample(np.clip(np.round(x), INT16.min, INT16.max).astype(np.int16), fs, FS)
+    if checks:
+        check_rate(y, fs, name)
     return y
 
 
@@ -158,10 +323,12 @@ def classify(model: torch.nn.Module, meta: dict, samples: np.ndarray) -> dict:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("files", nargs="+", type=Path, help="ECG files: .mat (+ .hea), .npy, .csv or .txt")
+    p.add_argument("files", nargs="+", type=Path, help="ECG files: WFDB .hea/.dat/.mat, .npy, .csv or .txt")
     p.add_argument("--ticket", type=Path, required=True, help="ticket file from export_ticket.py (.npz)")
     p.add_argument("--fs", type=float, default=None, help="sampling rate in Hz of .npy/.csv/.txt files")
     p.add_argument("--units", default="uV", choices=["uV", "mV"], help="units of .npy/.csv/.txt samples")
+    p.add_argument("--lead", default=None,
+                   help="the lead of a multi-lead WFDB record or multi-column .csv: its name or index (from 0)")
     p.add_argument("--min-seconds", type=float, default=5.0, help="shortest record accepted")
     p.add_argument("--json", action="store_true", help="print one JSON list instead of text")
     p.add_argument("--no-checks", action="store_true",
@@ -181,7 +348,7 @@ def main(argv: list[str] | None = None) -> int:
     results, failed = [], 0
     for path in args.files:
         try:
-            x, fs = read_samples(path, args.fs, args.units)
+            x, fs = read_samples(path, args.fs, args.units, args.lead)
             out = {"file": str(path), **classify(model, meta, prepare(x, fs, str(path), args.min_seconds,
                                                                  not args.no_checks))}
         except PredictError as e:
@@ -200,4 +367,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    with script_errors():
+        sys.exit(main())

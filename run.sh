@@ -40,6 +40,7 @@ GOAL=0                     # 1: over-pruning guard: redo a round at FRACTION/ALP
 ALPHA=2
 TOLERANCE=0.01
 MIN_FRACTION=0.01          # GOAL: stop when the fraction would fall below this
+MAX_RETRIES=0              # GOAL: stop after this many redos of one round (0: no limit)
 EXTRA=""                   # more train.py flags, e.g. "--eval-batch-size 256 --step-mode graph"
 # --- where the grid runs
 EXECUTOR=local             # local: this process walks the grid | slurm: one SLURM array job per stage
@@ -104,7 +105,7 @@ fi
 dense_from=()
 if [ -n "$DENSE_FROM" ]; then dense_from=(--dense-from "$DENSE_FROM"); fi
 goal=()
-if [ "$GOAL" = 1 ]; then goal=(--goal --alpha "$ALPHA" --tolerance "$TOLERANCE" --min-fraction "$MIN_FRACTION"); fi
+if [ "$GOAL" = 1 ]; then goal=(--goal --alpha "$ALPHA" --tolerance "$TOLERANCE" --min-fraction "$MIN_FRACTION" --max-retries "$MAX_RETRIES"); fi
 read -r -a extra_flags <<< "$EXTRA"
 executor=(--executor "$EXECUTOR")
 if [ "$EXECUTOR" = slurm ]; then

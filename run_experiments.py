@@ -9,7 +9,8 @@ those an existing run folder was made with are refused.
 
 The table ``EXP/results.csv`` has one row per seed x method x control x round: remaining
 weights, compression ratio, sparsity, validation and test challenge F1, macro F1, accuracy,
-per-class F1, steps and training time. ``EXP/experiment.json`` keeps the commands run.
+per-class F1, steps and training time, and the ticket's size in bytes (ticket_bytes.py: the dense
+checkpoint with and without Adam's state, the compact export). ``EXP/experiment.json`` keeps the commands run.
 
 Example (the demo of run.sh):
     python run_experiments.py --exp results/demo --seeds 0,1 --data data/synthetic --width 0.125
@@ -42,10 +43,14 @@ import pandas as pd
 from tqdm import tqdm
 
 import prune as pm
+import ticket_bytes
 import train
 from build_datasets import DatasetError, load_dataset
-from run_folders import LOCK, Busy, atomic_write_text, code_version, locked, update_json
+from run_folders import LOCK, Busy, atomic_write_text, code_version, locked, locked_by_other, script_errors, update_json
 
+BUSY_PAUSE = (0.5, 8.0)
+"""Seconds a worker whose every remaining cell is busy sleeps before it looks again: the
+first, doubling per idle pass up to the second (a cell freed late waits at most that long)."""
 DENSE = train.DENSE
 """The cell that trains a seed's dense network (every method of the seed starts from it)."""
 
@@ -207,11 +212,13 @@ def expected_trainings(args: argparse.Namespace, flags: argparse.Namespace) -> i
 
 
 def collect(exp: Path) -> pd.DataFrame:
-    """All rounds.csv tables under ``exp`` in one (method rows and control rows)."""
+    """All rounds.csv tables under ``exp`` in one (method rows and control rows), with each
+    row's size in bytes (ticket_bytes.BYTE_COLUMNS: dense checkpoints, compact export)."""
     tables = [pd.read_csv(p) for p in sorted(exp.glob("seed*/*/rounds.csv"))]
     if not tables:
         raise SystemExit(f"error: no rounds.csv under {exp}; nothing has finished yet")
-    return pd.concat(tables, ignore_index=True).sort_values(["method", "control", "seed", "round", "attempt"])
+    table = pd.concat(tables, ignore_index=True).sort_values(["method", "control", "seed", "round", "attempt"])
+    return ticket_bytes.add_byte_columns(exp, table)  # the ticket in bytes beside its ratio of weights
 
 
 def write_results(exp: Path) -> pd.DataFrame | None:
@@ -314,6 +321,11 @@ def submit_slurm(args: argparse.Namespace, forwarded: list[str], grid: list[tupl
 
 
 def main(argv: list[str] | None = None) -> None:
+    with script_errors():
+        run_grid(argv)
+
+
+def run_grid(argv: list[str] | None = None) -> None:
     args, forwarded = parse_args(argv)
     exp = Path(args.exp)
     grid = cells(args)
@@ -369,26 +381,36 @@ def main(argv: list[str] | None = None) -> None:
 
     train.ON_TRAINED = trained
     finished, table, said_busy = 0, None, set()
+    busy: dict[int, Path] = {}  # cell -> the folder another worker held when it was last tried
+    pause = BUSY_PAUSE[0]
     while todo:
         moved = False
         for i in list(todo):
+            if i in busy and locked_by_other(busy[i]):  # still held: a probe, not a rebuilt training
+                continue
             bar.set_postfix_str(f"cell {i + 1}/{len(grid)}: {label(grid[i])}")
             if i not in said_busy:
                 tqdm.write(f"[{i + 1}/{len(grid)}] {label(grid[i])}")
             try:
                 train.run(train.parse_args(cell_argv(forwarded, exp, *grid[i])), ds, report=False)
             except Busy as e:  # --busy skip: another worker holds it; come back later (said once)
+                if e.folder is not None:
+                    busy[i] = e.folder
                 if i not in said_busy:
                     tqdm.write(f"  busy ({e}); moving on")
                     said_busy.add(i)
                 continue
+            busy.pop(i, None)
             todo.remove(i)
             moved, finished = True, finished + 1
             # after every cell, so an interrupted grid can be plotted (marked partial) and nothing finished is lost
             table = write_results(exp)
             record(cells=len(grid), finished_cells=finished)
-        if todo and not moved:
-            time.sleep(0.5)
+        if todo and not moved:  # every cell left is another worker's: wait, longer each idle pass
+            time.sleep(pause)
+            pause = min(2 * pause, BUSY_PAUSE[1])
+        else:
+            pause = BUSY_PAUSE[0]
     train.ON_TRAINED = None
     bar.close()
     rows = 0 if table is None else len(table)

@@ -81,8 +81,9 @@ def state_digest(state: dict[str, torch.Tensor]) -> str:
 
 
 def pack_tensors(prefix: str, tensors: dict[str, torch.Tensor], out: dict[str, np.ndarray]) -> None:
-    """Each tensor as its shape, a bit-packed non-zero pattern and its non-zero values:
-    exact (a zero comes back as +0.0), and small for pruned weights and masks."""
+    """Each tensor as its shape, a bit-packed non-zero pattern and its non-zero values, and
+    where a float tensor holds -0.0 (a pruned negative weight times its 0 mask) the pattern
+    of those: exact to the bit, and small for pruned weights and masks."""
     for name, t in tensors.items():
         a = t.detach().cpu().numpy()
         nonzero = a != 0
@@ -91,6 +92,9 @@ def pack_tensors(prefix: str, tensors: dict[str, torch.Tensor], out: dict[str, n
         if a.dtype != np.bool_:
             out[SEP.join((prefix, name, "values"))] = a[nonzero]
             out[SEP.join((prefix, name, "dtype"))] = np.asarray(str(a.dtype))
+            negative_zero = ~nonzero & np.signbit(a) if a.dtype.kind == "f" else None
+            if negative_zero is not None and negative_zero.any():
+                out[SEP.join((prefix, name, "negzero"))] = np.packbits(negative_zero.ravel())
 
 
 def unpack_tensors(prefix: str, arrays: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
@@ -104,6 +108,8 @@ def unpack_tensors(prefix: str, arrays: dict[str, np.ndarray]) -> dict[str, torc
         if key("values") in arrays:
             a = np.zeros(count, dtype=np.dtype(str(arrays[key("dtype")])))
             a[nonzero] = arrays[key("values")]
+            if key("negzero") in arrays:
+                a[np.unpackbits(arrays[key("negzero")], count=count).astype(bool)] = -0.0
         else:
             a = nonzero
         tensors[name] = torch.from_numpy(a.reshape(shape))
@@ -149,16 +155,24 @@ def unfinished(method_dir: Path) -> bool:
     return controls_pending(method_dir, int(last["round"]))
 
 
+REWINDING = ("weight_rewind", "late_reset")
+"""Methods whose rounds start from fixed early weights, not from the last round's."""
+
+
 def chain_files(method_dir: Path) -> list[Path] | None:
-    """What a chain needs to go on: every round's mask, the trained weights of its last two
-    accepted rounds (the last starts the next round; the one before starts a
-    weight-keeping method's random-pruning control) and late_reset's rewind weights. None
-    when they are not on this machine."""
+    """What a chain needs to go on: every round's mask, the trained weights of its last
+    accepted round (they set the next round's mask, and a weight-keeping method starts from
+    them), the round before only while a weight-keeping method's controls of the last round
+    are pending (random_prune starts from that round's start weights), and late_reset's
+    rewind weights. One round, not two: at full width a round's weights are ~21 MB at 2x.
+    None when they are not on this machine."""
     masks = round_masks(method_dir)
     exp_dir = method_dir.parent.parent
     table = pd.read_csv(method_dir / tr.ROUNDS)
     accepted = [exp_dir / f for f in table.loc[table["accepted"], "folder"] if (exp_dir / f).parent == method_dir]
-    models = [d / tr.FINAL for d in accepted[-2:]]
+    last_round = int(table.loc[table["accepted"], "round"].max()) if table["accepted"].any() else 0
+    both = method_dir.name not in REWINDING and controls_pending(method_dir, last_round)
+    models = [d / tr.FINAL for d in accepted[-2 if both else -1:]]
     rewind = sorted((method_dir.parent / tr.DENSE).glob("rewind_*.pt")) if method_dir.name == "late_reset" else []
     return masks + models + rewind if masks is not None and all(f.is_file() for f in models + rewind) else None
 
@@ -243,7 +257,9 @@ def rebuild_dense(dense_dirs: list[Path]) -> None:
     differ = [f"{split} {key}: recorded {old_metrics[split][key]}, now {new_metrics[split][key]}"
               for split in ("val", "test") for key in old_metrics[split]
               if old_metrics[split][key] != new_metrics[split].get(key)]
-    if (first / tr.PREDICTIONS).read_bytes() != (new / tr.PREDICTIONS).read_bytes():
+    recorded = pd.read_csv(first / tr.PREDICTIONS, keep_default_na=False, dtype=str)
+    # a run recorded before predictions.csv held probabilities is compared on its own columns
+    if not recorded.equals(pd.read_csv(new / tr.PREDICTIONS, keep_default_na=False, dtype=str)[recorded.columns]):
         differ.append("predictions.csv differs")
     losses = ["step", "lr", "train_loss", "val_loss", "val_challenge_f1"]  # per epoch, 6 digits
     if not pd.read_csv(first / tr.HISTORY)[losses].equals(pd.read_csv(new / tr.HISTORY)[losses]):

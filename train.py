@@ -74,6 +74,7 @@ from run_folders import (
     load_pt,
     locked,
     prepare_run,
+    script_errors,
 )
 
 DENSE = "dense"
@@ -84,6 +85,9 @@ METRICS = "metrics.json"
 HISTORY = "history.csv"
 PREDICTIONS = "predictions.csv"
 """Per-record class of the validation and test records: for bootstrap intervals."""
+PROBABILITY_COLUMNS = tuple(f"p_{c}" for c in CLASSES)
+"""predictions.csv's class probabilities (softmax of the mean logits; runs from 2026-12-05
+on, older files lack them): for operating points other than the argmax (operating_point.py)."""
 LOG = "train.log"
 """Everything a training printed, appended at each start (resume) under a dated header."""
 ON_TRAINED: Callable[[Path], None] | None = None
@@ -194,7 +198,7 @@ def logged(run_dir: Path) -> Iterator[None]:
     header with the date, code version and command; an error that stops the training is
     written too."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    with open(run_dir / LOG, "a", encoding="utf-8") as log:
+    with open(run_dir / LOG, "a", encoding="utf-8", errors="backslashreplace") as log:
         log.write(f"=== {time.strftime('%Y-%m-%d %H:%M:%S %z')}  code {code_version()}  "
                   f"command: {' '.join(sys.argv)}\n")
         log.flush()  # a training killed before it prints anything still shows that it started
@@ -253,14 +257,17 @@ def predict(model: torch.nn.Module, batcher: Batcher, idx: np.ndarray, cfg: Trai
 def evaluate(model: torch.nn.Module, batcher: Batcher, ds: ECGDataset, split: str,
              cfg: TrainConfig, bf16: bool) -> dict:
     """Metrics of one split: by ``cfg.aggregate`` at the top level, and both ways under
-    ``by_aggregate``."""
+    ``by_aggregate``; per record (in the split's order) the predicted class and the class
+    probabilities, the softmax of the mean logits over the record's steps (the ``mean``
+    aggregate), from which an operating point other than the argmax can be chosen."""
     idx = ds.indices(split)
     out = predict(model, batcher, idx, cfg, bf16)
     both = {how: classification_metrics(ds.labels[idx], out[how]) for how in ("mean", "vote")}
     return {**both[cfg.aggregate], "loss": out["loss"], "records": len(idx),
             "by_aggregate": {how: {k: v for k, v in m.items() if k != "confusion"}
                              for how, m in both.items()},
-            "predicted": out[cfg.aggregate].tolist()}
+            "predicted": out[cfg.aggregate].tolist(),
+            "probabilities": torch.softmax(torch.from_numpy(out["logits"]), 1).numpy()}
 
 
 StepHook = Callable[[torch.nn.Module, int], None]
@@ -537,7 +544,7 @@ definitions is refused, not resumed): 2 = weight_rewind from the initial weights
 whole schedule (k plays no part), late_reset/lr_rewind/finetune over steps [k, T).
 Version 1 (runs before 2026-11-27) trained weight_rewind over [k, T) only."""
 PRUNING_FLAGS = {"retrain", "control", "rewind_to", "prune_fraction", "prune_scope", "layer_fraction",
-                 "dense_layers", "rounds", "target_ratio", "goal", "tolerance", "alpha", "min_fraction",
+                 "dense_layers", "rounds", "target_ratio", "goal", "tolerance", "alpha", "min_fraction", "max_retries",
                  "control_every", "definitions_version"}
 """Flags that do not change the dense run (which every method of a seed shares)."""
 CONTROL_FLAGS = {"control", "control_every"}
@@ -669,7 +676,9 @@ def fit_and_report(ctx: Context, model: HannunNet, run_dir: Path, extra: dict, *
     eval_seconds = time.perf_counter() - t1
     predictions = pd.concat([pd.DataFrame({"record": ctx.ds.names[idx], "split": split,
                                            "label": [CLASSES[i] for i in ctx.ds.labels[idx]],
-                                           "predicted": [CLASSES[i] for i in results[split].pop("predicted")]})
+                                           "predicted": [CLASSES[i] for i in results[split].pop("predicted")],
+                                           **dict(zip(PROBABILITY_COLUMNS, results[split].pop("probabilities").T,
+                                                      strict=True))})
                              for split, idx in ((s, ctx.ds.indices(s)) for s in ("val", "test"))])
     train_seconds = sum(h["train_seconds"] for h in history)
     results.update({
@@ -682,7 +691,7 @@ def fit_and_report(ctx: Context, model: HannunNet, run_dir: Path, extra: dict, *
         "eval_records_per_second": (results["val"]["records"] + results["test"]["records"]) / eval_seconds,
         "normalizer": asdict(ctx.batcher.norm), "code_version": code_version(), "machine": machine(), **extra})
     atomic_save(model.state_dict(), run_dir / FINAL)
-    atomic_write_text(predictions.to_csv(index=False), run_dir / PREDICTIONS)
+    atomic_write_text(predictions.to_csv(index=False, float_format="%.5f"), run_dir / PREDICTIONS)
     write_history(history, run_dir / HISTORY)
     atomic_write_text(json.dumps(results, indent=2) + "\n", run_dir / METRICS)
     (run_dir / CHECKPOINT).unlink(missing_ok=True)  # the final weights are in model.pt
@@ -871,7 +880,7 @@ def run_lottery(ctx: Context, args: argparse.Namespace, flags: dict, data: Path)
                 masks, trained = new_masks, d / FINAL
                 history.append((r, masks, trained))
                 r, attempt = r + 1, 0
-            elif fraction < args.min_fraction:
+            elif fraction < args.min_fraction or out_of_retries(args, attempt):
                 break
             else:
                 attempt += 1
@@ -880,6 +889,11 @@ def run_lottery(ctx: Context, args: argparse.Namespace, flags: dict, data: Path)
         table = pd.concat([table, run_control(ctx, args, flags, data, history, start_weights, lr_fn,
                                               steps, parameters)], ignore_index=True)
     return table
+
+
+def out_of_retries(args: argparse.Namespace, attempt: int) -> bool:
+    """Whether the rejected try ``attempt`` (0 for a round's first) used up --max-retries."""
+    return getattr(args, "max_retries", 0) > 0 and attempt >= args.max_retries
 
 
 def finished_table(args: argparse.Namespace, method_dir: Path) -> pd.DataFrame | None:
@@ -893,7 +907,8 @@ def finished_table(args: argparse.Namespace, method_dir: Path) -> pd.DataFrame |
     table = pd.read_csv(method_dir / ROUNDS)
     accepted = table[table["accepted"]]
     last = accepted.iloc[-1]
-    rejected_last = not table.iloc[-1]["accepted"] and table.iloc[-1]["fraction"] / args.alpha < args.min_fraction
+    rejected_last = not table.iloc[-1]["accepted"] and (table.iloc[-1]["fraction"] / args.alpha < args.min_fraction
+                                                        or out_of_retries(args, int(table.iloc[-1]["attempt"])))
     if args.retrain in BASELINES:
         return table if last["round"] >= baseline_rounds(args) else None
     if not (last["compression"] >= args.target_ratio * (1 - 1e-9) or last["round"] >= args.rounds
@@ -1027,6 +1042,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     q.add_argument("--tolerance", type=float, default=0.01, help="--goal: allowed relative loss of val F1")
     q.add_argument("--alpha", type=float, default=2.0, help="--goal: fraction divisor after a failed round")
     q.add_argument("--min-fraction", type=float, default=0.01, help="--goal: stop below this fraction")
+    q.add_argument("--max-retries", type=int, default=0,
+                   help="--goal: redo a rejected round at most this many times, then stop (0: no limit, only "
+                        "--min-fraction stops): a retry budget fixed before the runs, so that the level reached "
+                        "does not ride on how often validation noise is read")
     r = p.add_argument_group("run")
     r.add_argument("--checkpoint-minutes", type=float, default=5.0,
                    help="also checkpoint within an epoch at this interval")
@@ -1057,7 +1076,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                      ("layer_fraction", all(0 <= f < 1 for _, f in args.layer_fraction)),
                      ("rounds", args.rounds >= 1), ("target_ratio", args.target_ratio > 1),
                      ("tolerance", 0 <= args.tolerance < 1), ("alpha", args.alpha > 1),
-                     ("min_fraction", 0 < args.min_fraction < 1), ("control_every", args.control_every >= 1),
+                     ("min_fraction", 0 < args.min_fraction < 1), ("max_retries", args.max_retries >= 0),
+                     ("control_every", args.control_every >= 1),
                      ("max_steps", args.max_steps >= 0)]:
         if not ok:
             p.error(f"bad value for --{name.replace('_', '-')}: {getattr(args, name)}")
@@ -1132,7 +1152,8 @@ def run(args: argparse.Namespace, ds: ECGDataset | None = None, report: bool = T
 
 
 def main(argv: list[str] | None = None) -> None:
-    run(parse_args(argv))
+    with script_errors():
+        run(parse_args(argv))
 
 
 def write_history(history: list[dict], path: Path) -> None:

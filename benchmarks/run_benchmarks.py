@@ -3,6 +3,7 @@
     python benchmarks/run_benchmarks.py                 # about 5 minutes on 2 CPU cores
     python benchmarks/run_benchmarks.py --quick         # a smoke run (seconds per row)
     python benchmarks/run_benchmarks.py --only compile  # re-measure some sections, keep the rest
+    python benchmarks/run_benchmarks.py --only fullwidth --seconds 5  # the full network's step (~5 min)
 
 Sections (each row: median of repeated timings after warm-up, so one noisy run moves it
 little; ratios are only ever taken between rows of the same run):
@@ -20,6 +21,15 @@ little; ratios are only ever taken between rows of the same run):
               padding that length buckets save
   inference   latency per 30-s record of a 142x magnitude-pruned network at batch 1:
               dense kernels, dead inner channels removed, and CSR sparse kernels
+  fullwidth   (not in the default run: `--only fullwidth`) the full network's (width 1, 16
+              blocks) masked training step as train.py runs it, side by side: fp32 against
+              bf16 (where the CPU has native bf16), four batch shapes, one 2-thread process
+              against two 1-thread workers started together, and kernel/layout variants
+              (Keras "same" padding inside the conv, channels-last convs, cheaper dropout
+              masks); each row with rec/s, GFLOP/s and its share of the matmul peak measured
+              in the same section, and the CPU flags. Also writes the table to
+              OUT/fullwidth.md and a short profile of the fp32 and bf16 step (top ops by self
+              CPU time, model.py and the combined variant) to OUT/fullwidth-profile.txt
   compile     the CPU-scale lottery step (w0.25, masks on, as in every pruning round)
               eager vs torch.compile of the model (default inductor; optimizer and mask
               step eager), fp32 and bf16, with the time the first (compiling) call takes
@@ -39,6 +49,7 @@ import json
 import math
 import os
 import platform
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -46,7 +57,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 import torch.nn.utils.prune as torch_prune
+from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -57,7 +70,7 @@ import prune as pm  # noqa: E402
 import run_folders as rf  # noqa: E402
 import train as tr  # noqa: E402
 from build_datasets import load_dataset  # noqa: E402
-from model import HannunConfig, HannunNet, bf16_faulty_convs, guard_bf16  # noqa: E402
+from model import HannunConfig, HannunNet, ResidualBlock, SameConv1d, bf16_faulty_convs, guard_bf16  # noqa: E402
 
 
 def matmul_peak(dtype: torch.dtype, seconds: float, n: int = 2048) -> float:
@@ -74,12 +87,12 @@ def forward_flops(model: HannunNet, length: int) -> int:
 
 
 def train_step_fn(model: HannunNet, batch: int, length: int, bf16: bool,
-                  after: Callable[[], None] | None = None) -> Callable[[], None]:
+                  after: Callable[[], None] | None = None, fused_adam: bool = False) -> Callable[[], None]:
     torch.manual_seed(0)
     x = torch.randn(batch, 1, length)
     y = torch.randint(0, 4, (batch,))
     steps = torch.full((batch,), length // model.cfg.stride)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3, fused=fused_adam or None)
     if bf16:  # the layers PyTorch's bf16 conv gets wrong run in fp32, as in training
         guard_bf16(model, bf16_faulty_convs(model, x[:2]))
     model.train()
@@ -98,8 +111,8 @@ def pruned_masks(model: HannunNet, ratio: float) -> pm.Masks:
     return masks
 
 
-SECTIONS = ("peak", "train", "masked", "eval", "inference", "compile", "gpu")
-CPU_SECTIONS = SECTIONS[:-1]
+SECTIONS = ("peak", "train", "masked", "eval", "inference", "compile", "fullwidth", "gpu")
+CPU_SECTIONS = SECTIONS[:-2]  # the default run; fullwidth (~5 min) and gpu only when asked for
 
 NETS = {  # label: (config, batch, length)
     "full (w1, 10.47 M)": (HannunConfig(width=1.0), 8, 4096),
@@ -120,7 +133,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--only", default=",".join(CPU_SECTIONS),
                    help=f"comma-separated sections to measure ({', '.join(SECTIONS)}); the rows of the "
                         "others are kept from OUT/results.json")
+    p.add_argument("--fullwidth-worker", help=argparse.SUPPRESS)  # one 1-thread worker of the fullwidth section
     args = p.parse_args(argv)
+    if args.fullwidth_worker:
+        fullwidth_worker(json.loads(args.fullwidth_worker))
+        return
     only = [x for x in args.only.split(",") if x]
     if not only or set(only) - set(SECTIONS):
         p.error(f"--only takes sections from {', '.join(SECTIONS)}, got {args.only!r}")
@@ -145,6 +162,7 @@ def main(argv: list[str] | None = None) -> None:
         "eval": lambda: eval_rows(add, seconds, args.data),
         "inference": lambda: inference_rows(add, seconds),
         "compile": lambda: compile_rows(add, seconds),
+        "fullwidth": lambda: fullwidth_rows(add, seconds, args.out, args.quick),
         # every GPU row is written as soon as it is measured: a sitting may be cut short
         "gpu": lambda: gpu_rows(lambda *a, **k: (add(*a, **k), write(args.out, rows)), seconds, args.data,
                                 gpu_batch, gpu_length),
@@ -262,6 +280,324 @@ def compile_rows(add: Callable[..., None], seconds: float) -> None:
             times[how] = et.median_seconds(step, seconds)
             add("compile", f"w0.25 masked step, batch {batch} x {length}, {amp}, {how}",
                 records_per_s=batch / times[how], speedup=times["eager"] / times[how], first_call_s=first)
+
+
+# --------------------------------------------------------------------------- fullwidth
+# Kernel and layout variants of the network's step. Each computes the same function with the
+# same parameters as model.py (tests/test_fullwidth_variants.py checks this in float64); only
+# the way the work is handed to PyTorch changes.
+
+
+class VariantConv(SameConv1d):
+    """SameConv1d computed another way: ``pad_in_conv`` gives the conv itself the padding of
+    Keras "same" (k/2 on both sides, then the first output dropped: PyTorch's ``padding=`` is
+    symmetric) instead of F.pad's extra copy of the input; a 4-D ``[B, C, 1, L]`` input (what
+    :class:`VariantNet` passes in channels-last memory, i.e. ``[B, L, C]`` order) runs as a
+    conv2d with a ``1 x k`` kernel, which oneDNN computes in the channels-last layout."""
+
+    pad_in_conv = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fp32_under_autocast and torch.is_autocast_enabled(x.device.type):
+            with torch.autocast(x.device.type, enabled=False):
+                return self._conv(x.float())
+        return self._conv(x)
+
+    def _conv(self, x: torch.Tensor) -> torch.Tensor:
+        pad, drop_first = self.padding[0], False
+        if self.same_pad is not None:  # stride 1: Keras pads (k/2 - 1, k/2)
+            if self.pad_in_conv:
+                pad, drop_first = self.kernel_size[0] // 2, True
+            else:
+                x = F.pad(x, self.same_pad)
+        if x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)  # a no-op unless F.pad changed it
+            y = F.conv2d(x, self.weight.unsqueeze(2), self.bias, (1, self.stride[0]), (0, pad))
+        else:
+            y = F.conv1d(x, self.weight, self.bias, self.stride, pad)
+        return y[..., 1:] if drop_first else y
+
+
+class MaskDropout(nn.Dropout):
+    """nn.Dropout with the keep mask drawn as bool instead of float: ``bernoulli_`` gives the
+    same draws into a bool tensor (same generator calls, same RNG state afterwards), so the
+    output (and its gradient) is bit for bit F.dropout's.
+    The mask is drawn in the logical ``[B, C, L]`` order whatever the input's memory layout,
+    so the channels-last network drops the same elements as the plain one."""
+
+    def _mask(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.empty(x.shape, dtype=torch.bool, device=x.device).bernoulli_(1 - self.p)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0:
+            return x
+        scale = torch.ones((), dtype=x.dtype, device=x.device).div_(1 - self.p)  # as F.dropout rounds it
+        return x.mul(self._mask(x).to(x.dtype)).mul_(scale)  # a same-dtype mul: the vectorised kernel
+
+
+class RandDropout(MaskDropout):
+    """One uniform draw per element compared with the keep probability (``rand < 1 - p``):
+    the same keep probability and scaling as nn.Dropout, but other random draws than
+    ``bernoulli_`` (so a run with it is not the same run)."""
+
+    def _mask(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.rand(x.shape, device=x.device) < 1 - self.p
+
+
+DROPOUTS: dict[str, type[nn.Dropout]] = {"float bernoulli": nn.Dropout, "bool bernoulli": MaskDropout,
+                                         "rand <": RandDropout}
+
+
+def _norm(bn: nn.BatchNorm1d, x: torch.Tensor) -> torch.Tensor:
+    """``bn(x)``, also for a ``[B, C, 1, L]`` tensor (BatchNorm1d itself accepts 2-D/3-D only):
+    the same batch statistics, running-stat update and affine transform."""
+    if x.dim() < 4:
+        return bn(x)
+    if bn.training and bn.track_running_stats:
+        bn.num_batches_tracked.add_(1)
+    return F.batch_norm(x, bn.running_mean, bn.running_var, bn.weight, bn.bias,
+                        bn.training or not bn.track_running_stats, bn.momentum, bn.eps)
+
+
+def max_pool_where(x: torch.Tensor, stride: int) -> torch.Tensor:
+    """``F.max_pool1d(x, stride)`` along the last dim for stride 2, as one elementwise
+    ``where(a >= b, a, b)`` of the even and odd samples instead of a pooling kernel that also
+    computes and saves indices. Ties go to the first sample, as in max_pool's kernel, so the
+    gradient is the same too (a NaN input gives the other sample instead of NaN)."""
+    if stride != 2:
+        raise ValueError(f"max_pool_where handles stride 2 only, got {stride}")
+    n = x.shape[-1] // 2 * 2  # max_pool drops an odd last sample
+    a, b = x[..., 0:n:2], x[..., 1:n:2]
+    return torch.where(a >= b, a, b)
+
+
+class VariantBlock(ResidualBlock):
+    """ResidualBlock for 3-D ``[B, C, L]`` or channels-last 4-D ``[B, C, 1, L]`` activations,
+    with the shortcut's max-pool as ``pool`` ("max_pool" as model.py, or "where")."""
+
+    pool = "max_pool"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.stride == 1:
+            shortcut = x
+        elif self.pool == "where":
+            shortcut = max_pool_where(x, self.stride)
+        else:
+            shortcut = F.max_pool2d(x, (1, self.stride)) if x.dim() == 4 else F.max_pool1d(x, self.stride)
+        if self.pad_channels:  # the channel dim is 1 in both layouts
+            shortcut = F.pad(shortcut, (0, 0) * (x.dim() - 2) + (0, self.pad_channels))
+        if self.bn1 is not None:
+            x = F.relu(_norm(self.bn1, x))
+        x = self.conv1(x)
+        x = self.conv2(self.dropout(F.relu(_norm(self.bn2, x))))
+        return x + shortcut
+
+
+class VariantNet(HannunNet):
+    """HannunNet (same modules, parameter names and initialisation) with kernel/layout
+    variants: ``pad_in_conv`` (see VariantConv), ``channels_last`` (activations kept as
+    ``[B, C, 1, L]`` in channels-last memory from the stem to the head, so every conv, BatchNorm
+    and elementwise op works on ``[B, L, C]`` order and no layer converts layouts; the conv
+    weights too are kept in that layout), the dropout
+    mask (a key of DROPOUTS) and the shortcut's ``pool`` (see VariantBlock)."""
+
+    def __init__(self, cfg: HannunConfig | None = None, pad_in_conv: bool = False, channels_last: bool = False,
+                 dropout: str = "float bernoulli", pool: str = "max_pool"):
+        super().__init__(cfg)
+        if pool not in ("max_pool", "where"):
+            raise ValueError(f"pool must be 'max_pool' or 'where', got {pool!r}")
+        self.channels_last = channels_last
+        for m in self.modules():
+            if isinstance(m, SameConv1d):
+                m.__class__ = VariantConv
+                m.pad_in_conv = pad_in_conv
+                if channels_last:  # the weight stored as [out, k, in] in memory, so that neither its
+                    # use as a channels-last conv2d kernel nor its gradient copies it (a copy per conv
+                    # and step in each direction otherwise: 30-70 % of a step's copy_ time)
+                    m.weight.data = m.weight.data.unsqueeze(2).contiguous(memory_format=torch.channels_last).squeeze(2)
+        for block in self.blocks:
+            block.__class__ = VariantBlock
+            block.pool = pool
+            block.dropout = DROPOUTS[dropout](self.cfg.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.channels_last:
+            x = x.unsqueeze(2).contiguous(memory_format=torch.channels_last)
+        x = F.relu(_norm(self.stem_bn, self.stem(x)))
+        x = F.relu(_norm(self.head_bn, self.blocks(x)))
+        return self.head((x.squeeze(2) if self.channels_last else x).transpose(1, 2))
+
+
+FULL_SHAPES = ((32, 2048), (8, 4096), (32, 4096), (64, 2048))
+"""Batch x samples of the shape rows; the first is the CPU-scale recipe's, where the worker and
+variant rows are measured."""
+
+VARIANTS = {  # label: VariantNet keywords
+    "Keras padding inside the conv": dict(pad_in_conv=True),
+    "channels-last convs ([B, L, C] memory)": dict(channels_last=True),
+    "channels-last + padding inside the conv": dict(channels_last=True, pad_in_conv=True),
+    "dropout mask drawn as bool (same draws)": dict(dropout="bool bernoulli"),
+    "dropout mask from rand < keep (other draws)": dict(dropout="rand <"),
+    "shortcut max-pool as where(a >= b)": dict(pool="where"),
+    "Adam fused (one CPU kernel for all weights)": dict(fused_adam=True),
+    # the where-pool is left out here: on a busy host its forward + backward took longer than
+    # max_pool's (its own row above measures it)
+    "channels-last + bool mask + fused Adam": dict(channels_last=True, dropout="bool bernoulli", fused_adam=True),
+}
+
+FULL_MASK_RATIO = 16.0
+"""The masks of the fullwidth rows (a magnitude-pruned 16x ticket); the step's cost does not
+depend on how many weights they keep, only on applying them as train.py does."""
+
+
+def cpu_flags() -> str:
+    """The CPU flags that decide these kernels' speed (as ``lscpu | grep -o ...`` shows them)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "unknown"
+    flags = set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            flags.update(line.split(":", 1)[1].split())
+    wanted = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
+    return " ".join(f for f in wanted if f in flags) or "none of " + ", ".join(wanted)
+
+
+def full_step(amp: str, batch: int, length: int, masks: pm.Masks, fused_adam: bool = False,
+              **variant: object) -> Callable[[], None]:
+    """The full network's masked training step (train.train's: forward, loss, backward, clip,
+    Adam, then the masks re-applied), on a model built from seed 0 as every row's; ``variant``
+    are VariantNet's keywords, ``fused_adam`` Adam's single-kernel CPU implementation (train.py
+    uses the default, per-weight one on the CPU)."""
+    torch.manual_seed(0)
+    model = VariantNet(HannunConfig(width=1.0), **variant) if variant else HannunNet(HannunConfig(width=1.0))
+    masked = pm.MaskedModel(model, masks)
+    return train_step_fn(model, batch, length, amp == "bf16", after=masked.apply, fused_adam=fused_adam)
+
+
+def full_masks() -> pm.Masks:
+    torch.manual_seed(0)
+    return pruned_masks(HannunNet(HannunConfig(width=1.0)), FULL_MASK_RATIO)
+
+
+def fullwidth_worker(job: dict) -> None:
+    """One of the two 1-thread workers: set up, say "ready", wait for "go" on stdin (so both
+    time the same seconds), time the step and print its records/s as JSON."""
+    torch.set_num_threads(1)
+    step = full_step(job["amp"], job["batch"], job["length"], full_masks())
+    for _ in range(2):
+        step()
+    print("ready", flush=True)
+    sys.stdin.readline()
+    t = et.median_seconds(step, job["seconds"], warmup=0)
+    print(json.dumps({"records_per_s": job["batch"] / t}), flush=True)
+
+
+def two_workers(amp: str, batch: int, length: int, seconds: float) -> float:
+    """Records/s of two 1-thread worker processes timed together, summed."""
+    job = json.dumps({"amp": amp, "batch": batch, "length": length, "seconds": seconds})
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, __file__, "--fullwidth-worker", job], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True, env=env) for _ in range(2)]
+    try:
+        for proc in procs:
+            line = proc.stdout.readline()
+            if line.strip() != "ready":
+                raise RuntimeError(f"fullwidth worker did not start (said {line!r}); see its error above")
+        for proc in procs:
+            proc.stdin.write("go\n")
+            proc.stdin.flush()
+        return sum(json.loads(proc.communicate()[0].strip().splitlines()[-1])["records_per_s"] for proc in procs)
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+
+
+def fullwidth_rows(add: Callable[..., None], seconds: float, out: Path, quick: bool) -> None:
+    """The full network's masked training step: dtypes, shapes, threads, kernel/layout variants
+    (see the module docstring); the table also goes to OUT/fullwidth.md, and a short profile of
+    the fp32 and bf16 step to OUT/fullwidth-profile.txt."""
+    flags, threads = cpu_flags(), torch.get_num_threads()
+    amps = ["fp32"] + (["bf16"] if tr.cpu_has_native_bf16() else [])
+    stamp = time.strftime("%Y-%m-%d") + (" (--quick: a smoke run, not for quoting)" if quick else "")
+    table = [f"Full network (width 1, 16 blocks), masked training step as train.py runs it (forward, loss, "
+             f"backward, clip, Adam, masks), measured by `python benchmarks/run_benchmarks.py --only fullwidth "
+             f"--seconds {seconds:g}` on {stamp}: {platform.processor() or platform.machine()}, "
+             f"{os.cpu_count()} cores, CPU flags {flags}, torch {torch.__version__}. Share of peak = GFLOP/s over the "
+             "2048^3 matmul of the same dtype in this run; vs model.py = records/s over the model.py row of the "
+             "same dtype and shape.", "",
+             "| dtype | batch x samples | what | records/s | GFLOP/s | share of matmul peak | vs model.py |",
+             "| --- | --- | --- | ---: | ---: | ---: | ---: |"]
+    peak = {}
+    for amp in amps:
+        peak[amp] = matmul_peak(torch.float32 if amp == "fp32" else torch.bfloat16, seconds)
+        add("fullwidth", f"matmul 2048^3 {amp}", gflops=peak[amp], cpu_flags=flags)
+        table.append(f"| {amp} | 2048^3 | matmul peak | | {peak[amp]:.0f} | 100 % | |")
+    if "bf16" not in amps:
+        add("fullwidth", "bf16 rows skipped", why="no native bf16 on this CPU (neither avx512_bf16 nor amx_bf16)",
+            cpu_flags=flags)
+        table.append("| bf16 | | not measured: no native bf16 on this CPU | | | | |")
+    masks = full_masks()
+    flops = {length: 3 * forward_flops(HannunNet(HannunConfig(width=1.0)), length)  # per record
+             for length in {length for _, length in FULL_SHAPES}}
+
+    def row(label: str, amp: str, batch: int, length: int, records_per_s: float, base: float | None = None,
+            ) -> float:
+        gf = records_per_s * flops[length] / 1e9
+        extra = {} if base is None else {"vs_baseline": records_per_s / base}
+        add("fullwidth", f"full w1 masked step, {batch} x {length}, {amp}, {label}", records_per_s=records_per_s,
+            gflops=gf, share_of_peak=gf / peak[amp], **extra, cpu_flags=flags)
+        vs = "1 (the reference)" if base is None else f"{records_per_s / base:.2f}x"
+        table.append(f"| {amp} | {batch} x {length} | {label} | {records_per_s:.1f} | {gf:.0f} | "
+                     f"{100 * gf / peak[amp]:.0f} % | {vs} |")
+        return records_per_s
+
+    def rate(amp: str, batch: int, length: int, **variant: object) -> float:
+        return batch / et.median_seconds(full_step(amp, batch, length, masks, **variant), seconds)
+
+    plural = "s" * (threads > 1)
+    for amp in amps:
+        base = {}
+        for batch, length in FULL_SHAPES:
+            base[batch, length] = row(f"model.py, {threads} thread{plural}", amp, batch, length,
+                                      rate(amp, batch, length))
+        batch, length = FULL_SHAPES[0]
+        row("model.py, two 1-thread workers together (summed)", amp, batch, length,
+            two_workers(amp, batch, length, seconds), base[batch, length])
+        for label, variant in VARIANTS.items():
+            row(f"{label}, {threads} thread{plural}", amp, batch, length, rate(amp, batch, length, **variant),
+                base[batch, length])
+    rf.atomic_write_text("\n".join(table) + "\n", out / "fullwidth.md")
+    print(f"wrote {out / 'fullwidth.md'}")
+    fullwidth_profile(amps, masks, out / "fullwidth-profile.txt", flags, stamp)
+
+
+PROFILED = {"model.py": {}, "channels-last + bool mask + fused Adam (the combined variant)": VARIANTS[
+    "channels-last + bool mask + fused Adam"]}
+
+
+def fullwidth_profile(amps: list[str], masks: pm.Masks, path: Path, flags: str, stamp: str) -> None:
+    """Top ops by self CPU time of 3 steps of the full network at the first shape, per dtype,
+    as model.py runs it and with the combined variant."""
+    from torch.profiler import ProfilerActivity, profile  # noqa: PLC0415
+
+    batch, length = FULL_SHAPES[0]
+    text = [f"Profile of the full network's masked training step ({batch} x {length}, {torch.get_num_threads()} "
+            "threads, 3 steps after 2 of warm-up), by `python benchmarks/run_benchmarks.py --only fullwidth`, "
+            f"{stamp}; torch {torch.__version__}; CPU flags: {flags}.", ""]
+    for amp in amps:
+        for label, variant in PROFILED.items():
+            step = full_step(amp, batch, length, masks, **variant)
+            step(), step()
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                for _ in range(3):
+                    step()
+            text += [f"## {amp}, {label}", "",
+                     prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15), ""]
+    rf.atomic_write_text("\n".join(text), path)
+    print(f"wrote {path}")
 
 
 CUDA_REPEATS = 5

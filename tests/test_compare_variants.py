@@ -60,14 +60,20 @@ def test_variants_are_paired_with_the_reference_level_by_level(grids: dict[str, 
              "--levels", "4,16", "--out", str(out)])
     text = (out / "comparison.md").read_text()
     at16, at4 = _section(text, "16x"), _section(text, "4x")
-    assert at16["same"][4] == "+0.000 (+0.000 to +0.000), seeds +0.000..+0.000"
-    assert at16["oneshot"][4].startswith("+0.000 (+0.000 to +0.000)")  # found in its second folder
-    high = float(at16["worse"][4].split(" to ")[1].split(")")[0])
+    assert at16["same"][4] == "+0.000 (+0.000 to +0.000; t, 1 df +0.000 to +0.000), seeds +0.000..+0.000"
+    assert at16["oneshot"][4].startswith("+0.000 (+0.000 to +0.000;")  # found in its second folder
+    high = float(at16["worse"][4].split(" to ")[1].split(";")[0])
     assert high < 0
-    assert at4["oneshot"][4].startswith("+0.000 (+0.000 to +0.000)")
+    assert at4["oneshot"][4].startswith("+0.000 (+0.000 to +0.000;")
     assert at4["worse"][1] == "not reached" and at4["same"][1] == "not reached"
     assert at16["reference"][6] == "0.50 / 0.60"  # AF sensitivity / PPV
     assert (out / "layers.png").is_file()
+    assert "**Exploratory**" not in text
+    (grids["worse"] / "exploratory.json").write_text('{"seeds": [0, 1], "why": "chosen after the test"}')
+    cv.main(["--reference", str(grids["ref"]), "--variant", f"worse={grids['worse']}", "--levels", "16",
+             "--out", str(out)])
+    assert f"**Exploratory** (results chosen after test figures were seen): {grids['worse']}, seeds 0, 1 " \
+           "(chosen after the test)." in (out / "comparison.md").read_text()
 
 
 def test_a_variant_on_fewer_seeds_shows_the_reference_over_the_shared_seeds(grids: dict[str, Path],

@@ -159,6 +159,38 @@ def test_goal_schedule_redoes_a_round_at_a_smaller_fraction(tiny_data: Path, tmp
     assert accepted["compression"].tolist() == pytest.approx([1.0, 2.0, 2 / 0.875, 2 / 0.875**2], rel=1e-3)
 
 
+def test_goal_schedule_stops_when_a_round_used_up_its_retries(tiny_data: Path, tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """--max-retries 1: round 2 is rejected, redone once, rejected again: the chain stops there
+    (the floor, 0.5 / 4 = 0.125 > --min-fraction, would have allowed more), the run counts as
+    finished (a second call trains nothing) and the accepted ticket is round 1's."""
+    real = tr.retrain
+    verdicts = iter([True, False, False])
+    calls = []
+
+    def scripted(ctx, run_dir, start, masks, lr_fn, steps, extra):  # noqa: ANN001, ANN202
+        calls.append(run_dir.name)
+        metrics = real(ctx, run_dir, start, masks, lr_fn, steps, extra)
+        dense = json.loads((run_dir.parents[1] / "dense" / tr.METRICS).read_text())
+        metrics["val"]["challenge_f1"] = dense["val"]["challenge_f1"] * (1.0 if next(verdicts) else 0.9)
+        (run_dir / tr.METRICS).write_text(json.dumps(metrics))
+        return metrics
+
+    monkeypatch.setattr(tr, "retrain", scripted)
+    seed_dir = tmp_path / "seed0"
+    argv = tiny_train_args(tiny_data, seed_dir, "--retrain", "lr_rewind", "--goal", "--prune-fraction", "0.5",
+                           "--rounds", "3", "--alpha", "2", "--epochs", "1", "--max-retries", "1")
+    tr.main(argv)
+    rows = pd.read_csv(seed_dir / "lr_rewind" / "rounds.csv")
+    got = list(zip(rows["round"], rows["attempt"], rows["fraction"].round(4), rows["accepted"], strict=True))
+    assert got == [(0, 0, 0.0, True), (1, 0, 0.5, True), (2, 0, 0.5, False), (2, 1, 0.25, False)]
+    assert calls == ["round_01", "round_02", "round_02_try1"]
+    tr.main(argv)  # finished: nothing is retrained
+    assert len(calls) == 3
+    with pytest.raises(SystemExit):
+        tr.main([*argv, "--max-retries", "-1"])
+
+
 def test_schedule_stops_at_the_target_ratio(tiny_data: Path, tmp_path: Path) -> None:
     seed_dir = tmp_path / "seed0"
     tr.main(tiny_train_args(tiny_data, seed_dir, "--retrain", "finetune", "--prune-fraction", "0.6",

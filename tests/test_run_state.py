@@ -51,6 +51,7 @@ def test_tensors_round_trip_exactly() -> None:
     torch.manual_seed(0)
     w = torch.randn(4, 3, 5)
     w[w.abs() < 0.5] = 0
+    w[0, 0, :2] = -0.0  # a pruned negative weight times its 0 mask
     tensors = {"w": w, "mask": w != 0, "steps": torch.tensor(7), "empty": torch.zeros(0)}
     arrays: dict = {}
     rs.pack_tensors("p", tensors, arrays)
@@ -58,6 +59,7 @@ def test_tensors_round_trip_exactly() -> None:
     assert set(back) == set(tensors)
     for name, t in tensors.items():
         assert back[name].dtype == t.dtype and torch.equal(back[name], t), name
+        assert rs.state_digest({name: back[name]}) == rs.state_digest({name: t}), name  # signs of zeros too
 
 
 def test_carried_chain_continues_exactly(finished: Path, tiny_data: Path, tmp_path: Path) -> None:
@@ -80,6 +82,8 @@ def test_carried_chain_continues_exactly(finished: Path, tiny_data: Path, tmp_pa
                                   reference.drop(columns="train_seconds"), check_dtype=False)
     assert ((method / "round_03" / tr.PREDICTIONS).read_bytes()
             == (finished / "seed0" / "lr_rewind" / "round_03" / tr.PREDICTIONS).read_bytes())
+    assert (rs.state_digest(torch.load(method / "round_03" / tr.FINAL))  # bit for bit, signs of zeros too
+            == rs.state_digest(torch.load(finished / "seed0" / "lr_rewind" / "round_03" / tr.FINAL)))
 
 
 def test_save_skips_finished_chains_and_keeps_a_state_without_weights(finished: Path, tmp_path: Path,
@@ -140,6 +144,25 @@ def test_rebuild_dense_repeats_the_run_or_refuses(finished: Path, tmp_path: Path
     assert not (exp / "seed0" / "dense" / tr.FINAL).exists()  # nothing taken from a run that differs
 
 
+def test_rebuild_dense_accepts_a_run_recorded_before_probabilities(finished: Path, tmp_path: Path) -> None:
+    """A dense run recorded before predictions.csv held class probabilities is compared on its
+    own columns: rebuilt, it repeats; a changed predicted class is still refused."""
+    exp = tmp_path / "exp"
+    shutil.copytree(finished, exp)
+    drop_weights(exp)
+    path = exp / "seed0" / "dense" / tr.PREDICTIONS
+    old = pd.read_csv(path, keep_default_na=False).drop(columns=list(tr.PROBABILITY_COLUMNS))
+    old.to_csv(path, index=False)
+    rs.main(["rebuild-dense", str(exp)])
+    assert (exp / "seed0" / "dense" / tr.FINAL).is_file()
+
+    drop_weights(exp)
+    old.loc[0, "predicted"] = "A" if old.loc[0, "predicted"] != "A" else "N"
+    old.to_csv(path, index=False)
+    with pytest.raises(SystemExit, match="predictions.csv differs"):
+        rs.main(["rebuild-dense", str(exp)])
+
+
 def test_dense_weights_carried_on_request(finished: Path, tmp_path: Path) -> None:
     exp = tmp_path / "exp"
     shutil.copytree(finished, exp)
@@ -188,3 +211,54 @@ def test_masks_of_a_finished_chain_carried_on_request(finished: Path, tmp_path: 
     state = (method / rs.STATE).read_bytes()
     rs.main(["save", str(exp)])  # a later save without --masks keeps them
     assert (method / rs.STATE).read_bytes() == state
+
+
+def test_a_carried_chain_keeps_one_round_of_weights_unless_a_control_needs_two(finished: Path, tmp_path: Path,
+                                                                                  monkeypatch) -> None:
+    """A full-width round's weights are ~21 MB: the state keeps the last round's, and the one
+    before only while a weight-keeping method's controls of the last round wait for it."""
+    exp = stopped_after_round_2(finished, tmp_path / "exp")
+    method = exp / "seed0" / "lr_rewind"
+    files = rs.chain_files(method)
+    assert [f.parent.name for f in files if f.name == tr.FINAL] == ["round_02"]
+    monkeypatch.setattr(rs, "controls_pending", lambda method_dir, last_round: last_round == 2)
+    files = rs.chain_files(method)
+    assert [f.parent.name for f in files if f.name == tr.FINAL] == ["round_01", "round_02"]
+    monkeypatch.setattr(rs, "REWINDING", ("lr_rewind",))  # a rewinding method: its controls start from early weights
+    assert [f.parent.name for f in rs.chain_files(method) if f.name == tr.FINAL] == ["round_02"]
+
+
+FULL_WIDTH = ["--width", "1", "--blocks", "16", "--epochs", "2", "--crop", "1024", "--batch-size", "4",
+              "--max-steps", "2", "--quiet", "--seed", "0", "--prune-fraction", "0.5", "--target-ratio", "4",
+              "--rewind-to", "1it"]
+"""The published 10,466,148-parameter network, two steps a training: the carry of a full-width
+chain (its state's size and an exact resume) without its hours of training."""
+
+
+def test_a_full_width_chain_is_carried_to_a_fresh_clone_bit_for_bit(tiny_data: Path, tmp_path: Path) -> None:
+    def run(out: Path, method: str) -> pd.DataFrame:
+        return tr.run(tr.parse_args(["--data", str(tiny_data), "--out", str(out), *FULL_WIDTH,
+                                     "--retrain", method]), report=False)
+
+    reference = tmp_path / "ref" / "seed0"
+    for method in ("finetune", "late_reset"):
+        run(reference, method)
+    exp = tmp_path / "exp"
+    shutil.copytree(reference.parent, exp)
+    for method in ("finetune", "late_reset"):  # stopped after round 1 of 2
+        shutil.rmtree(exp / "seed0" / method / "round_02")
+        table = pd.read_csv(exp / "seed0" / method / tr.ROUNDS)
+        table[table["round"] <= 1].to_csv(exp / "seed0" / method / tr.ROUNDS, index=False)
+    rs.main(["save", "--dense", str(exp)])
+    sizes = {p.parent.name: p.stat().st_size for p in exp.rglob(rs.STATE)}
+    # dense: trained + rewind weights, fp32 (41.9 MB each, compressed to 78 MB); a round-1
+    # chain: half the weights and its mask (22 MB); late_reset carries its rewind weights too
+    assert 75e6 < sizes["dense"] < 82e6 and 20e6 < sizes["finetune"] < 24e6, sizes
+    assert 58e6 < sizes["late_reset"] < 64e6, sizes
+    drop_weights(exp)
+    rs.main(["restore", str(exp)])
+    for method in ("finetune", "late_reset"):
+        run(exp / "seed0", method)
+        ref, new = reference / method / "round_02", exp / "seed0" / method / "round_02"
+        assert (new / tr.PREDICTIONS).read_bytes() == (ref / tr.PREDICTIONS).read_bytes()
+        assert rs.state_digest(torch.load(new / tr.FINAL)) == rs.state_digest(torch.load(ref / tr.FINAL))

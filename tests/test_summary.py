@@ -67,7 +67,7 @@ def _cell(line: str, column: int) -> str:
 
 
 def _interval(text: str) -> tuple[float, float]:
-    low, high = text.split("(")[1].split(")")[0].split(" to ")
+    low, high = text.split("(")[1].split(")")[0].split(";")[0].split(",")[0].split(" to ")
     return float(low), float(high)
 
 
@@ -82,8 +82,9 @@ def test_baseline_rounds_sit_at_lr_rewinds_level_of_the_same_round(experiment: p
 def test_paired_difference_against_dense(tmp_path: Path, experiment: pd.DataFrame) -> None:
     dense = plot_results.dense_rows(experiment)
     same = plot_results.paired(tmp_path, "test", plot_results.level_rows(experiment, "lr_rewind", _lv(2.0)), dense)
-    assert same == {"seeds": 2, "diff": 0.0, "low": 0.0, "high": 0.0, "min": 0.0, "max": 0.0,
-                    "mine": same["theirs"], "theirs": pytest.approx(dense["test_challenge_f1"].mean())}
+    assert {k: v for k, v in same.items() if k != "diffs"} == {
+        "seeds": 2, "seed_list": [0, 1], "diff": 0.0, "low": 0.0, "high": 0.0, "t_low": 0.0, "t_high": 0.0,
+        "min": 0.0, "max": 0.0, "mine": same["theirs"], "theirs": pytest.approx(dense["test_challenge_f1"].mean())}
     worse = plot_results.paired(tmp_path, "test", plot_results.level_rows(experiment, "lr_rewind", _lv(4.0)),
                                 dense)
     assert worse["high"] < 0 and worse["low"] < worse["diff"] < worse["high"]
@@ -92,9 +93,9 @@ def test_paired_difference_against_dense(tmp_path: Path, experiment: pd.DataFram
     assert lines[0] == ("| compression | finetune - dense | lr_rewind - dense | dense_equal_steps - dense | "
                         "finetune - dense, equal steps | lr_rewind - dense, equal steps |")
     two = next(line for line in lines if line.startswith("| 2.0x"))
-    assert _cell(two, 2).startswith("+0.000 (+0.000 to +0.000)")  # lr_rewind 2x = dense
-    assert _cell(two, 3).startswith("+0.000 (+0.000 to +0.000)")  # baseline = dense here
-    assert _cell(two, 5).startswith("+0.000 (+0.000 to +0.000)")
+    assert _cell(two, 2).startswith("+0.000 (+0.000 to +0.000; t, 1 df +0.000 to +0.000)")  # lr_rewind 2x = dense
+    assert _cell(two, 3).startswith("+0.000 (+0.000 to +0.000; t, 1 df +0.000 to +0.000)")  # baseline = dense here
+    assert _cell(two, 5).startswith("+0.000 (+0.000 to +0.000; t, 1 df +0.000 to +0.000)")
     assert _interval(_cell(two, 1))[1] < 0  # finetune is worse
     eight = next(line for line in lines if line.startswith("| 8.0x"))
     assert _cell(eight, 2).startswith("+0.000") and _cell(eight, 5) == ""  # no baseline at 8x
@@ -133,7 +134,7 @@ def test_interval_rule_stops_at_the_first_level_that_fails(tmp_path: Path, exper
     lines = plot_results.interval_winners(tmp_path, experiment, tolerance=0.01)
     rows = {_cell(line, 0): line for line in lines[2:]}
     assert _cell(rows["lr_rewind"], 2).startswith("2.0x")
-    assert _cell(rows["lr_rewind"], 3).startswith("+0.000 (+0.000 to +0.000)")
+    assert _cell(rows["lr_rewind"], 3) == "+0.000 (+0.000 to +0.000, bootstrap), n = 2 seeds"
     assert _cell(rows["finetune"], 2).startswith("none")
     assert "dense_equal_steps" not in rows  # a baseline is no ticket
 
@@ -192,7 +193,7 @@ def test_goal_table_reads_each_seeds_last_accepted_ticket(goal_experiment: Path)
         assert _cell(rows[seed], 7) == "+0.000 (+0.000 to +0.000)"
     both = rows["all 2"]
     assert _cell(both, 4).startswith(f"{np.sqrt(1.9 / 0.7):.1f}x geometric mean (1.4-1.9x)")
-    assert _cell(both, 7).startswith("+0.000 (+0.000 to +0.000)")
+    assert _cell(both, 7).startswith("+0.000 (+0.000 to +0.000; t, 1 df +0.000 to +0.000)")
     text = plot_results.summary(table, plot_results.winners(table, 0.01), 0.01, goal_experiment)
     assert "Over-pruning guard" in text
 
@@ -212,3 +213,86 @@ def test_goal_chains_are_drawn_seed_by_seed(goal_experiment: Path, monkeypatch: 
     lines = [ln for ln in figures[0].axes[0].lines if ln.get_color() == plot_results.COLORS["weight_rewind"]]
     assert [list(np.round(ln.get_xdata(), 2)) for ln in lines] == [[1.0, 1.43, 1.9], [1.0, 1.43]]
     assert lines[0].get_label().endswith(", each seed") and lines[1].get_label().startswith("_")
+
+
+# ---------------------------------------------------------------- intervals over seeds, Holm (issue 32 item 4)
+
+
+def test_t_interval_matches_a_hand_computed_one() -> None:
+    """diffs 0.01, 0.03, 0.05: mean 0.03, sd 0.02, se 0.02 / sqrt 3 = 0.011547; t(0.975, 2 df)
+    = 4.302653 (tables), half-width 0.049683."""
+    low, high = plot_results.t_interval([0.01, 0.03, 0.05])
+    assert low == pytest.approx(0.03 - 0.049683, abs=1e-6) and high == pytest.approx(0.03 + 0.049683, abs=1e-6)
+    assert plot_results.t_interval([0.02]) is None  # one seed: no interval over seeds
+    # "loses 0.01 or more": t = (0.03 + 0.01) / 0.011547 = 3.4641; with 2 df the tail is
+    # 0.5 (1 - t / sqrt(t^2 + 2)) = 0.037090
+    assert plot_results.noninferiority_p([0.01, 0.03, 0.05], 0.01) == pytest.approx(0.037090, abs=1e-5)
+    assert np.isnan(plot_results.noninferiority_p([0.01], 0.01))
+
+
+def test_holm_on_known_p_values() -> None:
+    """p = 0.01, 0.04, 0.03, 0.005: sorted 0.005 x 4 = 0.02, 0.01 x 3 = 0.03, 0.03 x 2 = 0.06,
+    0.04 x 1 = 0.04 -> 0.06 (monotone); nan stays out of the family (m = 4, not 5)."""
+    adjusted = plot_results.holm([0.01, 0.04, np.nan, 0.03, 0.005])
+    assert adjusted[[0, 1, 3, 4]] == pytest.approx([0.03, 0.06, 0.06, 0.02])
+    assert np.isnan(adjusted[2])
+    assert plot_results.holm([0.5, 0.9]) == pytest.approx([1.0, 1.0])  # capped at 1
+
+
+def test_a_verdict_reads_the_wider_interval_and_names_the_seeds() -> None:
+    d = {"diff": 0.03, "low": 0.0, "high": 0.05, "t_low": -0.02, "t_high": 0.08, "seeds": 3}
+    assert plot_results.wider(d) == (-0.02, 0.08, "t")
+    assert plot_results.verdict_text(d) == "+0.030 (-0.020 to +0.080, t), n = 3 seeds"
+    narrow_t = {**d, "t_low": 0.01, "t_high": 0.04}
+    assert plot_results.verdict_text(narrow_t) == "+0.030 (+0.000 to +0.050, bootstrap), n = 3 seeds"
+    one = {**d, "t_low": np.nan, "t_high": np.nan, "seeds": 1}
+    assert plot_results.verdict_text(one) == "+0.030 (+0.000 to +0.050, bootstrap), n = 1 seed"
+
+
+def test_the_interval_rule_fails_a_level_whose_t_interval_crosses_the_bar(tmp_path: Path,
+                                                                           experiment: pd.DataFrame) -> None:
+    """lr_rewind at 2x equals dense on seed 0 and is much worse on seed 1: the bootstrap over
+    2 seeds may still clear the bar on some draws, the t interval (1 df) cannot."""
+    rng = np.random.default_rng(5)
+    at2 = (experiment["method"] == "lr_rewind") & (experiment["round"] == 1) & (experiment["seed"] == 1)
+    labels = pd.read_csv(tmp_path / "seed1/dense" / tr.PREDICTIONS).query("split == 'test'")["label"].to_numpy()
+    worse = pd.concat([experiment[~at2], pd.DataFrame([_run(
+        tmp_path, "seed1/lr_rewind/round_01_worse", labels, _noisy(labels, 0.3, rng), method="lr_rewind", seed=1,
+        round=1, compression=2.0, accepted=True)])], ignore_index=True)
+    d = plot_results.paired(tmp_path, "val", plot_results.level_rows(worse, "lr_rewind", _lv(2.0)),
+                            plot_results.dense_rows(worse))
+    assert d["t_low"] == pytest.approx(plot_results.t_interval(d["diffs"])[0])
+    assert plot_results.wider(d) == (d["t_low"], d["t_high"], "t")
+    rows = {_cell(line, 0): line for line in plot_results.interval_winners(tmp_path, worse, 0.01)[2:]}
+    assert _cell(rows["lr_rewind"], 2).startswith("none")
+    assert "n = 2 seeds" not in rows["lr_rewind"]
+
+
+def test_the_claim_family_is_holm_corrected_and_split_when_seeds_are_exploratory(
+        tmp_path: Path, experiment: pd.DataFrame) -> None:
+    family = plot_results.claim_family(tmp_path, experiment, 0.01)
+    assert list(zip(family["method"], family["level"], strict=True)) == [
+        ("finetune", _lv(2.0)), ("lr_rewind", _lv(2.0)), ("lr_rewind", _lv(4.0)), ("lr_rewind", _lv(8.0))]
+    assert family["holm"].to_numpy() == pytest.approx(plot_results.holm(family["p"].to_numpy()), nan_ok=True)
+    assert plot_results.claim_section(tmp_path, experiment, 0.01)[3].startswith("| method | compression | seeds")
+    (tmp_path / plot_results.EXPLORATORY).write_text('{"seeds": [1], "why": "added after the test"}')
+    text = "\n".join(plot_results.claim_section(tmp_path, experiment, 0.01))
+    assert "Confirmatory: the pre-registered seeds only (seeds 1 left out)" in text
+    assert "n/a (one seed)" in text.split("Exploratory")[0]  # seed 0 alone: no t test
+    assert "Exploratory: every seed, seeds 1 included (added after the test)" in text
+    (tmp_path / plot_results.EXPLORATORY).write_text('{"seeds": "x"}')
+    with pytest.raises(SystemExit, match="exploratory.json"):
+        plot_results.exploratory(tmp_path)
+
+
+def test_a_retry_budget_stops_a_goal_chain_where_its_round_needed_more_redos(goal_experiment: Path) -> None:
+    """Seed 0's round 2 was accepted at its first redo: a budget of 1 keeps it (1.9x), a
+    budget of 0 would stop at round 1; seed 1 never passed round 2 (1.43x either way)."""
+    everything, table = plot_results.load_all(goal_experiment), plot_results.load(goal_experiment)
+    assert plot_results.under_budget(everything, "weight_rewind", 0, 1)["compression"] == pytest.approx(1.9)
+    assert plot_results.under_budget(everything, "weight_rewind", 0, 0)["compression"] == pytest.approx(1 / 0.7)
+    assert plot_results.under_budget(everything, "weight_rewind", 1, 5)["compression"] == pytest.approx(1 / 0.7)
+    lines = plot_results.budget_table(goal_experiment, everything, table, 1)
+    assert lines[2].startswith("| weight_rewind | 0 | 1.9x | 1.9x | +0.000 (+0.000 to +0.000)")
+    assert lines[3].startswith("| weight_rewind | 1 | 1.4x | 1.4x | +0.000")
+    assert lines[4].startswith("| weight_rewind | all 2 | | | +0.000")

@@ -104,6 +104,13 @@ def test_short_training_lowers_the_loss(tiny_data: Path, tmp_path: Path) -> None
     assert metrics["test"]["records"] == 32 and len(metrics["val"]["confusion"]) == 4
     config = json.loads((tmp_path / "run" / "dense" / rf.CONFIG).read_text())
     assert config["flags"]["epochs"] == 5 and config["code_version"]
+    # per-record class probabilities (softmax of the mean logits): rows sum to 1, their argmax
+    # is the predicted class (the mean aggregate), and metrics.json does not hold them
+    predictions = pd.read_csv(tmp_path / "run" / "dense" / tr.PREDICTIONS, keep_default_na=False)
+    probs = predictions[list(tr.PROBABILITY_COLUMNS)].to_numpy()
+    assert np.allclose(probs.sum(1), 1, atol=1e-4) and (probs >= 0).all()
+    assert (np.array(list("NAO~"))[probs.argmax(1)] == predictions["predicted"]).mean() > 0.95  # 5-digit ties
+    assert "probabilities" not in metrics["test"]
 
 
 def test_interrupted_run_resumes_to_the_same_weights(tiny_data: Path, tmp_path: Path) -> None:
