@@ -4,7 +4,7 @@ where pruning cuts (global, layerwise, fan-in normalised, the output layer at ha
 Each variant is one or more experiment folders of run_experiments.py (one-shot pruning has
 one folder per level) that share the reference grid's dense networks (``--dense-from``),
 seeds and test records, so every difference is paired: variant minus reference, seed by
-seed and record by record (the two-level bootstrap of plot_results.py). At each of
+seed and record by record (the two-level bootstrap of metrics.py). At each of
 ``--levels`` (a compression of the prunable weights, matched within 2 %) it reports, for
 ``--method``'s tickets:
 

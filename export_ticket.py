@@ -51,6 +51,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import batching
 import prune as pm
 import run_folders as rf
 import train
@@ -513,7 +514,7 @@ def evaluate_variants(variants: dict[str, nn.Module], data: Path, norm: dict, st
     """Validation and test challenge F1 and accuracy of each network on ``data``, in fp32,
     with the run's evaluation settings (batch size, aggregation)."""
     ds = load_dataset(data)
-    batcher = train.Batcher(ds, train.Normalizer(**norm), stride, torch.device("cpu"))
+    batcher = batching.Batcher(ds, batching.Normalizer(**norm), stride, torch.device("cpu"))
     cfg = train.TrainConfig(eval_batch_size=flags.get("eval_batch_size", 64), aggregate=flags.get("aggregate", "mean"))
     out = {}
     for label, model in variants.items():
@@ -727,5 +728,11 @@ def export(args: argparse.Namespace) -> dict:
     return report
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The ecg-export-ticket command (pyproject.toml): main() returns the report for callers in
+    Python, which a console entry point would pass to sys.exit and print as an error."""
     main()
+
+
+if __name__ == "__main__":
+    cli()

@@ -89,7 +89,7 @@ def operating_point(runs: list[Path], target: str, value: float, replicates: int
     """Over the runs (one per seed, evaluated on the same records): each run's threshold
     chosen on its validation records, then test sensitivity and PPV at it, mean over runs,
     with 95 % two-level bootstrap intervals (test records and runs resampled, as
-    plot_results.bootstrap). None when a run has no probabilities; ``reached`` counts the
+    metrics.bootstrap). None when a run has no probabilities; ``reached`` counts the
     runs whose validation records reach the target at all (the others are left out)."""
     found = [(read_scores(r, "val"), read_scores(r, "test")) for r in runs]
     if not found or any(v is None or t is None for v, t in found):

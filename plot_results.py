@@ -39,9 +39,10 @@ import operating_point as op  # noqa: E402
 import prune as pm  # noqa: E402
 import run_experiments  # noqa: E402
 import ticket_bytes as tb  # noqa: E402
+from metrics import bootstrap  # noqa: E402
 from model import CLASSES, HannunConfig  # noqa: E402
 from run_folders import TableError, atomic_write_text, read_table, script_errors  # noqa: E402
-from train import BASELINES, CONTROLS, METHODS, PREDICTIONS, class_f1, confusion  # noqa: E402
+from train import BASELINES, CONTROLS, METHODS, PREDICTIONS  # noqa: E402
 
 LTH_ECG_RATIO = 142.0
 """Sahu et al. 2022 (LTH-ECG): a 142x smaller network with < 1 % loss of test F1."""
@@ -191,33 +192,6 @@ def predictions_of(exp: Path, rows: pd.DataFrame, split: str = "test"
         labels = test["label"].map(CLASSES.index).to_numpy()
         preds.append(test["predicted"].map(CLASSES.index).to_numpy())
     return None if labels is None else (labels, preds)
-
-
-def bootstrap(labels: np.ndarray, preds: list[np.ndarray], minus: list[np.ndarray] | None = None,
-              replicates: int = 1000, seed: int = 0) -> tuple[float, float]:
-    """95 % percentile-bootstrap interval of the mean challenge F1 of ``preds`` (one array per
-    seed), less that of ``minus`` (the same seeds in the same order) when given.
-
-    Two levels, so that the interval covers both sources of doubt: each replicate draws the
-    test records with replacement (the same records for every seed and both sides, so a
-    difference is paired record by record) and, with several seeds, the seeds with
-    replacement (the same seeds on both sides, so seed s's ticket is compared with seed s's
-    dense). With one seed it covers the records only; with three, the seed level can take
-    only ten distinct draws, so it is coarse: the per-seed differences are reported beside it.
-    """
-    if minus is not None and len(minus) != len(preds):
-        raise ValueError(f"a paired difference needs the same seeds on both sides, got {len(preds)} and {len(minus)}")
-    rng = np.random.default_rng(seed)
-    picks = rng.integers(0, len(labels), (replicates, len(labels)))
-    which = rng.integers(0, len(preds), (replicates, len(preds)))  # seeds drawn per replicate
-
-    def f1(group: list[np.ndarray]) -> np.ndarray:  # (seeds, replicates)
-        return np.stack([class_f1(confusion(labels[picks], p[picks]))[:, :3].mean(1) for p in group])
-
-    per_seed = f1(preds) - (f1(minus) if minus else 0.0)
-    scores = per_seed[which, np.arange(replicates)[:, None]].mean(1)
-    low, high = np.percentile(scores, [2.5, 97.5])
-    return float(low), float(high)
 
 
 def bootstrap_interval(exp: Path, table: pd.DataFrame, best: pd.Series) -> tuple[float, float] | None:

@@ -3,7 +3,8 @@
 # Edit the variables below. Every step skips work that is already done, so re-running this
 # script after an interruption (Ctrl-C, kill -9, power cut) continues where it stopped.
 #
-# Default: the built-in synthetic demo: every method and control, 2 seeds, 2 workers (7 min on 2 CPU cores).
+# Default: the built-in synthetic demo: every method, both controls and the dense baseline, one seed,
+# 3 rounds of 75 % to 64x, 2 workers (README.md gives its measured time).
 # Real CinC 2017 data: a shipped configuration (configs/cinc2017-cpu.sh, configs/cinc2017-gpu.sh)
 # as the first argument, or set DATASET=cinc2017 and SOURCE (or DOWNLOAD=1) below.
 set -euo pipefail
@@ -11,9 +12,9 @@ cd "$(dirname "$0")"
 
 # --- data
 DATASET=synthetic          # synthetic | cinc2017
-SYNTHETIC_RECORDS=800      # records of the synthetic demo set
-SOURCE=../shared/data/cinc2017/training2017   # CinC 2017 .mat/.hea folder
-DOWNLOAD=0                 # 1: fetch training2017.zip from PhysioNet into data/raw first
+SYNTHETIC_RECORDS=640      # records of the synthetic demo set
+SOURCE=${SOURCE:-../shared/data/cinc2017/training2017}   # CinC 2017 .mat/.hea folder (or from the environment)
+DOWNLOAD=${DOWNLOAD:-0}    # 1: fetch training2017.zip from PhysioNet into data/raw first (or from the environment)
 SPLIT_SEED=0               # seed of the stratified train/val/test split
 # --- network and dense training (train.py)
 WIDTH=0.25                 # filter multiplier: 1 = the published 10.47 M-parameter network
@@ -30,9 +31,9 @@ DEVICE=auto                # auto | cpu | cuda
 METHODS=lr_rewind,dense_equal_steps,weight_rewind,late_reset,finetune
 CONTROLS=random_reinit,random_prune
 CONTROL_METHODS=weight_rewind   # whose tickets the controls test ('all' for every method)
-CONTROL_EVERY=3            # run the controls at every n-th round (and the last)
-SEEDS=0,1
-FRACTION=0.5               # share of surviving weights pruned per round
+CONTROL_EVERY=2            # run the controls at every n-th round (and the last)
+SEEDS=0                    # seeds (comma-separated); one is a demo, a claim needs several
+FRACTION=0.75              # share of surviving weights pruned per round (0.75: 4x, 16x, 64x)
 TARGET=64                  # stop at this compression ratio
 REWIND_TO=1ep              # k for late_reset / lr_rewind / finetune ('500it' or '2ep'); weight_rewind uses 0
 GOAL=0                     # 1: over-pruning guard: redo a round at FRACTION/ALPHA when val F1 < dense x (1 - TOLERANCE)
@@ -50,12 +51,36 @@ SLURM_WAIT=1               # slurm: 1 = wait for the jobs, then plot; 0 = return
 EXP=results/demo           # experiment folder
 DENSE_FROM=""               # another experiment whose finished dense runs this one reuses (same data and dense flags)
 DATA_DIR=""                # built data set folder (default data/$DATASET)
+# --- the winning ticket's export (export_ticket.py)
+LATENCY_THREADS=1          # thread counts of its CPU latency table (the real-data configs: 1,2)
+LATENCY_SECONDS=0.5        # seconds spent timing each latency (the real-data configs: 2)
 
 # a configuration file given as the first argument overrides the variables above, e.g.
 #   bash run.sh configs/cinc2017-cpu.sh     (real data, CPU scale)
 #   bash run.sh configs/cinc2017-gpu.sh     (real data, the full network on a GPU)
 # and --dry-run after it prints the commands instead of running them (gpu_sitting.py reads them).
+if [ $# -ge 1 ] && { [ "$1" = --help ] || [ "$1" = -h ]; }; then
+    cat <<'USAGE'
+usage: bash run.sh [CONFIG] [--dry-run]
+
+Builds the data, runs the lottery-ticket grid (every method, its controls and the dense
+baseline, over the seeds), plots it and exports the winning ticket. Every step skips work
+already done: re-running continues where an interruption stopped it.
+
+  CONFIG     a bash file that sets some of the variables below (configs/*.sh), e.g.
+             configs/cinc2017-cpu.sh for the real data at CPU scale
+  --dry-run  print the commands instead of running them
+
+The variables and their defaults (the synthetic demo):
+USAGE
+    sed -n '/^# --- data$/,/^LATENCY_SECONDS=/p' "$0"
+    exit 0
+fi
 if [ $# -ge 1 ] && [ "$1" != --dry-run ]; then
+    if [ "${1#-}" != "$1" ] || [ ! -f "$1" ]; then
+        echo "error: $1 is neither a configuration file nor --dry-run; usage: bash run.sh [CONFIG] [--dry-run] (see --help)" >&2
+        exit 2
+    fi
     # shellcheck source=/dev/null
     source "$1"
     shift
@@ -125,9 +150,11 @@ step python plot_results.py --exp "$EXP" --tolerance "$TOLERANCE"
 # checkpoint is here) as a compact file, with its size, FLOPs, latency and F1 report; then
 # classify records with predict.py --ticket "$EXP/ticket/ticket-fp32.npz"
 if [ "$DRY" = 1 ]; then
-    step python export_ticket.py --exp "$EXP" --winner --seed "${SEEDS##*,}" --out "$EXP/ticket" --data "$DATA_DIR"
+    step python export_ticket.py --exp "$EXP" --winner --seed "${SEEDS##*,}" --out "$EXP/ticket" --data "$DATA_DIR" \
+        --threads "$LATENCY_THREADS" --latency-seconds "$LATENCY_SECONDS"
 elif grep -q "^[a-z_]*,none," "$EXP/plots/winners.csv"; then
-    python export_ticket.py --exp "$EXP" --winner --seed "${SEEDS##*,}" --out "$EXP/ticket" --data "$DATA_DIR"
+    python export_ticket.py --exp "$EXP" --winner --seed "${SEEDS##*,}" --out "$EXP/ticket" --data "$DATA_DIR" \
+        --threads "$LATENCY_THREADS" --latency-seconds "$LATENCY_SECONDS"
 else
     echo "no ticket within the tolerance of dense: nothing to export"
 fi

@@ -53,10 +53,12 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
+import batching  # noqa: E402
 import prune as pm  # noqa: E402
 import run_folders as rf  # noqa: E402
 import train as tr  # noqa: E402
 from build_datasets import DatasetError, load_dataset  # noqa: E402
+from metrics import af_scores  # noqa: E402
 
 RANDOM = "random:"
 """--masks prefix of the random-pruning control (``masks_from``)."""
@@ -79,7 +81,7 @@ def reestimate_batchnorm(model: torch.nn.Module, ctx: tr.Context, batches: int, 
         m.momentum = None  # cumulative average
     model.train()
     rng = np.random.default_rng([seed, 7])
-    order = tr.length_buckets(ctx.ds.lengths, ctx.ds.indices("train"), ctx.cfg.batch_size, rng)
+    order = batching.length_buckets(ctx.ds.lengths, ctx.ds.indices("train"), ctx.cfg.batch_size, rng)
     for idx in order[:batches]:
         x, _, _ = ctx.batcher(idx, ctx.cfg.crop, rng)
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=ctx.bf16):
@@ -199,7 +201,7 @@ def copies_scores(pair: Path) -> dict:
     """The two copies' own scores, averaged: each copy is the network a rewind to k under this
     mask would give (one retraining), so its test F1 sits next to the barrier."""
     metrics = [json.loads((pair / f"copy{c}" / tr.METRICS).read_text()) for c in (1, 2)]
-    af = [tr.af_scores(m["test"]["confusion"]) for m in metrics]
+    af = [af_scores(m["test"]["confusion"]) for m in metrics]
     return {"copies_val_f1": float(np.mean([m["val"]["challenge_f1"] for m in metrics])),
             "copies_test_f1": float(np.mean([m["test"]["challenge_f1"] for m in metrics])),
             "copies_test_sensitivity_A": float(np.mean([a[0] for a in af])),

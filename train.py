@@ -17,8 +17,9 @@ the record's steps (``--aggregate mean``), which weighs each step by its confide
 cannot tie; ``vote`` is the reference's majority of per-step argmaxes. Both are reported.
 
 Metrics on validation and test: the CinC 2017 challenge score (mean F1 of N, A and O), the
-F1 of each class, macro F1 over all four, accuracy and the confusion matrix. The test split
-is evaluated once, after training, and never used for a choice.
+F1 of each class, macro F1 over all four, accuracy and the confusion matrix (metrics.py;
+batches are made by batching.py). The test split is evaluated once, after training, and
+never used for a choice.
 
 Re-running the same command resumes from the last checkpoint (written atomically every
 epoch and every --checkpoint-minutes); a finished run only prints its metrics. Other flags
@@ -49,7 +50,9 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import prune as pm
+from batching import Batcher, Normalizer, length_buckets, masked_step_loss
 from build_datasets import DatasetError, ECGDataset, load_dataset
+from metrics import af_scores, classification_metrics
 from model import (
     CLASSES,
     RECORD_SAMPLES,
@@ -96,144 +99,6 @@ warnings.filterwarnings("ignore", message="This instance was constructed with ca
 def rewind_file(step: int) -> str:
     """File name of the dense run's weights after ``step`` steps (late_reset's start)."""
     return f"rewind_{step}.pt"
-
-
-# --------------------------------------------------------------------------- metrics
-
-
-def confusion(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int = len(CLASSES)) -> np.ndarray:
-    """Confusion matrices ``[..., true, predicted]`` of label arrays ``[..., n]``: one
-    ``bincount`` for any number of leading dimensions (e.g. 1000 bootstrap resamples)."""
-    y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
-    if y_true.shape != y_pred.shape:
-        raise ValueError(f"labels {y_true.shape} and predictions {y_pred.shape} differ in shape")
-    if y_true.size and (min(y_true.min(), y_pred.min()) < 0 or max(y_true.max(), y_pred.max()) >= num_classes):
-        raise ValueError(f"class indices must lie in [0, {num_classes})")
-    batch = int(np.prod(y_true.shape[:-1], dtype=int))
-    offset = (num_classes ** 2) * np.arange(batch).reshape(*y_true.shape[:-1], 1)
-    counts = np.bincount((offset + num_classes * y_true + y_pred).ravel(), minlength=batch * num_classes ** 2)
-    return counts.reshape(*y_true.shape[:-1], num_classes, num_classes)
-
-
-def class_f1(cm: np.ndarray) -> np.ndarray:
-    """Per-class F1 ``2 TP / (true count + predicted count)`` of confusion matrices
-    ``[..., C, C]``, 0 when both counts are 0."""
-    tp = np.diagonal(cm, axis1=-2, axis2=-1).astype(float)
-    denom = cm.sum(-1) + cm.sum(-2)
-    return np.divide(2 * tp, denom, out=np.zeros(tp.shape), where=denom > 0)
-
-
-def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray,
-                           num_classes: int = len(CLASSES)) -> dict:
-    """Challenge F1 (mean F1 of N, A, O as scored in CinC 2017), per-class F1, macro F1,
-    accuracy and the confusion matrix (rows: true class, columns: predicted class).
-
-    A class's F1 is ``2 TP / (true count + predicted count)``, 0 when both are 0.
-    """
-    cm = confusion(y_true, y_pred, num_classes)
-    f1 = class_f1(cm)
-    out = {"challenge_f1": float(f1[:3].mean()), "macro_f1": float(f1.mean()),
-           "accuracy": float(np.trace(cm) / max(cm.sum(), 1))}
-    out.update({f"f1_{c}": float(v) for c, v in zip(CLASSES, f1, strict=False)})
-    out["confusion"] = cm.tolist()
-    return out
-
-
-def aggregate_steps(logits: torch.Tensor, steps: torch.Tensor, how: str) -> torch.Tensor:
-    """Record-level class from per-step logits ``[B, T, C]`` with ``steps[i]`` valid steps:
-    ``mean`` of the logits, or ``vote``: the most frequent per-step argmax (ties go to the
-    lower class index)."""
-    valid = (torch.arange(logits.shape[1], device=logits.device) < steps[:, None]).float()
-    if how == "mean":
-        return ((logits.float() * valid[..., None]).sum(1) / steps[:, None]).argmax(1)
-    if how == "vote":
-        votes = F.one_hot(logits.argmax(2), logits.shape[2]).float() * valid[..., None]
-        return votes.sum(1).argmax(1)
-    raise ValueError(f"aggregate must be 'mean' or 'vote', got {how!r}")
-
-
-# --------------------------------------------------------------------------- batches
-
-
-@dataclass
-class Normalizer:
-    """z-scoring with the training records' mean and std (padding excluded)."""
-
-    mean: float
-    std: float
-
-    @classmethod
-    def fit(cls, ds: ECGDataset, idx: np.ndarray) -> Normalizer:
-        total = n = sq = 0.0
-        for i in idx:
-            x = ds.signals[i, :ds.lengths[i]].astype(np.float64)
-            total, sq, n = total + x.sum(), sq + (x * x).sum(), n + len(x)
-        mean = total / n
-        return cls(float(mean), float(math.sqrt(max(sq / n - mean * mean, 1e-12))))
-
-
-class Batcher:
-    """Makes device tensors for batches of records: z-scored samples ``[B, 1, L]`` (zero
-    beyond each record's end), labels and the number of valid output steps per record.
-
-    L is the longest record in the batch (or ``crop``) rounded up to the output stride, so
-    little compute goes into padding. With ``crop`` every record longer than ``crop`` is cut
-    to a random window of ``crop`` samples (a CPU-scale speed option; evaluation always
-    uses whole records).
-    """
-
-    def __init__(self, ds: ECGDataset, norm: Normalizer, stride: int, device: torch.device):
-        self.signals = torch.from_numpy(ds.signals).to(device)
-        self.lengths = torch.tensor(ds.lengths, device=device)
-        self.labels = torch.tensor(ds.labels, device=device)
-        self.norm, self.stride, self.device = norm, stride, device
-        self.host_lengths = ds.lengths
-
-    def to_device(self, a: np.ndarray) -> torch.Tensor:
-        """A host array on the device without a host synchronisation: a copy from pageable
-        memory waits for the GPU's queue to drain, one from pinned memory does not."""
-        t = torch.from_numpy(a)
-        if self.device.type != "cuda":
-            return t
-        return t.pin_memory().to(self.device, non_blocking=True)
-
-    def __call__(self, idx: np.ndarray, crop: int = 0, rng: np.random.Generator | None = None
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        lengths = self.host_lengths[idx]
-        if crop:
-            starts = rng.integers(0, np.maximum(lengths - crop, 0) + 1)
-            lengths = np.minimum(lengths, crop)
-        else:
-            starts = np.zeros(len(idx), dtype=np.int64)
-        L = self.stride * math.ceil(lengths.max() / self.stride)
-        cols = self.to_device(starts)[:, None] + torch.arange(L, device=self.device)
-        rows = self.to_device(idx)[:, None]
-        x = self.signals[rows, cols.clamp_(max=self.signals.shape[1] - 1)]
-        n = self.to_device(lengths)
-        inside = torch.arange(L, device=self.device) < n[:, None]
-        x = torch.where(inside, (x.to(torch.get_default_dtype()) - self.norm.mean) / self.norm.std, 0.0)
-        steps = torch.clamp(n // self.stride, min=1)
-        return x[:, None, :], self.labels[rows[:, 0]], steps
-
-
-def length_buckets(lengths: np.ndarray, idx: np.ndarray, batch_size: int,
-                   rng: np.random.Generator) -> list[np.ndarray]:
-    """Batches of records of similar length in random order (as in the reference code):
-    sort by length with random tie-breaks, cut into batches, shuffle the batches."""
-    order = idx[np.lexsort((rng.random(len(idx)), lengths[idx]))]
-    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-    return [batches[i] for i in rng.permutation(len(batches))]
-
-
-def masked_step_loss(logits: torch.Tensor, labels: torch.Tensor, steps: torch.Tensor
-                     ) -> torch.Tensor:
-    """Mean cross-entropy over the valid output steps of every record in the batch."""
-    B, T, C = logits.shape
-    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 -> fp32, fp64 stays
-    per_step = labels[:, None].expand(B, T).reshape(B * T)  # the record's label at every step (no host sync)
-    ce = F.cross_entropy(logits.reshape(B * T, C), per_step, reduction="none").reshape(B, T)
-    valid = torch.arange(T, device=logits.device) < steps[:, None]
-    return (ce * valid).sum() / valid.sum()
 
 
 # --------------------------------------------------------------------------- training
@@ -346,6 +211,19 @@ def logged(run_dir: Path) -> Iterator[None]:
             raise
         finally:
             sys.stdout, sys.stderr = out, err
+
+
+def aggregate_steps(logits: torch.Tensor, steps: torch.Tensor, how: str) -> torch.Tensor:
+    """Record-level class from per-step logits ``[B, T, C]`` with ``steps[i]`` valid steps:
+    ``mean`` of the logits, or ``vote``: the most frequent per-step argmax (ties go to the
+    lower class index)."""
+    valid = (torch.arange(logits.shape[1], device=logits.device) < steps[:, None]).float()
+    if how == "mean":
+        return ((logits.float() * valid[..., None]).sum(1) / steps[:, None]).argmax(1)
+    if how == "vote":
+        votes = F.one_hot(logits.argmax(2), logits.shape[2]).float() * valid[..., None]
+        return votes.sum(1).argmax(1)
+    raise ValueError(f"aggregate must be 'mean' or 'vote', got {how!r}")
 
 
 @torch.no_grad()
@@ -875,15 +753,6 @@ def retrain(ctx: Context, run_dir: Path, start: dict, masks: pm.Masks, lr_fn: Ca
 
 def round_dir(method_dir: Path, r: int, attempt: int) -> Path:
     return method_dir / (f"round_{r:02d}" + (f"_try{attempt}" if attempt else ""))
-
-
-def af_scores(confusion: list) -> tuple[float, float]:
-    """The AF class's sensitivity and PPV from a confusion matrix (rows true, columns
-    predicted): what a cardiologist asks first, AF found and AF alarms right."""
-    cm = np.asarray(confusion, dtype=float)
-    af = CLASSES.index("A")
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return float(cm[af, af] / cm[af].sum()), float(cm[af, af] / cm[:, af].sum())
 
 
 def row_for(folder: Path, seed: int, method: str, control: str, r: int, attempt: int, fraction: float,

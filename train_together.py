@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from torch.func import functional_call, stack_module_state, vmap
 
+import batching
 import prune as pm
 import train as tr
 from build_datasets import ECGDataset
@@ -37,7 +38,7 @@ from model import HannunConfig, HannunNet, bf16_faulty_convs, guard_bf16
 
 def train_together(models: list[HannunNet], masks: list[pm.Masks | None], lr_fns: list[Callable[[int], float]],
                    ds: ECGDataset, cfg: tr.TrainConfig, total_steps: int, device: torch.device, bf16: bool,
-                   batcher: tr.Batcher, salt: int = 0) -> list[float]:
+                   batcher: batching.Batcher, salt: int = 0) -> list[float]:
     """Train ``models`` in place, together, for ``total_steps`` steps of the shared batch
     sequence; model k is masked by ``masks[k]`` (None: dense) and follows ``lr_fns[k]``.
     Returns the last step's loss of each model."""
@@ -70,12 +71,12 @@ def train_together(models: list[HannunNet], masks: list[pm.Masks | None], lr_fns
     step, losses = 0, torch.zeros(k_models)
     for epoch in range(math.ceil(total_steps / steps_per_epoch)):
         rng = np.random.default_rng([cfg.seed, salt, epoch])
-        batches = tr.length_buckets(ds.lengths, train_idx, cfg.batch_size, rng)
+        batches = batching.length_buckets(ds.lengths, train_idx, cfg.batch_size, rng)
         for b, batch in enumerate(batches[:total_steps - step]):
             x, y, n_steps = batcher(batch, cfg.crop, np.random.default_rng([cfg.seed, salt, epoch, b]))
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                 logits = forward(params, buffers, x)  # [K, B, T, C]
-            losses = torch.stack([tr.masked_step_loss(logits[i], y, n_steps) for i in range(k_models)])
+            losses = torch.stack([batching.masked_step_loss(logits[i], y, n_steps) for i in range(k_models)])
             grads = torch.autograd.grad(losses.sum(), [params[n] for n in names])
             grads = dict(zip(names, grads, strict=True))
             for name, m in weight_masks.items():
@@ -111,13 +112,13 @@ def train_together(models: list[HannunNet], masks: list[pm.Masks | None], lr_fns
 
 
 def train_one_by_one(model: HannunNet, masks: pm.Masks, ds: ECGDataset, cfg: tr.TrainConfig, steps: int,
-                     bf16: bool, batcher: tr.Batcher) -> None:
+                     bf16: bool, batcher: batching.Batcher) -> None:
     """The sequential baseline: exactly train.train's step (torch.optim.Adam, clipping,
     MaskedModel), on the same batches, without its evaluation and checkpoints."""
     masked = pm.MaskedModel(model, masks)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     train_idx = ds.indices("train")
-    batches = tr.length_buckets(ds.lengths, train_idx, cfg.batch_size, np.random.default_rng([cfg.seed, 0, 0]))
+    batches = batching.length_buckets(ds.lengths, train_idx, cfg.batch_size, np.random.default_rng([cfg.seed, 0, 0]))
     model.train()
     for b, batch in enumerate(batches[:steps]):
         x, y, n_steps = batcher(batch, cfg.crop, np.random.default_rng([cfg.seed, 0, 0, b]))
@@ -143,7 +144,7 @@ def main(argv: list[str] | None = None) -> None:
     bf16 = tr.use_bf16(args.amp, device)
     cfg = tr.TrainConfig(batch_size=args.batch_size, crop=args.crop,
                          model=HannunConfig(width=args.width, blocks=args.blocks))
-    batcher = tr.Batcher(ds, tr.Normalizer.fit(ds, ds.indices("train")), cfg.model.stride, device)
+    batcher = batching.Batcher(ds, batching.Normalizer.fit(ds, ds.indices("train")), cfg.model.stride, device)
     masks = pm.magnitude_prune(HannunNet(cfg.model), pm.full_masks(HannunNet(cfg.model)), 0.9)
     print(f"width {args.width}, {args.blocks} blocks, batch {args.batch_size} x {args.crop} samples, "
           f"{'bf16' if bf16 else 'fp32'}, {torch.get_num_threads()} threads, {args.steps} steps per ticket")

@@ -64,6 +64,7 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import batching  # noqa: E402
 import export_ticket as et  # noqa: E402
 import prune as pm  # noqa: E402
 import run_folders as rf  # noqa: E402
@@ -227,10 +228,10 @@ def eval_rows(add: Callable[..., None], seconds: float, data: Path) -> None:
     add("eval", "whole-record epoch, samples computed / useful: random batches of 32",
         ratio=computed([perm[i:i + 32] for i in range(0, len(perm), 32)]))
     add("eval", "whole-record epoch, samples computed / useful: length buckets of 32",
-        ratio=computed(tr.length_buckets(lengths, train_idx, 32, rng)))
+        ratio=computed(batching.length_buckets(lengths, train_idx, 32, rng)))
     idx = ds.indices("val")
     model = HannunNet(cfg)
-    batcher = tr.Batcher(ds, tr.Normalizer.fit(ds, ds.indices("train")), cfg.stride, torch.device("cpu"))
+    batcher = batching.Batcher(ds, batching.Normalizer.fit(ds, ds.indices("train")), cfg.stride, torch.device("cpu"))
     for amp in ("fp32", "bf16"):
         run = lambda amp=amp: tr.predict(model, batcher, idx, tr.TrainConfig(), amp == "bf16")  # noqa: E731
         t = et.median_seconds(run, seconds, warmup=1, min_runs=1)
@@ -709,7 +710,7 @@ def together_rows(add: Callable[..., None], ds: object, dev: torch.device, batch
 
     cfg = HannunConfig(width=1.0)
     tcfg = tr.TrainConfig(batch_size=batch // 2, crop=length, model=cfg)
-    batcher = tr.Batcher(ds, tr.Normalizer.fit(ds, ds.indices("train")), cfg.stride, dev)
+    batcher = batching.Batcher(ds, batching.Normalizer.fit(ds, ds.indices("train")), cfg.stride, dev)
     masks = pruned_masks(HannunNet(cfg), 16.0)
     k, n = 4, 6
     models = [HannunNet(cfg).to(dev) for _ in range(k)]

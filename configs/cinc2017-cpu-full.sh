@@ -34,3 +34,5 @@ SEEDS=0
 EXTRA="--amp bf16"
 WORKERS=2
 EXP=results/cinc2017-cpu-full
+LATENCY_THREADS=1,2        # the exported ticket's latency table (run.sh's demo times it briefly)
+LATENCY_SECONDS=2

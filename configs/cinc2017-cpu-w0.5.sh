@@ -24,3 +24,5 @@ CONTROL_EVERY=1000
 SEEDS=0,1
 WORKERS=1
 EXP=results/cinc2017-cpu-w0.5
+LATENCY_THREADS=1,2        # the exported ticket's latency table (run.sh's demo times it briefly)
+LATENCY_SECONDS=2

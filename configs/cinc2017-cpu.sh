@@ -24,3 +24,5 @@ CONTROL_EVERY=1000
 SEEDS=0,1,2
 WORKERS=2                  # two one-thread workers: ~1.3x the throughput of one two-thread process here
 EXP=results/cinc2017-cpu
+LATENCY_THREADS=1,2        # the exported ticket's latency table (run.sh's demo times it briefly)
+LATENCY_SECONDS=2

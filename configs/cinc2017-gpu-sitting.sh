@@ -1,5 +1,5 @@
-# Full width on one lent GPU, one seed per 10-minute command (gpu_sitting.py; README "A GPU
-# sitting"): the SAME configuration as the CPU run configs/cinc2017-cpu-full.sh (width 1, 16
+# Full width on one lent GPU, one seed per 10-minute command (gpu_sitting.py;
+# docs/gpu-sitting.md): the SAME configuration as the CPU run configs/cinc2017-cpu-full.sh (width 1, 16
 # blocks, 12 epochs of random 2,048-sample windows, 50 % per round to 142x, the same methods,
 # controls and order) in the same experiment folder, for the next seeds (1, 2, ...): what a
 # sitting brings back adds seeds to the CPU run's tables instead of starting a second experiment.

@@ -20,3 +20,5 @@ SEEDS=0,1,2
 DEVICE=cuda
 WORKERS=1
 EXP=results/cinc2017-gpu
+LATENCY_THREADS=1,2        # the exported ticket's latency table (run.sh's demo times it briefly)
+LATENCY_SECONDS=2

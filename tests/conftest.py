@@ -17,6 +17,24 @@ import build_datasets as bd
 SHARED_CINC = Path(__file__).resolve().parents[2] / "shared" / "data" / "cinc2017" / "training2017"
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--slurm", action="store_true",
+                     help="also run the tests marked slurm: they start SLURM and MUNGE daemons and, as root on "
+                          "Debian without SLURM, apt-install it (CI passes this; a plain run changes no system state)")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The slurm tests only when asked (--slurm): a user running the tests does not expect
+    system packages installed or daemons started."""
+    if config.getoption("--slurm"):
+        return
+    skip = pytest.mark.skip(reason="starts SLURM daemons (and installs SLURM as root when missing): "
+                                   "run with --slurm to include it")
+    for item in items:
+        if "slurm" in item.keywords:
+            item.add_marker(skip)
+
+
 def write_wfdb(folder: Path, name: str, samples: np.ndarray, fs: int = 300,
                header_samples: int | None = None) -> None:
     """Write one record the way training2017.zip holds it: MATLAB v4 ``val`` + WFDB header."""

@@ -23,6 +23,7 @@ import plot_results
 import run_experiments
 import run_folders as rf
 import train as tr
+from metrics import bootstrap, class_f1, classification_metrics, confusion
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -420,7 +421,7 @@ def test_bootstrap_interval_of_the_test_f1(tmp_path: Path) -> None:
     best = pd.Series({"method": "weight_rewind", "control": "none", "level": plot_results.level(pd.Series([2.0]))[0]})
     assert plot_results.bootstrap_interval(tmp_path, table[table["seed"] == 0], best) == (1.0, 1.0)
     low, high = plot_results.bootstrap_interval(tmp_path, table, best)
-    observed = np.mean([tr.classification_metrics(
+    observed = np.mean([classification_metrics(
         pd.Series(labels).map("NAO~".index).to_numpy(),
         pd.read_csv(tmp_path / f / tr.PREDICTIONS, keep_default_na=False)["predicted"].map("NAO~".index).to_numpy()
     )["challenge_f1"] for f in table["folder"]])
@@ -437,17 +438,17 @@ def test_bootstrap_covers_the_seeds_as_well_as_the_records() -> None:
     rng = np.random.default_rng(1)
     labels = rng.integers(0, 4, 200)
     noisy = np.where(rng.random(200) < 0.3, rng.integers(0, 4, 200), labels)
-    one = plot_results.bootstrap(labels, [noisy])
+    one = bootstrap(labels, [noisy])
     picks = np.random.default_rng(0).integers(0, 200, (1000, 200))  # the records-only bootstrap, by hand
-    scores = tr.class_f1(tr.confusion(labels[picks], noisy[picks]))[:, :3].mean(1)
+    scores = class_f1(confusion(labels[picks], noisy[picks]))[:, :3].mean(1)
     assert one == tuple(np.percentile(scores, [2.5, 97.5]))
-    assert plot_results.bootstrap(labels, [noisy, noisy.copy()]) == one
+    assert bootstrap(labels, [noisy, noisy.copy()]) == one
     wrong = (labels + 1) % 4
-    low, high = plot_results.bootstrap(labels, [labels, wrong])
+    low, high = bootstrap(labels, [labels, wrong])
     assert low < 0.25 and high > 0.75
     worse = np.where(rng.random(200) < 0.1, wrong, labels)  # 10 % of the records made wrong
-    low, high = plot_results.bootstrap(labels, [labels, noisy], [worse, np.where(worse == labels, noisy, worse)])
-    spread = np.subtract(*plot_results.bootstrap(labels, [labels, noisy])[::-1])
+    low, high = bootstrap(labels, [labels, noisy], [worse, np.where(worse == labels, noisy, worse)])
+    spread = np.subtract(*bootstrap(labels, [labels, noisy])[::-1])
     assert 0 < low < high and high - low < 0.1 < 0.25 < spread
 
 
@@ -456,8 +457,8 @@ def _run_with_predictions(exp: Path, folder: str, labels: np.ndarray, predicted:
     (exp / folder).mkdir(parents=True)
     pd.DataFrame({"record": [f"R{i:03d}" for i in range(len(labels))], "split": "test", "label": labels,
                   "predicted": predicted}).to_csv(exp / folder / tr.PREDICTIONS, index=False)
-    f1 = tr.classification_metrics(pd.Series(labels).map("NAO~".index).to_numpy(),
-                                   pd.Series(predicted).map("NAO~".index).to_numpy())["challenge_f1"]
+    f1 = classification_metrics(pd.Series(labels).map("NAO~".index).to_numpy(),
+                                pd.Series(predicted).map("NAO~".index).to_numpy())["challenge_f1"]
     return {"folder": folder, "test_challenge_f1": f1, **row}
 
 

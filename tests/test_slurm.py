@@ -4,7 +4,8 @@ The test installs Debian's SLURM and MUNGE packages when sbatch is missing (as r
 starts its own munged, slurmctld and slurmd on private sockets, ports and folders, runs a
 tiny grid as SLURM array jobs with dependencies, checks results.csv against one process
 running the same grid, and stops exactly the daemons it started (by pid). It skips, saying
-why, where it cannot be root or cannot install the packages.
+why, where it cannot be root or cannot install the packages. It runs only when asked,
+``python -m pytest --slurm`` (tests/conftest.py; CI asks): a plain run changes no system state.
 """
 
 from __future__ import annotations

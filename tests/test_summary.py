@@ -13,6 +13,7 @@ import torch
 
 import plot_results
 import train as tr
+from metrics import classification_metrics
 
 CLASSES = "NAO~"
 
@@ -23,8 +24,8 @@ def _run(exp: Path, folder: str, labels: np.ndarray, predicted: np.ndarray, **ro
     names = [f"R{i:03d}" for i in range(len(labels))]
     pd.concat([pd.DataFrame({"record": names, "split": split, "label": labels, "predicted": predicted})
                for split in ("val", "test")]).to_csv(exp / folder / tr.PREDICTIONS, index=False)
-    f1 = tr.classification_metrics(pd.Series(labels).map(CLASSES.index).to_numpy(),
-                                   pd.Series(predicted).map(CLASSES.index).to_numpy())["challenge_f1"]
+    f1 = classification_metrics(pd.Series(labels).map(CLASSES.index).to_numpy(),
+                                pd.Series(predicted).map(CLASSES.index).to_numpy())["challenge_f1"]
     return {"folder": folder, "control": "none", "val_challenge_f1": f1, "test_challenge_f1": f1, **row}
 
 
@@ -141,7 +142,7 @@ def test_interval_rule_stops_at_the_first_level_that_fails(tmp_path: Path, exper
 def test_af_sensitivity_and_ppv_match_a_plain_count() -> None:
     labels = np.array([1, 1, 1, 1, 0, 0, 2, 3])  # A = index 1
     predicted = np.array([1, 1, 1, 0, 1, 0, 2, 1])
-    metrics = {s: tr.classification_metrics(labels, predicted) for s in ("val", "test")}
+    metrics = {s: classification_metrics(labels, predicted) for s in ("val", "test")}
     metrics.update(epochs_run=1, steps=1, train_seconds=0.0)
     row = tr.row_for(Path("x"), 0, "lr_rewind", "none", 1, 0, 0.5, {"w": torch.ones(4, dtype=torch.bool)},
                      metrics, True, 10, flops=123)

@@ -12,9 +12,11 @@ import pytest
 import torch
 from conftest import tiny_train_args
 
+import batching
 import run_folders as rf
 import train as tr
 from build_datasets import load_dataset
+from metrics import class_f1, classification_metrics, confusion
 from model import HannunConfig, HannunNet
 
 
@@ -26,7 +28,7 @@ def test_metrics_match_a_hand_computed_confusion_matrix() -> None:
                    [0, 0, 0, 0]])  # ~ (never true, never predicted)
     y_true = np.repeat(np.arange(4), cm.sum(1))
     y_pred = np.concatenate([np.repeat(np.arange(4), row) for row in cm])
-    m = tr.classification_metrics(y_true, y_pred)
+    m = classification_metrics(y_true, y_pred)
     assert m["confusion"] == cm.tolist()
     f1_n, f1_a, f1_o = 2 * 5 / (6 + 6), 2 * 3 / (5 + 4), 2 * 2 / (4 + 3)
     assert m["f1_N"] == pytest.approx(f1_n) and m["f1_A"] == pytest.approx(f1_a)
@@ -41,7 +43,7 @@ def test_batched_confusion_matches_a_plain_count() -> None:
     count of its own (true, predicted) pairs, and mismatched inputs are refused."""
     rng = np.random.default_rng(1)
     y_true, y_pred = rng.integers(0, 4, (3, 5, 50)), rng.integers(0, 4, (3, 5, 50))
-    batched = tr.confusion(y_true, y_pred)
+    batched = confusion(y_true, y_pred)
     assert batched.shape == (3, 5, 4, 4)
     for i in range(3):
         for j in range(5):
@@ -50,11 +52,12 @@ def test_batched_confusion_matches_a_plain_count() -> None:
                 plain[t, q] += 1
             assert (batched[i, j] == plain).all()
             tp, denom = np.diag(plain), plain.sum(0) + plain.sum(1)
-            assert tr.class_f1(batched)[i, j] == pytest.approx(np.where(denom > 0, 2 * tp / np.maximum(denom, 1), 0))
+            expected = np.where(denom > 0, 2 * tp / np.maximum(denom, 1), 0)
+            assert class_f1(batched)[i, j] == pytest.approx(expected)
     with pytest.raises(ValueError, match="differ in shape"):
-        tr.confusion(y_true[0, 0], y_pred[0])
+        confusion(y_true[0, 0], y_pred[0])
     with pytest.raises(ValueError, match="class indices"):
-        tr.confusion(np.array([0, 4]), np.array([0, 1]))
+        confusion(np.array([0, 4]), np.array([0, 1]))
 
 
 def test_mean_and_vote_aggregation_differ_as_designed() -> None:
@@ -78,11 +81,11 @@ def test_step_schedule_is_a_function_of_the_step() -> None:
 def test_batches_bucket_by_length_and_mask_padding(tiny_data: Path) -> None:
     ds = load_dataset(tiny_data)
     idx = ds.indices("train")
-    batches = tr.length_buckets(ds.lengths, idx, 16, np.random.default_rng(0))
+    batches = batching.length_buckets(ds.lengths, idx, 16, np.random.default_rng(0))
     assert sorted(np.concatenate(batches).tolist()) == sorted(idx.tolist())
     spread = [np.ptp(ds.lengths[b]) for b in batches]
     assert max(spread) < np.ptp(ds.lengths[idx])
-    batcher = tr.Batcher(ds, tr.Normalizer.fit(ds, idx), 256, torch.device("cpu"))
+    batcher = batching.Batcher(ds, batching.Normalizer.fit(ds, idx), 256, torch.device("cpu"))
     x, y, steps = batcher(batches[0])
     lengths = ds.lengths[batches[0]]
     assert x.shape[2] % 256 == 0 and x.shape[2] - lengths.max() < 256

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import batching
 import prune as pm
 import train as tr
 from build_datasets import load_dataset
@@ -31,7 +32,7 @@ def test_k_tickets_together_match_one_by_one(tiny_data: Path, tmp_path: Path, fl
     cfg = tr.TrainConfig(batch_size=16, crop=1024, weight_decay=1e-4,
                          model=HannunConfig(width=0.125, dropout=0.0))
     device = torch.device("cpu")
-    batcher = tr.Batcher(ds, tr.Normalizer.fit(ds, ds.indices("train")), cfg.model.stride, device)
+    batcher = batching.Batcher(ds, batching.Normalizer.fit(ds, ds.indices("train")), cfg.model.stride, device)
     starts, masks = [], []
     for seed, fraction in ((0, 0.5), (1, 0.8), (2, 0.0)):
         torch.manual_seed(seed)

@@ -127,7 +127,7 @@ def test_run_sh_walks_the_grid_with_two_workers(tmp_path: Path) -> None:
     cfg = tmp_path / "two.sh"
     cfg.write_text(f"SYNTHETIC_RECORDS=120\nDATA_DIR={tmp_path / 'data'}\nWIDTH=0.125\nBLOCKS=2\nCROP=512\n"
                    "EPOCHS=2\nMETHODS=weight_rewind,lr_rewind\nCONTROLS=random_prune\n"
-                   "CONTROL_METHODS=weight_rewind\nCONTROL_EVERY=2\nTARGET=4\nSEEDS=0,1\nWORKERS=2\n"
+                   "CONTROL_METHODS=weight_rewind\nCONTROL_EVERY=2\nFRACTION=0.5\nTARGET=4\nSEEDS=0,1\nWORKERS=2\n"
                    f"EXP={exp}\n")
     done = subprocess.run(["bash", "run.sh", str(cfg)], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
