@@ -63,7 +63,9 @@ import torch  # noqa: E402
 
 import export_ticket as et  # noqa: E402
 import train as tr  # noqa: E402
+from batching import Batcher, Normalizer  # noqa: E402
 from build_datasets import FS, DatasetError, ECGDataset, load_dataset, resample  # noqa: E402
+from metrics import class_f1, confusion  # noqa: E402
 from model import CLASSES  # noqa: E402
 from run_folders import atomic_write_text  # noqa: E402
 
@@ -144,7 +146,7 @@ def discover(exp: Path, seeds: list[int]) -> list[tuple[str, int, Path]]:
 @torch.inference_mode()
 def predicted_classes(model: torch.nn.Module, norm: dict, ds: ECGDataset, batch_size: int) -> np.ndarray:
     """Each record's class (mean of its per-step logits, as training evaluates)."""
-    batcher = tr.Batcher(ds, tr.Normalizer(**norm), model.cfg.stride, torch.device("cpu"))
+    batcher = Batcher(ds, Normalizer(**norm), model.cfg.stride, torch.device("cpu"))
     cfg = tr.TrainConfig(eval_batch_size=batch_size)
     return tr.predict(model, batcher, np.arange(len(ds.labels)), cfg, bf16=False)["mean"]
 
@@ -161,7 +163,7 @@ def recorded_agreement(run: Path, split: str, names: np.ndarray, predicted: np.n
 
 
 def challenge_f1(labels: np.ndarray, preds: np.ndarray) -> float:
-    return float(tr.class_f1(tr.confusion(labels, preds))[:3].mean())
+    return float(class_f1(confusion(labels, preds))[:3].mean())
 
 
 def paired_bootstrap(labels: np.ndarray, terms: list[tuple[float, list[np.ndarray]]],
@@ -175,7 +177,7 @@ def paired_bootstrap(labels: np.ndarray, terms: list[tuple[float, list[np.ndarra
     rng = np.random.default_rng(seed)
     picks = rng.integers(0, len(labels), (replicates, len(labels)))
     which = rng.integers(0, seeds, (replicates, seeds))
-    per_seed = sum(c * np.stack([tr.class_f1(tr.confusion(labels[picks], p[picks]))[:, :3].mean(1) for p in preds])
+    per_seed = sum(c * np.stack([class_f1(confusion(labels[picks], p[picks]))[:, :3].mean(1) for p in preds])
                    for c, preds in terms)
     scores = per_seed[which, np.arange(replicates)[:, None]].mean(1)
     point = float(np.mean([sum(c * challenge_f1(labels, preds[s]) for c, preds in terms) for s in range(seeds)]))

@@ -54,6 +54,7 @@ import run_folders as rf
 import run_state
 import train as tr
 from build_datasets import DatasetError, load_dataset
+from metrics import class_f1, confusion
 from model import CLASSES
 
 TICKET = "ticket-fp32.npz"
@@ -171,7 +172,7 @@ def test_figures(run_dir: Path) -> dict:
         part = preds[preds["split"] == split].sort_values("record")
         labels = part["label"].map(CLASSES.index).to_numpy()
         predicted = part["predicted"].map(CLASSES.index).to_numpy()
-        point = float(tr.class_f1(tr.confusion(labels, predicted))[:3].mean())
+        point = float(class_f1(confusion(labels, predicted))[:3].mean())
         figures[f"{split}_challenge_f1"] = (point, *pr.bootstrap(labels, [predicted]))
         figures[f"{split}_records"] = len(part)
         if split == "test":
