@@ -379,6 +379,18 @@ def check_ticket_data(meta: dict, data: Path, path: Path | str) -> None:
                           "with the same flags and source), or use a ticket trained on this one")
 
 
+def check_made_with(source: Path, data: Path) -> None:
+    """Before evaluating ``source`` (a ticket file, or a run or round folder) on ``data``:
+    exit with a sentence naming both fingerprints unless it was made with that data set."""
+    try:
+        if source.is_file():
+            check_ticket_data(load_ticket(source)[1], data, source)
+        else:
+            rf.check_same_data(data, made_with(source).get("data_fingerprint"), str(source))
+    except TicketError as e:
+        raise SystemExit(f"error: {e}") from None
+
+
 def restamp(path: Path, fields: dict) -> int:
     """Write ``path`` again with ``fields`` added to its metadata and every other array
     byte for byte as it was (the same weights); returns its new size in bytes."""

@@ -64,6 +64,7 @@ import torch  # noqa: E402
 import export_ticket as et  # noqa: E402
 import train as tr  # noqa: E402
 from build_datasets import FS, DatasetError, ECGDataset, load_dataset, resample  # noqa: E402
+from metrics import class_f1, confusion  # noqa: E402
 from model import CLASSES  # noqa: E402
 from run_folders import atomic_write_text  # noqa: E402
 
@@ -161,7 +162,7 @@ def recorded_agreement(run: Path, split: str, names: np.ndarray, predicted: np.n
 
 
 def challenge_f1(labels: np.ndarray, preds: np.ndarray) -> float:
-    return float(tr.class_f1(tr.confusion(labels, preds))[:3].mean())
+    return float(class_f1(confusion(labels, preds))[:3].mean())
 
 
 def paired_bootstrap(labels: np.ndarray, terms: list[tuple[float, list[np.ndarray]]],
@@ -175,7 +176,7 @@ def paired_bootstrap(labels: np.ndarray, terms: list[tuple[float, list[np.ndarra
     rng = np.random.default_rng(seed)
     picks = rng.integers(0, len(labels), (replicates, len(labels)))
     which = rng.integers(0, seeds, (replicates, seeds))
-    per_seed = sum(c * np.stack([tr.class_f1(tr.confusion(labels[picks], p[picks]))[:, :3].mean(1) for p in preds])
+    per_seed = sum(c * np.stack([class_f1(confusion(labels[picks], p[picks]))[:, :3].mean(1) for p in preds])
                    for c, preds in terms)
     scores = per_seed[which, np.arange(replicates)[:, None]].mean(1)
     point = float(np.mean([sum(c * challenge_f1(labels, preds[s]) for c, preds in terms) for s in range(seeds)]))
@@ -331,6 +332,8 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     if args.tables_only:
         return write_tables(read_predictions(args.out / "predictions.csv"), args.conditions, args.out, args.replicates,
                             (args.out / "robustness.md").read_text().split("\n\nTest challenge F1 under")[0])
+    for _, _, path in args.nets:  # before any work: F1 on records a network was trained on would be wrong
+        et.check_made_with(path, args.data)
     try:
         ds = load_dataset(args.data)
     except DatasetError as e:

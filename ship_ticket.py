@@ -58,6 +58,7 @@ import torch
 
 import batching
 import export_ticket
+import metrics
 import operating_point
 import plot_results as pr
 import prune as pm
@@ -182,7 +183,7 @@ def test_figures(run_dir: Path) -> dict:
         part = preds[preds["split"] == split].sort_values("record")
         labels = part["label"].map(CLASSES.index).to_numpy()
         predicted = part["predicted"].map(CLASSES.index).to_numpy()
-        point = float(tr.class_f1(tr.confusion(labels, predicted))[:3].mean())
+        point = float(metrics.class_f1(metrics.confusion(labels, predicted))[:3].mean())
         figures[f"{split}_challenge_f1"] = (point, *pr.bootstrap(labels, [predicted]))
         figures[f"{split}_records"] = len(part)
         if split == "test":
