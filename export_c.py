@@ -772,6 +772,7 @@ def main(argv: list[str] | None = None) -> dict:
     report: dict = {"source": str(args.run), "code_version": rf.code_version(), "cpu_flags": cpu_flags()}
     ds = None
     if args.data is not None:
+        et.check_made_with(args.run, args.data)  # its test records must not be ones it was trained on
         from build_datasets import DatasetError, load_dataset  # noqa: PLC0415
 
         try:

@@ -33,10 +33,12 @@ from __future__ import annotations
 
 import argparse
 import copy
+import hashlib
 import io
 import json
 import lzma
 import math
+import re
 import statistics
 import sys
 import time
@@ -52,6 +54,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import batching
+import operating_point
 import prune as pm
 import run_folders as rf
 import train
@@ -160,12 +163,13 @@ def other_keys(model: HannunNet) -> list[str]:
 
 
 def ticket_arrays(cfg: HannunConfig, state: dict, masks: pm.Masks | None, norm: dict, dtype: str,
-                  source: str) -> dict[str, np.ndarray]:
+                  source: str, extra: dict | None = None) -> dict[str, np.ndarray]:
     """Everything a ticket file holds, packed into five arrays (few headers: the format's
     overhead stays ~1 KB): ``values`` (survivors of all pruned layers, in ``dtype``),
     ``scales`` (per layer), ``index`` (all layers' bitmasks or gaps), ``others`` (biases and
     BatchNorm, fp32) and ``meta`` (JSON: configuration, normaliser, and per pruned layer in
-    the network's order: survivors, index kind, index bytes)."""
+    the network's order: survivors, index kind, index bytes; plus ``extra``, the optional
+    fields of OPTIONAL_META: the data it was made with, its AF operating point)."""
     model = build_model(cfg, state)
     masks = masks if masks is not None else pm.full_masks(model)
     values, scales, index, layers = [], [], [], []
@@ -179,7 +183,8 @@ def ticket_arrays(cfg: HannunConfig, state: dict, masks: pm.Masks | None, norm: 
         layers.append([len(survivors), kind, len(idx)])
     others = [state[k].detach().float().cpu().numpy().ravel() for k in other_keys(model)]
     meta = {"format": FORMAT, "model": vars(cfg), "normalizer": norm, "classes": list(CLASSES),
-            "fs": FS, "dtype": dtype, "layers": layers, "source": source, "code_version": code_version()}
+            "fs": FS, "dtype": dtype, "layers": layers, "source": source, "code_version": code_version(),
+            **(extra or {})}
     return {"values": np.concatenate(values), "scales": np.asarray(scales, dtype=np.float32),
             "index": np.frombuffer(b"".join(index), dtype=np.uint8),
             "others": np.concatenate(others).astype(np.float32),
@@ -197,8 +202,14 @@ def save_ticket(arrays: dict[str, np.ndarray], path: Path) -> int:
 META_SCHEMA: dict[str, type | tuple[type, ...]] = {
     "format": str, "model": dict, "normalizer": dict, "classes": list, "fs": (int, float), "dtype": str,
     "layers": list, "source": str, "code_version": str}
-"""The keys a ticket's metadata must hold, and their JSON types (data_fingerprint is optional:
-tickets made before it have none)."""
+"""The keys a ticket's metadata must hold, and their JSON types."""
+OPTIONAL_META: dict[str, type] = {"data_fingerprint": str, "split": dict, "af_operating_point": dict}
+"""Keys a ticket's metadata may hold (tickets made before them have none, and still load):
+``data_fingerprint`` and ``split`` name the data set it was trained on and the validation
+and test records it was measured on (made_with; every evaluation on --data checks them:
+check_ticket_data); ``af_operating_point`` is the threshold on P(AF) chosen on validation
+(operating_point.shipped_threshold), which predict.py applies."""
+SPLIT_KEYS = ("val", "test", "digest")
 INDEX_KINDS = ("bits", "gaps16", "gaps32")
 STORED_DTYPES = {"fp32": np.float32, "fp16": np.float16, "int8": np.int8}
 
@@ -244,6 +255,23 @@ def check_meta(meta: dict, arrays: dict[str, np.ndarray], path: Path) -> None:
         raise bad(f"{len(arrays['scales'])} scales for {len(meta['layers'])} layers")
     if not (np.isfinite(arrays["scales"]).all() and (arrays["scales"] > 0).all()):
         raise bad("a layer's scale is not finite and positive")
+    for key, kind in OPTIONAL_META.items():
+        if key in meta and not isinstance(meta[key], kind):
+            raise bad(f"metadata field {key!r} is {meta[key]!r}, expected a JSON {kind.__name__}")
+    if "data_fingerprint" in meta and not re.fullmatch(r"[0-9a-f]{16}-[0-9a-f]{16}", meta["data_fingerprint"]):
+        raise bad(f"data_fingerprint {meta['data_fingerprint']!r}, expected two 16-digit hex digests joined by '-'")
+    split = meta.get("split")
+    if split is not None and not (set(split) == set(SPLIT_KEYS) and isinstance(split["digest"], str)
+                                  and all(isinstance(split[k], int) and split[k] >= 0 for k in ("val", "test"))):
+        raise bad(f"split {split!r}, expected record counts 'val' and 'test' and a 'digest'")
+    op = meta.get("af_operating_point")
+    if op is not None:
+        t = op.get("threshold")
+        if (op.get("class") != "A" or op.get("target") not in ("ppv", "sensitivity")
+                or not isinstance(op.get("value"), (int, float)) or not 0 < op["value"] <= 1
+                or not (t is None or (isinstance(t, (int, float)) and not isinstance(t, bool) and 0 <= t <= 1))):
+            raise bad(f"af_operating_point {op!r}, expected class 'A', target 'ppv' or 'sensitivity', a value in "
+                      "(0, 1] and a threshold in [0, 1] (or null: the target was not reached on validation)")
 
 
 def load_ticket(path: Path | str) -> tuple[HannunNet, dict]:
@@ -295,6 +323,84 @@ def load_ticket(path: Path | str) -> tuple[HannunNet, dict]:
         raise TicketError(f"{path}: not a readable ticket file ({type(e).__name__}: {e})") from e
     check_finite(model.state_dict(), path)
     return model.eval(), meta
+
+
+# --------------------------------------------------------------------------- the data a ticket was made with
+
+
+def split_of(records: pd.Series, splits: pd.Series) -> dict:
+    """Counts of the validation and test records and a digest of which records they are
+    (sorted 'record,split' lines): the held-out part of a split, which decides whether an
+    evaluation scores records the ticket was trained on."""
+    held = sorted(f"{r},{s}" for r, s in zip(records, splits, strict=True) if s in ("val", "test"))
+    return {"val": sum(line.endswith(",val") for line in held), "test": sum(line.endswith(",test") for line in held),
+            "digest": hashlib.sha256("\n".join(held).encode()).hexdigest()[:16]}
+
+
+def made_with(run: Path) -> dict:
+    """The optional metadata naming the data a run folder was trained on: its data
+    fingerprint (config.json) and its split (the records of its predictions.csv); empty
+    for a run that records neither."""
+    out = {}
+    config = next((p / rf.CONFIG for p in (run, run.parent) if (p / rf.CONFIG).is_file()), None)
+    fingerprint = json.loads(config.read_text()).get("data_fingerprint") if config else None
+    if fingerprint:
+        out["data_fingerprint"] = fingerprint
+    if (run / train.PREDICTIONS).is_file():
+        table = pd.read_csv(run / train.PREDICTIONS, keep_default_na=False, dtype=str)
+        out["split"] = split_of(table["record"], table["split"])
+    return out
+
+
+def check_ticket_data(meta: dict, data: Path, path: Path | str) -> None:
+    """Refuse to evaluate the ticket ``path`` on ``data`` unless it is the data set the ticket
+    was made with (same fingerprint: records, labels, split and samples): on another build or
+    split its training records would be scored as validation or test records. A ticket that
+    records no fingerprint (exported before it was stored) is refused too: it cannot be checked."""
+    try:
+        here = rf.data_fingerprint(data)
+        table = pd.read_csv(data / "records.csv", keep_default_na=False, dtype=str)
+        split_here = split_of(table["record"], table["split"])
+    except (OSError, KeyError, ValueError) as e:
+        raise TicketError(f"{data}: cannot read the data set ({type(e).__name__}: {e}); give --data a folder "
+                          "made by build_datasets.py") from None
+    made = meta.get("data_fingerprint")
+    if made is None:
+        raise TicketError(f"{path} does not record the data set it was made with (exported before tickets stored "
+                          f"it), so its figures on {data} (fingerprint {here}) cannot be trusted: export it again "
+                          "from its run folder with export_ticket.py")
+    if made != here:
+        split = meta.get("split")
+        how = ("another split of the records (its validation/test records are not those of --data: its training "
+               "records would be scored as held-out ones)" if split is None or split != split_here else
+               "the same validation and test records, but other samples or labels")
+        raise TicketError(f"{path} was made with the data set of fingerprint {made}, but {data} has fingerprint "
+                          f"{here}: {how}. Give --data the data set the ticket was made with (build_datasets.py "
+                          "with the same flags and source), or use a ticket trained on this one")
+
+
+def check_made_with(source: Path, data: Path) -> None:
+    """Before evaluating ``source`` (a ticket file, or a run or round folder) on ``data``:
+    exit with a sentence naming both fingerprints unless it was made with that data set."""
+    try:
+        if source.is_file():
+            check_ticket_data(load_ticket(source)[1], data, source)
+        else:
+            rf.check_same_data(data, made_with(source).get("data_fingerprint"), str(source))
+    except TicketError as e:
+        raise SystemExit(f"error: {e}") from None
+
+
+def restamp(path: Path, fields: dict) -> int:
+    """Write ``path`` again with ``fields`` added to its metadata and every other array
+    byte for byte as it was (the same weights); returns its new size in bytes."""
+    load_ticket(path)  # refuse a damaged ticket before touching it
+    with np.load(path, allow_pickle=False) as z:
+        arrays = {k: z[k] for k in z.files}
+    meta = {**json.loads(arrays["meta"].tobytes()), **fields}
+    check_meta(meta, arrays, path)
+    arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
+    return save_ticket(arrays, path)
 
 
 # --------------------------------------------------------------------------- accounting
@@ -529,6 +635,23 @@ def evaluate_variants(variants: dict[str, nn.Module], data: Path, norm: dict, st
 # --------------------------------------------------------------------------- command line
 
 
+def operating_point_lines(op: dict | None) -> list[str]:
+    """The AF operating point of a report, as Markdown lines (none when there is none)."""
+    if op is None:
+        return []
+    if op["threshold"] is None:
+        return ["", f"AF operating point: no threshold on {op['score']} reaches {op['target']} {op['value']:g} "
+                "on the validation records; predict.py reports the argmax class only."]
+    ci = lambda d: f"{d['mean']:.3f} ({d['low']:.3f} to {d['high']:.3f})"  # noqa: E731
+    return ["", f"AF operating point (predict.py flags a record as AF when {op['score']} >= {op['threshold']:.5g}): "
+            f"the lowest threshold whose **validation** {op['target']} reaches {op['value']:g} "
+            f"(operating_point.shipped_threshold; validation sensitivity {op['val_sensitivity']:.3f}, PPV "
+            f"{op['val_ppv']:.3f}).", "",
+            "| at the threshold, test records | value (95 % bootstrap interval over records) |",
+            "| --- | ---: |",
+            f"| AF sensitivity | {ci(op['test_sensitivity'])} |", f"| AF PPV | {ci(op['test_ppv'])} |"]
+
+
 def report_markdown(r: dict) -> str:
     c, b = r["counts"], r["bytes"]
     lines = [f"# Ticket {r['source']}", "",
@@ -558,6 +681,12 @@ def report_markdown(r: dict) -> str:
         for label, m in r["f1"].items():
             lines.append(f"| {label} | {m['val_challenge_f1']:.4f} | {m['test_challenge_f1']:.4f} | "
                          f"{m['val_accuracy']:.4f} | {m['test_accuracy']:.4f} |")
+    lines += operating_point_lines(r.get("af_operating_point"))
+    if r.get("data_fingerprint"):
+        split = r.get("split") or {}
+        lines += ["", f"Made with the data set of fingerprint `{r['data_fingerprint']}`"
+                  + (f" ({split['val']} validation and {split['test']} test records, digest `{split['digest']}`)"
+                     if split else "") + "; evaluating it on other data is refused."]
     if "fp32_roundtrip_exact" in r:
         lines += ["", f"fp32 ticket loads back bit-exact: {'yes' if r['fp32_roundtrip_exact'] else 'NO'}."]
     if "onnx_max_abs_diff" in r:
@@ -624,7 +753,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--calibration", type=int, default=64, help="training records calibrating ticket-int8.onnx")
     p.add_argument("--threads", default="1,2", help="CPU thread counts for the latency table")
     p.add_argument("--latency-seconds", type=float, default=2.0, help="time spent measuring each latency")
+    p.add_argument("--af-ppv", type=float, default=0.9,
+                   help="the AF operating point stored in the ticket: the lowest threshold on P(AF) whose "
+                   "validation PPV reaches this (needs the run's class probabilities in predictions.csv)")
     args = p.parse_args(argv)
+    if not 0 < args.af_ppv <= 1:
+        p.error(f"--af-ppv must be in (0, 1], got {args.af_ppv}")
     if (args.run is None) == (args.exp is None):
         p.error("give either --run or --exp with --method and --round")
     if args.run is not None and (args.winner or args.method or args.round is not None):
@@ -666,10 +800,15 @@ def export(args: argparse.Namespace) -> dict:
     report: dict = {"source": str(args.run), "code_version": code_version(), "dtypes": args.dtypes,
                     "threads": args.threads, "counts": parameter_counts(trained),
                     "bytes": {"dense_fp32": len(dense_buf.getvalue()), "dense_fp32_xz": xz_size(dense_buf.getvalue())}}
+    extra = made_with(args.run)  # the data it was made with, checked wherever it is evaluated
+    op = operating_point.shipped_threshold(args.run, "ppv", args.af_ppv)  # None: no probabilities
+    if op is not None:
+        extra["af_operating_point"] = op
+    report.update(extra)
     variants: dict[str, nn.Module] = {}
     for dtype in args.dtypes:
         path = args.out / f"ticket-{dtype}.npz"
-        size = save_ticket(ticket_arrays(cfg, state, masks, norm, dtype, str(args.run)), path)
+        size = save_ticket(ticket_arrays(cfg, state, masks, norm, dtype, str(args.run), extra), path)
         report["bytes"][f"ticket_{dtype}"] = size
         report["bytes"][f"ticket_{dtype}_xz"] = xz_size(path.read_bytes())
         variants[f"exported {dtype}"] = load_ticket(path)[0]

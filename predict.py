@@ -13,8 +13,11 @@ anti-aliased, as in build_datasets.py) and z-scored with the training set's stat
 stored in the ticket.
 
 Prints, per file, the class (from the mean of the per-segment logits, as in training), the
-four class probabilities and the class of every 256-sample segment (1.28 s); ``--json`` for
-machine-readable output. A file that cannot be used (unreadable, no or implausible sampling
+four class probabilities and the class of every 256-sample segment (1.28 s); and, when the
+ticket holds an AF operating point (export_ticket.OPTIONAL_META; the shipped one does), whether
+the record is flagged AF at it (P(A) >= its threshold, chosen on validation for a PPV: a
+wearable's alarm, which may differ from the argmax class). ``--json`` for machine-readable
+output (``af_flag``). A file that cannot be used (unreadable, no or implausible sampling
 rate, several leads and no --lead, too short, not finite, beyond the int16 microvolts the
 network was trained on, or an amplitude, heart rate or spectrum that says the units or the
 rate are wrong: see MIN_SPAN_UV, MIN_BPM and MIN_QRS_SHARE; ``--no-checks`` to classify
@@ -325,10 +328,17 @@ def classify(model: torch.nn.Module, meta: dict, samples: np.ndarray) -> dict:
     logits = model(x)[0, :max(1, n // stride)].float()
     probs = torch.softmax(logits.mean(0), dim=0)
     classes = meta["classes"]
-    return {"class": classes[int(probs.argmax())],
-            "probabilities": {c: round(float(p), 4) for c, p in zip(classes, probs, strict=True)},
-            "seconds": round(n / FS, 2), "segment_seconds": stride / FS,
-            "segments": [classes[i] for i in logits.argmax(1).tolist()]}
+    out = {"class": classes[int(probs.argmax())],
+           "probabilities": {c: round(float(p), 4) for c, p in zip(classes, probs, strict=True)},
+           "seconds": round(n / FS, 2), "segment_seconds": stride / FS,
+           "segments": [classes[i] for i in logits.argmax(1).tolist()]}
+    op = meta.get("af_operating_point")  # tickets exported before it have none: argmax only, as before
+    if op is not None and op["threshold"] is not None:
+        p_af = float(probs[classes.index(op["class"])])
+        target = "PPV" if op["target"] == "ppv" else op["target"]
+        out["af_flag"] = {"flagged": p_af >= op["threshold"], "threshold": op["threshold"],
+                          "chosen_for": f"validation {target} >= {op['value']:g}"}
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -377,6 +387,10 @@ def main(argv: list[str] | None = None) -> int:
             probs = ", ".join(f"{c} {v:.2f}" for c, v in out["probabilities"].items())
             print(f"{path}: {out['class']}  ({probs})  {out['seconds']:g} s")
             print(f"  segments of {out['segment_seconds']:g} s: {' '.join(out['segments'])}")
+            if "af_flag" in out:
+                flag = out["af_flag"]
+                print(f"  AF at the ticket's operating point (P(A) >= {flag['threshold']:.4g}, chosen for "
+                      f"{flag['chosen_for']}): {'yes' if flag['flagged'] else 'no'}")
     if args.json:
         print(json.dumps(results, indent=2))
     return 1 if failed else 0

@@ -333,6 +333,8 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     if args.tables_only:
         return write_tables(read_predictions(args.out / "predictions.csv"), args.conditions, args.out, args.replicates,
                             (args.out / "robustness.md").read_text().split("\n\nTest challenge F1 under")[0])
+    for _, _, path in args.nets:  # before any work: F1 on records a network was trained on would be wrong
+        et.check_made_with(path, args.data)
     try:
         ds = load_dataset(args.data)
     except DatasetError as e:

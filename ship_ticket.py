@@ -24,9 +24,18 @@ by looking at test figures). The steps, each resumable:
   4. report  OUT/README.md: the choice and why, test challenge F1 and AF sensitivity / PPV
              with 95 % intervals over the test records (percentile bootstrap), bytes,
              FLOPs, latency with the host's CPU flags, the data fingerprint and the command.
+  5. AF operating point  the exported ticket evaluated on the validation and test records
+             of its data (checked against the fingerprint it records), its class
+             probabilities in OUT/predictions.csv; the lowest threshold on P(AF) whose
+             validation PPV reaches --af-ppv (operating_point.shipped_threshold) is stored in
+             the ticket's metadata (its weights untouched), in report.json/.md and README.md,
+             with the test AF sensitivity and PPV at it; predict.py flags AF with it.
+             ``--operating-point`` does this step alone, for a ticket already shipped.
 
 Example (the shipped ticket, results/ticket-cinc2017/; one training, 14 min on a busy core):
     python ship_ticket.py --exp results/cinc2017-cpu --out results/ticket-cinc2017
+Only step 5, for the shipped ticket (seconds: an evaluation, no training):
+    python ship_ticket.py --exp results/cinc2017-cpu --out results/ticket-cinc2017 --operating-point
 Another level's network, for evaluation only (robustness.py):
     python ship_ticket.py --exp results/cinc2017-cpu --out results/robustness-cinc2017 --remake 3:weight_rewind:6
 """
@@ -47,14 +56,16 @@ import numpy as np
 import pandas as pd
 import torch
 
+import batching
 import export_ticket
+import metrics
+import operating_point
 import plot_results as pr
 import prune as pm
 import run_folders as rf
 import run_state
 import train as tr
 from build_datasets import DatasetError, load_dataset
-from metrics import class_f1, confusion
 from model import CLASSES
 
 TICKET = "ticket-fp32.npz"
@@ -172,7 +183,7 @@ def test_figures(run_dir: Path) -> dict:
         part = preds[preds["split"] == split].sort_values("record")
         labels = part["label"].map(CLASSES.index).to_numpy()
         predicted = part["predicted"].map(CLASSES.index).to_numpy()
-        point = float(class_f1(confusion(labels, predicted))[:3].mean())
+        point = float(metrics.class_f1(metrics.confusion(labels, predicted))[:3].mean())
         figures[f"{split}_challenge_f1"] = (point, *pr.bootstrap(labels, [predicted]))
         figures[f"{split}_records"] = len(part)
         if split == "test":
@@ -252,6 +263,89 @@ def report(choice: dict, run_dir: Path, out: Path, export: dict, command: str) -
     return "\n".join(lines)
 
 
+# --------------------------------------------------------------------------- 5. AF operating point
+
+OP_HEADING = "## AF operating point"
+
+
+def ticket_predictions(ticket: Path, data: Path) -> pd.DataFrame:
+    """Each validation and test record's class and class probabilities from the ticket file
+    itself (fp32, batch and aggregation as its run evaluated), as train.py's predictions.csv;
+    refused unless ``data`` is the data set the ticket records it was made with."""
+    model, meta = export_ticket.load_ticket(ticket)
+    export_ticket.check_ticket_data(meta, data, ticket)
+    flags = json.loads((Path(meta["source"]).parent / rf.CONFIG).read_text())["flags"]
+    ds = load_dataset(data)
+    batcher = batching.Batcher(ds, batching.Normalizer(**meta["normalizer"]), model.cfg.stride, torch.device("cpu"))
+    cfg = tr.TrainConfig(eval_batch_size=flags["eval_batch_size"], aggregate=flags["aggregate"])
+    frames = []
+    for split in ("val", "test"):
+        idx = ds.indices(split)
+        out = tr.evaluate(model, batcher, ds, split, cfg, bf16=False)
+        frames.append(pd.DataFrame({"record": ds.names[idx], "split": split,
+                                    "label": [CLASSES[i] for i in ds.labels[idx]],
+                                    "predicted": [CLASSES[i] for i in out["predicted"]],
+                                    **dict(zip(tr.PROBABILITY_COLUMNS, out["probabilities"].T, strict=True))}))
+    return pd.concat(frames, ignore_index=True)
+
+
+def operating_point_section(op: dict, agreement: float, records: int, command: str, sizes: tuple[int, int]) -> str:
+    """README.md's section on the AF operating point; ``sizes``: the ticket's bytes before
+    and after its metadata grew."""
+    lines = [OP_HEADING, "",
+             f"Made {datetime.now(UTC):%Y-%m-%d %H:%M} UTC by `{command}`: `{TICKET}` evaluated on the validation and "
+             f"test records of its data set (refused on any other: the fingerprint it records), its class "
+             f"probabilities in `predictions.csv`; its classes repeat those the retrained run recorded on "
+             f"{agreement:.1%} of the {records} records. The threshold is stored in the ticket's metadata "
+             f"(`af_operating_point`; its weights are unchanged: the file is now {sizes[1]:,} bytes, "
+             f"{sizes[1] - sizes[0]:+,} for the metadata) and `predict.py` reports, beside the argmax class, "
+             "whether a record is flagged AF at it.",
+             *export_ticket.operating_point_lines(op), "",
+             "The test figures at the argmax class are in the table above; those here are at the threshold. The "
+             "threshold was chosen on validation only; test records played no part in it. Intervals: 95 % "
+             "percentile bootstrap over the test records of this one network (1,000 replicates, "
+             "operating_point.operating_point); they do not cover the spread between seeds.", ""]
+    return "\n".join(lines)
+
+
+def put_section(text: str, section: str) -> str:
+    """``text`` with its AF operating point section replaced by ``section`` (or appended)."""
+    head = text.split(OP_HEADING, 1)[0].rstrip("\n")
+    return head + "\n\n" + section
+
+
+def ship_operating_point(out: Path, ppv: float, command: str) -> dict:
+    """Step 5 (module docstring): returns the operating point stored in the ticket."""
+    ticket = out / TICKET
+    before = ticket.stat().st_size
+    meta = export_ticket.load_ticket(ticket)[1]
+    run_dir = Path(meta["source"])
+    if "data_fingerprint" not in meta:  # a ticket shipped before tickets recorded their data
+        export_ticket.restamp(ticket, export_ticket.made_with(run_dir))
+        meta = export_ticket.load_ticket(ticket)[1]
+    data = Path(json.loads((run_dir.parent / rf.CONFIG).read_text())["flags"]["data"])
+    try:
+        table = ticket_predictions(ticket, data)
+    except (export_ticket.TicketError, DatasetError) as e:
+        raise SystemExit(f"error: {e}") from None
+    rf.atomic_write_text(table.to_csv(index=False), out / tr.PREDICTIONS)
+    recorded = pd.read_csv(run_dir / tr.PREDICTIONS, keep_default_na=False).set_index("record")["predicted"]
+    agreement = float((table.set_index("record")["predicted"] == recorded.reindex(table["record"])).mean())
+    op = operating_point.shipped_threshold(out, "ppv", ppv)
+    export_ticket.restamp(ticket, {"af_operating_point": op})
+    made = {k: meta[k] for k in ("data_fingerprint", "split") if k in meta}
+    report_json = {**json.loads((out / "report.json").read_text()), **made, "af_operating_point": op}
+    report_json["bytes"].update(ticket_fp32=ticket.stat().st_size,
+                                ticket_fp32_xz=export_ticket.xz_size(ticket.read_bytes()))
+    rf.atomic_write_text(json.dumps(report_json, indent=2) + "\n", out / "report.json")
+    rf.atomic_write_text(export_ticket.report_markdown(report_json), out / "report.md")
+    readme = out / "README.md"
+    section = operating_point_section(op, agreement, len(table), command, (before, ticket.stat().st_size))
+    rf.atomic_write_text(put_section(readme.read_text() if readme.is_file() else "", section), readme)
+    print(section)
+    return op
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -263,7 +357,19 @@ def main(argv: list[str] | None = None) -> None:
                    help="only re-make this round's network into OUT/retrained (no choice, no export): "
                    "another level for evaluation, e.g. 3:weight_rewind:6")
     p.add_argument("--latency-seconds", type=float, default=2.0, help="time spent measuring each latency")
+    p.add_argument("--af-ppv", type=float, default=0.9,
+                   help="the AF operating point: the lowest threshold on P(AF) whose validation PPV reaches this")
+    p.add_argument("--operating-point", action="store_true",
+                   help="only step 5: evaluate OUT's ticket, store its AF threshold in it and in its reports")
     args = p.parse_args(argv)
+    if not 0 < args.af_ppv <= 1:
+        p.error(f"--af-ppv must be in (0, 1], got {args.af_ppv}")
+    command = "python " + " ".join(Path(a).name if i == 0 else a for i, a in enumerate(sys.argv))
+    if args.operating_point:
+        if not (args.out / TICKET).is_file():
+            p.error(f"--operating-point: no {TICKET} in {args.out}: ship a ticket there first")
+        ship_operating_point(args.out, args.af_ppv, command)
+        return
     if not (args.exp / "results.csv").is_file():
         p.error(f"--exp {args.exp}: no results.csv there (a run_experiments.py folder is expected)")
     if not 0 < args.tolerance < 1:
@@ -285,10 +391,10 @@ def main(argv: list[str] | None = None) -> None:
     load = os.getloadavg()[0]  # latency is measured on whatever else the machine is running
     export = export_ticket.main(["--run", str(run_dir), "--out", str(args.out), "--dtypes", "fp32", "--threads", "1",
                                  "--latency-seconds", str(args.latency_seconds)])
-    command = "python " + " ".join(Path(a).name if i == 0 else a for i, a in enumerate(sys.argv))
     export["load_average"] = [load, os.getloadavg()[0], os.cpu_count()]
     rf.atomic_write_text(report(choice, run_dir, args.out, export, command), args.out / "README.md")
     print((args.out / "README.md").read_text())
+    ship_operating_point(args.out, args.af_ppv, command)
 
 
 if __name__ == "__main__":

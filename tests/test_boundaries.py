@@ -23,9 +23,11 @@ import scipy.io
 from conftest import ROOT, SHARED_CINC, TINY_FLAGS, tiny_train_args, write_wfdb
 
 import build_datasets as bd
+import export_c
 import export_ticket as et
 import plot_results
 import predict
+import robustness
 import run_experiments as rx
 import run_folders as rf
 import train as tr
@@ -113,6 +115,43 @@ def test_2_export_on_another_build_or_split_is_refused(tiny_data: Path, tmp_path
     assert "f1" in report
 
 
+def _other_split(data: Path, out: Path) -> Path:
+    """The records of ``data`` split with another seed: a build whose test records include
+    ones a network of ``data`` was trained on."""
+    ds = bd.load_dataset(data)
+    labels = [CLASSES[i] for i in ds.labels]
+    bd.write_dataset(out, list(ds.names), labels, [s[:n] for s, n in zip(ds.signals, ds.lengths, strict=True)],
+                     bd.stratified_split(labels, seed=1, val_fraction=0.2, test_fraction=0.2),
+                     {"fs": bd.FS, "flags": {}})
+    return out
+
+
+def test_2_a_ticket_file_is_evaluated_only_on_the_data_it_records(tiny_data: Path, tmp_path: Path) -> None:
+    """A ticket records the fingerprint and split of its data (export_ticket.made_with);
+    robustness.py and export_c.py refuse to evaluate it on another split, naming both
+    fingerprints, and on the data it was made with they run. A ticket that records no data
+    (exported before) still loads, but is refused on --data: it cannot be checked."""
+    table = pd.read_csv(tiny_data / "records.csv", keep_default_na=False, dtype=str)
+    mine = rf.data_fingerprint(tiny_data)
+    ticket = make_ticket(tmp_path / "t.npz", {"data_fingerprint": mine,
+                                              "split": et.split_of(table["record"], table["split"])})
+    other = _other_split(tiny_data, tmp_path / "other_split")
+    theirs = rf.data_fingerprint(other)
+    robust = ["--out", str(tmp_path / "rob"), "--conditions", "clean", "--replicates", "10",
+              "--net", f"dense:0={ticket}"]
+    with pytest.raises(SystemExit, match=rf"t.npz was made with .*{mine}.*{theirs}: another split"):
+        robustness.main(["--data", str(other), *robust])
+    assert not (tmp_path / "rob").exists()
+    with pytest.raises(SystemExit, match=rf"{mine}.*{theirs}"):
+        export_c.main(["--run", str(ticket), "--out", str(tmp_path / "c"), "--dtypes", "fp32", "--data", str(other),
+                       "--check", "2", "--seconds", "2.56"])
+    assert len(robustness.main(["--data", str(tiny_data), *robust])) > 0
+    old = make_ticket(tmp_path / "old.npz")
+    assert "data_fingerprint" not in et.load_ticket(old)[1]  # an old ticket loads
+    with pytest.raises(SystemExit, match="old.npz does not record the data set"):
+        robustness.main(["--data", str(tiny_data), *robust[:-1], f"dense:0={old}"])
+
+
 # --------------------------------------------------------------------------- 3: samples outside int16
 
 
@@ -143,6 +182,10 @@ def test_3_samples_outside_int16_are_refused_not_wrapped(tmp_path: Path, capsys:
     ({"fs": 300}, "input rate 300"),
     ({"model": {**vars(CFG), "num_classes": 3}}, "num_classes 3"),
     ({"layers": "x"}, "'layers' is 'x'"),
+    ({"data_fingerprint": "abc"}, "data_fingerprint 'abc'"),
+    ({"split": {"val": -1, "test": 3, "digest": "x"}}, "split"),
+    ({"af_operating_point": {"class": "A", "target": "ppv", "value": 0.9, "threshold": 1.5}}, "af_operating_point"),
+    ({"af_operating_point": {"class": "N", "target": "ppv", "value": 0.9, "threshold": 0.5}}, "af_operating_point"),
 ])
 def test_4_ticket_metadata_is_checked_against_its_schema(tmp_path: Path, capsys: pytest.CaptureFixture,
                                                          change: dict, message: str) -> None:
@@ -418,3 +461,35 @@ def test_a_worker_waiting_on_a_busy_cell_does_not_rebuild_it(tiny_data: Path, tm
     assert (dense / tr.METRICS).is_file()
     assert len(calls) == 2  # once to find it busy, once to train it: not once per idle pass
     assert pauses == [0.5, 1.0, 2.0, 4.0, 8.0, 8.0]
+
+
+# --------------------------------------------------------------------------- issue 33, item 6: the AF operating point
+
+
+def test_predict_flags_af_at_the_tickets_threshold(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """A ticket's threshold on P(A) is read and applied: a record whose P(A) lies just above
+    it is flagged, just below it is not, whatever the argmax class; the text names the PPV
+    it was chosen for. A ticket without one (older, or whose target validation never
+    reached) prints as before."""
+    np.save(tmp_path / "r.npy", ecg().astype(np.float64))
+    record = ["--fs", "300", str(tmp_path / "r.npy")]
+    code, plain, _ = run_predict(capsys, "--ticket", str(make_ticket(tmp_path / "old.npz")), *record)
+    assert code == 0 and set(plain[0]) == {"file", "class", "probabilities", "seconds", "segment_seconds", "segments"}
+    p_af = plain[0]["probabilities"]["A"]  # rounded to 4 decimals: the thresholds below keep clear of it
+    op = {"class": "A", "score": "p_A", "target": "ppv", "value": 0.9, "chosen_on": "val"}
+    for threshold, flagged in ((p_af - 0.001, True), (p_af + 0.001, False)):
+        shutil.copy(tmp_path / "old.npz", tmp_path / "t.npz")  # the same weights, the threshold added
+        et.restamp(tmp_path / "t.npz", {"af_operating_point": {**op, "threshold": threshold}})
+        ticket = str(tmp_path / "t.npz")
+        code, out, _ = run_predict(capsys, "--ticket", ticket, *record)
+        assert code == 0 and out[0]["af_flag"] == {"flagged": flagged, "threshold": threshold,
+                                                   "chosen_for": "validation PPV >= 0.9"}
+        assert {**out[0], "af_flag": None} == {**plain[0], "af_flag": None}  # the rest as before
+        assert predict.main(["--ticket", ticket, *record]) == 0
+        text = capsys.readouterr().out
+        assert f"AF at the ticket's operating point (P(A) >= {threshold:.4g}, chosen for validation PPV >= 0.9): " \
+            f"{'yes' if flagged else 'no'}" in text
+    et.restamp(tmp_path / "t.npz", {"af_operating_point": {**op, "threshold": None}})
+    assert run_predict(capsys, "--ticket", str(tmp_path / "t.npz"), *record)[1] == plain
+    assert predict.main(["--ticket", str(tmp_path / "old.npz"), *record]) == 0
+    assert "operating point" not in capsys.readouterr().out

@@ -9,12 +9,14 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from conftest import TINY_FLAGS, tiny_train_args, write_wfdb
 from torch import nn
 
 import export_ticket as et
+import operating_point
 import plot_results
 import predict
 import prune as pm
@@ -120,6 +122,32 @@ def test_size_and_flop_accounting(ticket_run: Path, exported: tuple[Path, dict])
     assert dense == 2 * (7 * 24 + 21 * 5) and sparse == 2 * (7 * 16 + 21 * 5)
     assert report["flops"]["sparse"] < report["flops"]["dense"]
     assert (out / "report.md").read_text().count("|") > 20
+
+
+def test_a_ticket_records_its_data_and_af_operating_point(ticket_run: Path, tiny_data: Path,
+                                                         exported: tuple[Path, dict], tmp_path: Path) -> None:
+    """Exported from a run: the fingerprint and split of the data it was trained on, and the
+    AF threshold chosen on the run's validation probabilities (operating_point), in every
+    dtype's metadata and in the report; restamp adds metadata and leaves the weights' arrays
+    byte for byte as they were."""
+    out, report = exported
+    records = pd.read_csv(tiny_data / "records.csv", keep_default_na=False, dtype=str)
+    op = operating_point.shipped_threshold(ticket_run)
+    assert op is not None and op["chosen_on"] == "val"
+    for dtype in et.DTYPES:
+        meta = et.load_ticket(out / f"ticket-{dtype}.npz")[1]
+        assert meta["data_fingerprint"] == rf.data_fingerprint(tiny_data)
+        assert meta["split"] == et.split_of(records["record"], records["split"])
+        assert meta["split"]["test"] == (records["split"] == "test").sum()
+        assert meta["af_operating_point"] == op
+    assert report["af_operating_point"] == op and report["data_fingerprint"] == meta["data_fingerprint"]
+    et.check_ticket_data(meta, tiny_data, out / "ticket-fp32.npz")  # its own data: no refusal
+    copy = tmp_path / "t.npz"
+    shutil.copy(out / "ticket-fp32.npz", copy)
+    et.restamp(copy, {"af_operating_point": {**op, "threshold": 0.5}})
+    with np.load(out / "ticket-fp32.npz") as a, np.load(copy) as b:
+        assert all(a[k].tobytes() == b[k].tobytes() for k in a.files if k != "meta")
+        assert json.loads(b["meta"].tobytes())["af_operating_point"]["threshold"] == 0.5
 
 
 def test_damaged_tickets_are_clear_errors(exported: tuple[Path, dict], tmp_path: Path) -> None:

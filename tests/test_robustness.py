@@ -14,6 +14,7 @@ import torch
 import export_ticket as et
 import prune as pm
 import robustness as rb
+import run_folders as rf
 from build_datasets import FS, synthetic_record
 from model import HannunConfig, HannunNet
 
@@ -52,14 +53,15 @@ def test_paired_bootstrap_of_a_difference_with_itself_is_zero() -> None:
         rb.paired_bootstrap(labels, [(1.0, preds), (-1.0, preds[:1])])
 
 
-def _ticket(path: Path, seed: int, prune: float) -> Path:
-    """An untrained width-0.125 network (magnitude-pruned by ``prune``) as a ticket file."""
+def _ticket(path: Path, seed: int, prune: float, data: Path) -> Path:
+    """An untrained width-0.125 network (magnitude-pruned by ``prune``) as a ticket file that
+    records ``data`` as its data set (robustness.py evaluates a ticket only on its own)."""
     torch.manual_seed(seed)
     cfg = HannunConfig(width=0.125, blocks=4)
     model = HannunNet(cfg).eval()
     masks = pm.magnitude_prune(model, pm.full_masks(model), prune, "global", {}) if prune else None
-    et.save_ticket(et.ticket_arrays(cfg, model.state_dict(), masks, {"mean": 0.0, "std": 300.0}, "fp32", "test"),
-                   path)
+    et.save_ticket(et.ticket_arrays(cfg, model.state_dict(), masks, {"mean": 0.0, "std": 300.0}, "fp32", "test",
+                                    {"data_fingerprint": rf.data_fingerprint(data)}), path)
     return path
 
 
@@ -69,9 +71,9 @@ def test_a_run_on_tiny_data_pairs_each_ticket_with_dense(tiny_data: Path, tmp_pa
     a plain count."""
     nets = []
     for seed in (0, 1):
-        dense = _ticket(tmp_path / f"dense{seed}.npz", seed, 0.0)
+        dense = _ticket(tmp_path / f"dense{seed}.npz", seed, 0.0, tiny_data)
         nets += ["--net", f"dense:{seed}={dense}", "--net", f"copy:{seed}={dense}",
-                 "--net", f"pruned 4x:{seed}={_ticket(tmp_path / f'p{seed}.npz', seed, 0.75)}"]
+                 "--net", f"pruned 4x:{seed}={_ticket(tmp_path / f'p{seed}.npz', seed, 0.75, tiny_data)}"]
     out = tmp_path / "rob"
     table = rb.main(["--data", str(tiny_data), "--out", str(out), "--conditions", "gain-3,emg-200",
                      "--replicates", "100", *nets])

@@ -13,6 +13,8 @@ import pytest
 from conftest import SHARED_CINC, tiny_train_args, write_wfdb
 from test_summary import experiment  # noqa: F401 - a fixture: 2 seeds, lr_rewind holds at 2x only
 
+import export_ticket
+import operating_point
 import predict
 import prune as pm
 import run_state as rs
@@ -97,6 +99,26 @@ def test_the_shipped_ticket_is_a_small_real_data_ticket() -> None:
     assert meta["fs"] == 200 and meta["model"]["width"] == 0.25
 
 
+def test_the_shipped_ticket_holds_its_af_operating_point() -> None:
+    """The threshold in the shipped ticket is operating_point's choice on the validation
+    probabilities of the ticket's own evaluation (the committed predictions.csv, whose
+    classes repeat the retrained run's), with the test figures at it; the ticket records the
+    data set and split the run was trained on, and its reports show the threshold."""
+    meta = load_ticket(SHIPPED)[1]
+    op = meta["af_operating_point"]
+    assert op == operating_point.shipped_threshold(SHIPPED.parent, "ppv", 0.9)
+    assert op["chosen_on"] == "val" and op["threshold"] is not None and op["val_ppv"] >= 0.9
+    run = Path(meta["source"])
+    assert meta["data_fingerprint"] == json.loads((run.parent / "config.json").read_text())["data_fingerprint"]
+    assert meta["split"] == export_ticket.made_with(run)["split"]
+    ours = pd.read_csv(SHIPPED.parent / tr.PREDICTIONS, keep_default_na=False).set_index("record")
+    recorded = pd.read_csv(run / tr.PREDICTIONS, keep_default_na=False).set_index("record")
+    assert ours["predicted"].sort_index().equals(recorded["predicted"].sort_index())
+    assert json.loads((SHIPPED.parent / "report.json").read_text())["af_operating_point"] == op
+    for name in ("README.md", "report.md"):
+        assert f"p_A >= {op['threshold']:.5g}" in (SHIPPED.parent / name).read_text(), name
+
+
 def _predict_json(capsys: pytest.CaptureFixture, *argv: str) -> tuple[int, list[dict]]:
     code = predict.main([*argv, "--json"])
     return code, json.loads(capsys.readouterr().out)
@@ -109,6 +131,7 @@ def test_predict_uses_the_shipped_ticket_by_default(tmp_path: Path, capsys: pyte
     np.save(tmp_path / "r.npy", x)
     code, default = _predict_json(capsys, "--fs", "300", str(tmp_path / "r.npy"))
     assert code == 0 and default[0]["class"] in CLASSES
+    assert default[0]["af_flag"]["chosen_for"] == "validation PPV >= 0.9"  # the shipped operating point
     assert _predict_json(capsys, "--ticket", str(SHIPPED), "--fs", "300", str(tmp_path / "r.npy")) == (0, default)
     write_wfdb(tmp_path, "R1", x)  # a WFDB record named as WFDB tools name it, without extension
     code, bare = _predict_json(capsys, str(tmp_path / "R1"))
