@@ -521,8 +521,9 @@ def compiled_sizes(folder: Path) -> dict[str, int]:
             "stack_bytes_max_frame": max(stack)}
 
 
-def run_c(exe: Path, records: list[np.ndarray], steps: int, classes: int) -> list[np.ndarray]:
-    """Per-step logits ``[steps, classes]`` of each record from the compiled program."""
+def run_executable(exe: Path, records: list[np.ndarray]) -> subprocess.CompletedProcess:
+    """The compiled program run on ``records`` (each written as its int32 length and its
+    float32 samples), its output captured; an error with its stderr if it fails."""
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "records.f32"
         with open(path, "wb") as f:
@@ -531,6 +532,12 @@ def run_c(exe: Path, records: list[np.ndarray], steps: int, classes: int) -> lis
         r = subprocess.run([str(exe), str(path)], capture_output=True, check=False)
     if r.returncode:
         raise ExportCError(f"{exe} failed ({r.returncode}): {r.stderr.decode()}")
+    return r
+
+
+def run_c(exe: Path, records: list[np.ndarray], steps: int, classes: int) -> list[np.ndarray]:
+    """Per-step logits ``[steps, classes]`` of each record from the compiled program."""
+    r = run_executable(exe, records)
     out = np.frombuffer(r.stdout, dtype=np.float32).reshape(len(records), steps, classes)
     return list(out)
 
@@ -538,14 +545,7 @@ def run_c(exe: Path, records: list[np.ndarray], steps: int, classes: int) -> lis
 def run_c_stream(exe: Path, records: list[np.ndarray], classes: int) -> tuple[list[np.ndarray], dict[int, int]]:
     """(per-step logits of each record from the streaming program, {step: push after which
     it came out} of the first record)."""
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "records.f32"
-        with open(path, "wb") as f:
-            for x in records:
-                f.write(np.int32(len(x)).tobytes() + x.astype(np.float32).tobytes())
-        r = subprocess.run([str(exe), str(path)], capture_output=True, check=False)
-    if r.returncode:
-        raise ExportCError(f"{exe} failed ({r.returncode}): {r.stderr.decode()}")
+    r = run_executable(exe, records)
     out, at = [], 0
     for _ in records:
         steps = int(np.frombuffer(r.stdout, dtype=np.int32, count=1, offset=at)[0])
