@@ -46,7 +46,19 @@ import prune as pm
 import ticket_bytes
 import train
 from build_datasets import DatasetError, load_dataset
-from run_folders import LOCK, Busy, atomic_write_text, code_version, locked, locked_by_other, script_errors, update_json
+from run_folders import (
+    LOCK,
+    REUSED_FROM,
+    STATE,
+    Busy,
+    atomic_write_text,
+    code_version,
+    locked,
+    locked_by_other,
+    reused_from,
+    script_errors,
+    update_json,
+)
 
 BUSY_PAUSE = (0.5, 8.0)
 """Seconds a worker whose every remaining cell is busy sleeps before it looks again: the
@@ -65,10 +77,12 @@ def _link_or_copy(a: str, b: str) -> None:
 def reuse_dense(exp: Path, source: Path, seeds: list[int]) -> None:
     """Link each seed's finished dense run from the experiment ``source`` into ``exp`` (files
     hard-linked where the file system allows, else copied; every later write replaces a file
-    atomically, so the source is never changed). A seed whose dense run finished here keeps
-    it; an unfinished one of its own is refused. Whether the flags and data match is checked
-    by train.py when it reads the folder back (``run_folders.prepare_run``), before any
-    method trains from it."""
+    atomically, so the source is never changed). The link is recorded in the folder's
+    reused_from.json (naming the folder that trained it, if the source was itself linked) and
+    the carried state.npz is not copied: each dense network's weights are committed once.
+    A seed whose dense run finished here keeps it; an unfinished one of its own is refused.
+    Whether the flags and data match is checked by train.py when it reads the folder back
+    (``run_folders.prepare_run``), before any method trains from it."""
     for seed in seeds:
         dst = exp / f"seed{seed}" / DENSE
         if (dst / train.METRICS).is_file():
@@ -77,6 +91,7 @@ def reuse_dense(exp: Path, source: Path, seeds: list[int]) -> None:
             sys.exit(f"error: --dense-from {source}: {dst} holds an unfinished dense run of its own; finish it "
                      f"without --dense-from, or delete {dst} to link {source}'s")
         src = source / f"seed{seed}" / DENSE
+        origin = reused_from(src) or src  # a source linked in turn: record the folder that trained it
         missing = [f for f in (train.METRICS, train.INIT, train.FINAL) if not (src / f).is_file()]
         if missing:  # checkpoints are not kept in git: a clone has the metrics but no weights
             sys.exit(f"error: --dense-from {source}: {src} holds no finished dense run with its weights "
@@ -89,7 +104,8 @@ def reuse_dense(exp: Path, source: Path, seeds: list[int]) -> None:
                 pass  # another worker linked it meanwhile
         tmp = dst.with_name(f".{DENSE}-{os.getpid()}.tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(src, tmp, copy_function=_link_or_copy, ignore=shutil.ignore_patterns(LOCK))
+        shutil.copytree(src, tmp, copy_function=_link_or_copy, ignore=shutil.ignore_patterns(LOCK, STATE, REUSED_FROM))
+        atomic_write_text(json.dumps({"source": os.path.relpath(origin, dst)}) + "\n", tmp / REUSED_FROM)
         try:
             tmp.rename(dst)  # atomic: a concurrent worker either sees the whole folder or none
         except OSError:  # another worker linked it first

@@ -31,6 +31,11 @@ if TYPE_CHECKING:
 CONFIG = "config.json"
 CHECKPOINT = "checkpoint.pt"
 LOCK = ".lock"
+STATE = "state.npz"
+"""A run's weights and masks carried in git by run_state.py (checkpoints are not committed)."""
+REUSED_FROM = "reused_from.json"
+"""In a dense folder linked by ``run_experiments.py --dense-from``: the folder it was linked
+from, whose state.npz carries the weights for every experiment that links it."""
 RESUME_NEUTRAL = {"device", "checkpoint_minutes", "quiet", "step_mode", "busy"}
 """Flags that may differ when a run is resumed (they do not change its results)."""
 ADDED_FLAGS = {"max_steps": 0, "definitions_version": 1, "numerics_version": 1, "max_retries": 0}
@@ -347,6 +352,28 @@ def check_same_data(data: Path, fingerprint: str | None, made: str) -> None:
         raise SystemExit(f"error: {made} was trained on another data set (fingerprint {fingerprint}) than {data} "
                          f"({here}): another build or split would put its training records in the test split. "
                          "Give --data the data set the run was trained on (see its config.json)")
+
+
+def reused_from(dense_dir: Path) -> Path | None:
+    """The dense folder that ``dense_dir`` was linked from (``--dense-from``), or None for one
+    trained in place. Each dense network's weights are then committed once, in the source's
+    state.npz; a source whose config.json is not this folder's is refused, naming both."""
+    ref = dense_dir / REUSED_FROM
+    if not ref.is_file():
+        return None
+    try:
+        source = Path(os.path.normpath(dense_dir / json.loads(ref.read_text())["source"]))
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise SystemExit(f"error: {ref}: unreadable ({type(e).__name__}: {e}); expected "
+                         '{"source": "<path of the dense folder it was linked from, relative to this one>"}') from e
+    try:
+        same = (source / CONFIG).read_bytes() == (dense_dir / CONFIG).read_bytes()
+    except OSError as e:
+        raise SystemExit(f"error: {ref} names {source}, which has no readable {CONFIG} ({e.strerror})") from e
+    if not same:
+        raise SystemExit(f"error: {ref} names {source}, whose {CONFIG} differs from {dense_dir / CONFIG}: "
+                         "not the run this folder was linked from")
+    return source
 
 
 def prepare_run(run_dir: Path, flags: dict, data: Path) -> dict:

@@ -14,11 +14,14 @@ minutes) is longer than one sitting, so this script carries it:
                                A few hundred kB to a few MB per chain, small enough to commit.
                                With ``--dense`` (or when a chain has no round yet) also
                                ``dense/state.npz``: the dense run's trained and rewind weights
-                               (~2.6 MB each at width 0.25), for runs that start from them.
+                               (~2.6 MB each at width 0.25), for runs that start from them;
+                               a dense folder linked by ``--dense-from`` (reused_from.json)
+                               is carried by its source's state.npz, committed once.
                                With ``--masks``, a finished chain's state.npz keeps every
                                round's mask (for stability.py), and later saves keep it; a
                                finished chain's other state.npz is removed.
-  restore EXP [EXP ...]        write those back as mask.pt / model.pt / rewind_<k>.pt, and
+  restore EXP [EXP ...]        write those back as mask.pt / model.pt / rewind_<k>.pt (a
+                               linked dense folder's from its source's state.npz), and
                                re-create the seed's init.pt from its seed (``torch.manual_seed``
                                then the network's own initialisation), checked against the
                                saved digest. Existing files are never overwritten.
@@ -62,7 +65,7 @@ import train as tr
 from build_datasets import DatasetError, load_dataset
 from model import HannunNet
 
-STATE = "state.npz"
+STATE = rf.STATE
 SEP = "|"  # between the parts of an array's name in state.npz
 
 
@@ -199,10 +202,20 @@ def initial_weights(seed_dir: Path) -> dict[str, torch.Tensor]:
     return HannunNet(args.model).state_dict()
 
 
+def state_file(folder: Path) -> Path:
+    """``folder/state.npz``, or for a dense folder linked by ``--dense-from`` the state.npz of
+    the folder it was linked from: each dense network's weights are committed once."""
+    source = rf.reused_from(folder)
+    return folder / STATE if source is None or (folder / STATE).is_file() else source / STATE
+
+
 def restore(folder: Path) -> list[Path]:
-    """Write back what ``save`` kept in ``folder/state.npz`` (never over an existing file),
-    and the seed's init.pt; returns the files written."""
-    seed_dir, state = folder.parent, folder / STATE
+    """Write back what ``save`` kept in ``folder``'s state.npz (``state_file``; never over an
+    existing file), and the seed's init.pt; returns the files written."""
+    seed_dir, state = folder.parent, state_file(folder)
+    if not state.is_file():
+        raise SystemExit(f"error: {folder}: no {STATE} carries its weights (looked for {state}); save them where "
+                         "they were trained: python run_state.py save --dense EXP")
     arrays = dict(np.load(state))
     if json.loads(str(arrays["flags"])) != json.loads((folder / rf.CONFIG).read_text())["flags"]:
         raise SystemExit(f"error: {state} was saved with other flags than {folder / rf.CONFIG}; "
@@ -316,8 +329,12 @@ def main(argv: list[str] | None = None) -> None:
         return
     for exp in args.exps:
         if args.action == "restore":
-            for state in sorted(exp.glob(f"seed*/*/{STATE}")):
-                print(f"{state.parent}: restored {len(restore(state.parent))} file(s)")
+            linked = {d for d in exp.glob(f"seed*/{tr.DENSE}") if rf.reused_from(d)}
+            for folder in sorted({s.parent for s in exp.glob(f"seed*/*/{STATE}")} | linked):
+                if state_file(folder).is_file():
+                    print(f"{folder}: restored {len(restore(folder))} file(s)")
+                else:
+                    print(f"{folder}: linked from {rf.reused_from(folder)}, which carries no {STATE}: nothing restored")
             continue
         for seed_dir in sorted(p for p in exp.glob("seed*") if (p / tr.DENSE / rf.CONFIG).is_file()):
             save_seed(seed_dir, args.dense, args.masks)
@@ -373,7 +390,11 @@ def save_seed(seed_dir: Path, with_dense: bool, with_masks: bool = False) -> Non
         save_or_keep(method_dir, chain_files(method_dir), "unfinished, but its weights")
     dense = seed_dir / tr.DENSE
     weights = [dense / tr.FINAL, *sorted(dense.glob("rewind_*.pt"))]
-    if need_dense and (dense / tr.INIT).is_file() and (dense / tr.FINAL).is_file():
+    source = rf.reused_from(dense)
+    if need_dense and source is not None:
+        where = "there" if (source / STATE).is_file() else f"missing: run_state.py save --dense {source.parent.parent}"
+        print(f"{dense}: linked from {source}, whose {STATE} carries its weights ({where})")
+    elif need_dense and (dense / tr.INIT).is_file() and (dense / tr.FINAL).is_file():
         path = save(dense, weights)
         print(f"{path}: {path.stat().st_size / 1e3:.0f} kB")
     elif need_dense:

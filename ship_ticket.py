@@ -95,7 +95,7 @@ def choose(exp: Path, tolerance: float) -> dict:
     method = max(passed, key=lambda m: (passed[m]["level"], passed[m]["val_diff"]["diff"]))
     rows = pr.level_rows(table, method, passed[method]["level"])
     carried = [s for s in rows["seed"] if (exp / f"seed{s}" / method / run_state.STATE).is_file()
-               and (exp / f"seed{s}" / tr.DENSE / run_state.STATE).is_file()]
+               and run_state.state_file(exp / f"seed{s}" / tr.DENSE).is_file()]
     if not carried:
         raise SystemExit(f"error: no seed of {method} at {rows['compression'].mean():.1f}x has its chain in a "
                          f"{run_state.STATE} (run_state.py save --masks): its weights cannot be re-made here")

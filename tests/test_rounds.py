@@ -290,10 +290,16 @@ def test_a_variant_reuses_the_dense_runs_of_another_experiment(tiny_data: Path, 
                           "--prune-scope", "fanin"])
     dense = tmp_path / "b" / "seed0" / "dense"
     assert (dense / "model.pt").samefile(source / "model.pt")  # linked, not retrained
+    assert json.loads((dense / "reused_from.json").read_text()) == {"source": "../../../a/seed0/dense"}
+    assert not (dense / "state.npz").exists()  # the weights are carried once, by the source
     a, b = (pd.read_csv(tmp_path / e / "results.csv") for e in "ab")
     assert a.loc[a["round"] == 0, "test_challenge_f1"].item() == b.loc[b["round"] == 0, "test_challenge_f1"].item()
     assert (tmp_path / "b" / "seed0" / "finetune" / "round_01" / "metrics.json").is_file()
     assert {f.name: f.read_bytes() for f in source.iterdir() if f.is_file()} == before
+    run_experiments.main(["--exp", str(tmp_path / "g"), "--dense-from", str(tmp_path / "b"), *base])
+    # a variant of a variant names the folder that trained it
+    assert json.loads((tmp_path / "g" / "seed0" / "dense" / "reused_from.json").read_text()) == {
+        "source": "../../../a/seed0/dense"}
     with pytest.raises(SystemExit, match=r"seed0/dense was started with other flags: --epochs 1 \(now 2\)"):
         run_experiments.main(["--exp", str(tmp_path / "c"), "--dense-from", str(tmp_path / "a"),
                               *base[:-1], "2"])

@@ -11,6 +11,7 @@ import pandas as pd
 import pytest
 import torch
 
+import run_folders as rf
 import run_state as rs
 import train as tr
 from tests.conftest import tiny_train_args
@@ -174,6 +175,39 @@ def test_dense_weights_carried_on_request(finished: Path, tmp_path: Path) -> Non
     for name in (tr.INIT, tr.FINAL, "rewind_6.pt"):
         assert (rs.state_digest(torch.load(exp / "seed0" / "dense" / name))
                 == rs.state_digest(torch.load(finished / "seed0" / "dense" / name))), name
+
+
+def test_a_linked_dense_run_is_carried_once_by_its_source(finished: Path, tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture) -> None:
+    """A dense folder linked by --dense-from keeps no state.npz of its own: restore reads the
+    source's, save --dense leaves the link alone, and a link to a source with another
+    config.json, or one that carries nothing, is named rather than restored from."""
+    exp, variant = tmp_path / "exp", tmp_path / "variant"
+    shutil.copytree(finished, exp)
+    rs.main(["save", "--dense", str(exp)])
+    linked = variant / "seed0" / "dense"
+    shutil.copytree(exp / "seed0" / "dense", linked, ignore=shutil.ignore_patterns(rs.STATE, "*.pt"))
+    (linked / rf.REUSED_FROM).write_text(json.dumps({"source": "../../../exp/seed0/dense"}))
+    drop_weights(exp)
+    rs.main(["save", "--dense", str(variant)])
+    assert not (linked / rs.STATE).exists()
+    assert "carries its weights (there)" in capsys.readouterr().out
+    rs.main(["restore", str(variant)])
+    for name in (tr.INIT, tr.FINAL, "rewind_6.pt"):
+        assert (rs.state_digest(torch.load(linked / name))
+                == rs.state_digest(torch.load(finished / "seed0" / "dense" / name))), name
+    assert not (exp / "seed0" / "dense" / tr.FINAL).exists()  # the source is read, never written
+
+    drop_weights(variant)
+    (exp / "seed0" / "dense" / rs.STATE).unlink()
+    capsys.readouterr()
+    rs.main(["restore", str(variant)])
+    assert "which carries no state.npz: nothing restored" in capsys.readouterr().out
+    config = json.loads((exp / "seed0" / "dense" / rf.CONFIG).read_text())
+    config["flags"]["epochs"] += 1
+    (exp / "seed0" / "dense" / rf.CONFIG).write_text(json.dumps(config))
+    with pytest.raises(SystemExit, match=r"reused_from.json names .*exp/seed0/dense, whose config.json differs"):
+        rs.main(["restore", str(variant)])
 
 
 def test_a_finished_chain_is_carried_while_its_controls_are_pending(finished: Path, tmp_path: Path) -> None:
