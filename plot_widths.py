@@ -96,9 +96,13 @@ def seed_edges(points: pd.DataFrame, bars: dict[int, float]) -> str:
     if not inside:
         return f"none on any of {len(lasts)} seeds"
     comp, weights = [r["compression"] for r in inside], [r["remaining"] for r in inside]
-    text = f"{min(comp):.0f}x-{max(comp):.0f}x ({max(weights):,.0f}-{min(weights):,.0f} weights)"
+    if min(comp) == max(comp):
+        text = f"{min(comp):.0f}x ({min(weights):,.0f} weights)"
+    else:
+        text = f"{min(comp):.0f}x-{max(comp):.0f}x ({max(weights):,.0f}-{min(weights):,.0f} weights)"
     none = len(lasts) - len(inside)
-    return (f"none on {none} of {len(lasts)} seeds, " if none else "") + text + f", {len(lasts)} seeds"
+    n = f"{len(lasts)} seed" + ("s" if len(lasts) != 1 else "")
+    return (f"none on {none} of {len(lasts)} seeds, " if none else "") + text + f", {n}"
 
 
 def width_rows(exps: list[Path], tolerance: float) -> list[dict]:
@@ -140,8 +144,9 @@ def plot(curves: list[dict], out: Path) -> list[str]:
             color = pr.COLORS.get(c["method"])
             n = pts["seeds"].min() if pts["seeds"].min() == pts["seeds"].max() else \
                 f"{pts['seeds'].min()}-{pts['seeds'].max()}"
+            seeds = f"n={n} seed" + ("s" if n != 1 else "")
             ax.plot(pts[x], pts["diff"], style, marker="o", ms=3.5, color=color, lw=1.5,
-                    label=f"{pr.LABELS.get(c['method'], c['method'])}, width {c['width']:g} (n={n} seeds)")
+                    label=f"{pr.LABELS.get(c['method'], c['method'])}, width {c['width']:g} ({seeds})")
             ok = pts["low"].notna()
             ax.fill_between(pts.loc[ok, x], pts.loc[ok, "low"], pts.loc[ok, "high"], color=color, alpha=0.1, lw=0)
         for w in widths:

@@ -52,7 +52,7 @@ def test_widths_draw_partial_experiments_and_name_their_seeds(tmp_path: Path) ->
     curves = plot_widths.width_rows([tmp_path / "a", tmp_path / "b"], 0.01)
     labels = plot_widths.plot(curves, out)
     assert labels == ["LR rewind (Renda et al.), width 0.125 (n=2 seeds)",
-                      "LR rewind (Renda et al.), width 0.25 (n=1 seeds)"]
+                      "LR rewind (Renda et al.), width 0.25 (n=1 seed)"]
     assert curves[1]["test"]["which"].eq("bootstrap").all()  # one seed: no t interval, the bootstrap stands
     with pytest.raises(SystemExit):
         plot_results.main(["--widths", str(tmp_path / "a")])  # no --out
@@ -71,3 +71,4 @@ def test_edges_on_known_values() -> None:
     # seed 0 leaves at 8x (edge 4x), seed 1 at 4x (edge 2x); a third seed never inside
     assert plot_widths.seed_edges(points, {0: -0.008, 1: -0.008}) == "2x-4x (500-250 weights), 2 seeds"
     assert plot_widths.seed_edges(points, {0: -0.008, 1: -0.008, 2: -0.008}).startswith("none on 1 of 3 seeds, ")
+    assert plot_widths.seed_edges(points, {0: -0.008}) == "4x (250 weights), 1 seed"  # one seed: no range
