@@ -20,12 +20,14 @@ Writes ``EXP/windows.csv``: one row per run folder and split with the whole-reco
 F1 recorded in its metrics.json, the windowed one, and (pruned rounds) windowed ticket -
 dense with a 95 % bootstrap interval over the split's records, paired with the seed's dense
 run. Rows of runs scored before are kept (a run's weights need only be on the machine once);
-runs without weights here (a fresh clone keeps none) are skipped, saying so.
+runs without weights here (a fresh clone keeps none) are skipped, saying so. The file is
+rewritten after every row, so a stopped call loses at most the run it was scoring.
 """
 
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import json
 import sys
 from pathlib import Path
@@ -83,6 +85,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("exp", type=Path, help="experiment folder of run_experiments.py")
     p.add_argument("--splits", default="val,test", help="comma-separated, from val and test")
     p.add_argument("--data", type=Path, default=None, help="data set folder (default: the one the runs name)")
+    p.add_argument("--only", default="*", help="score only run folders matching this pattern (fnmatch, relative "
+                   "to EXP, e.g. 'seed0/weight_rewind/*'); default every run")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     args = p.parse_args(argv)
     splits = args.splits.split(",")
@@ -94,9 +98,9 @@ def main(argv: list[str] | None = None) -> None:
     out = args.exp / OUT
     old = pd.read_csv(out) if out.is_file() else pd.DataFrame(columns=KEY)
     done = set(zip(old["folder"], old["split"], strict=True))
-    runs = run_folders(args.exp)
+    runs = [r for r in run_folders(args.exp) if fnmatch.fnmatch(str(r.relative_to(args.exp)), args.only)]
     if not runs:
-        p.error(f"{args.exp} holds no finished run (no {tr.METRICS} under seed*/)")
+        p.error(f"{args.exp} holds no finished run matching {args.only!r} (no {tr.METRICS} under seed*/)")
     data = args.data or Path(tr.dense_args(args.exp / runs[0].relative_to(args.exp).parts[0]).data)
     try:
         ds = load_dataset(data)
@@ -127,10 +131,10 @@ def main(argv: list[str] | None = None) -> None:
             elif run == seed_dense:
                 dense[(run, split)] = pred
             rows.append(row)
+            table = pd.concat([old, pd.DataFrame(rows)], ignore_index=True)
+            rf.atomic_write_text(table.to_csv(index=False, float_format="%.6g"), out)  # kept if stopped later
             print(f"{folder} {split}: whole records {row['whole_challenge_f1']:.3f}, windows of the training "
                   f"length {row['windowed_challenge_f1']:.3f}", flush=True)
-    table = pd.concat([old, pd.DataFrame(rows)], ignore_index=True) if rows else old
-    rf.atomic_write_text(table.to_csv(index=False, float_format="%.6g"), out)
     print(f"{len(rows)} row(s) added -> {out}")
 
 

@@ -42,8 +42,13 @@ def test_windows_csv_for_every_run_with_its_weights(reference: Path, tmp_path: P
                                                      capsys: pytest.CaptureFixture) -> None:
     exp = tmp_path / "exp"
     shutil.copytree(reference, exp)
-    window_eval.main([str(exp)])
+    window_eval.main([str(exp), "--only", "seed1/weight_rewind/*", "--splits", "test"])
+    only = pd.read_csv(exp / window_eval.OUT)
+    assert list(only["folder"]) == ["seed1/weight_rewind/round_01", "seed1/weight_rewind/round_02"]
+    assert only["windowed_minus_dense"].notna().all()  # the seed's dense run scored for the pairing, unrecorded
+    window_eval.main([str(exp)])  # the rest; the rows above kept
     table = pd.read_csv(exp / window_eval.OUT)
+    assert table.iloc[:2].equals(only)
     folders = sorted(str(p.parent.relative_to(exp)) for p in exp.glob(f"seed*/**/{tr.METRICS}"))
     assert sorted(set(table["folder"])) == folders and len(table) == 2 * len(folders)
     for _, row in table.iterrows():
@@ -71,6 +76,9 @@ def test_windows_csv_for_every_run_with_its_weights(reference: Path, tmp_path: P
     with pytest.raises(SystemExit):
         window_eval.main([str(exp), "--splits", "train"])
     assert "--splits: 'train' is not val or test" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        window_eval.main([str(exp), "--only", "seed9/*"])
+    assert "no finished run matching 'seed9/*'" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         window_eval.main([str(tmp_path / "nowhere")])
     assert "nowhere is not a folder" in capsys.readouterr().err
