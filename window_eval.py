@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import fnmatch
-import json
 import sys
 from pathlib import Path
 
@@ -39,7 +38,7 @@ import torch
 import export_ticket as et
 import run_folders as rf
 import train as tr
-from build_datasets import DatasetError, load_dataset
+from build_datasets import DatasetError, ECGDataset, load_dataset
 from metrics import bootstrap, classification_metrics
 
 OUT = "windows.csv"
@@ -58,12 +57,14 @@ def window_logits(model: torch.nn.Module, x: np.ndarray, window: int, stride: in
     return torch.cat([logits[i, :n] for i, n in enumerate(steps)]).mean(0)
 
 
-def windowed_predictions(run: Path, ds: object, split: str) -> tuple[np.ndarray, dict]:
+def windowed_predictions(run: Path, ds: ECGDataset, split: str) -> tuple[np.ndarray, dict]:
     """(predicted class per record of ``split``, the run's metrics.json) for one run folder."""
-    cfg, state, _, norm, metrics = et.read_run(run)
+    try:
+        cfg, state, _, norm, metrics = et.read_run(run)
+    except et.TicketError as e:
+        raise SystemExit(f"error: {e}") from e
     model = et.build_model(cfg, state)
-    flags = json.loads(next(p / rf.CONFIG for p in (run, run.parent) if (p / rf.CONFIG).is_file()).read_text())
-    window = int(flags["flags"]["crop"])
+    window = int(metrics["flags"]["crop"])
     if window <= 0:
         raise SystemExit(f"error: {run} trained on whole records (--crop 0): there is no training window to score")
     bf16 = bool(metrics.get("bf16", False))
