@@ -57,8 +57,9 @@ def window_logits(model: torch.nn.Module, x: np.ndarray, window: int, stride: in
     return torch.cat([logits[i, :n] for i, n in enumerate(steps)]).mean(0)
 
 
-def windowed_predictions(run: Path, ds: ECGDataset, split: str) -> tuple[np.ndarray, dict]:
-    """(predicted class per record of ``split``, the run's metrics.json) for one run folder."""
+def windowed_predictions(run: Path, ds: ECGDataset, splits: list[str]) -> tuple[dict[str, np.ndarray], dict]:
+    """({split: predicted class per record}, the run's metrics.json) for one run folder, its
+    network loaded once for all ``splits``."""
     try:
         cfg, state, _, norm, metrics = et.read_run(run)
     except et.TicketError as e:
@@ -68,11 +69,12 @@ def windowed_predictions(run: Path, ds: ECGDataset, split: str) -> tuple[np.ndar
     if window <= 0:
         raise SystemExit(f"error: {run} trained on whole records (--crop 0): there is no training window to score")
     bf16 = bool(metrics.get("bf16", False))
-    preds = []
-    for i in ds.indices(split):
-        x = (ds.signals[i, :ds.lengths[i]].astype(np.float32) - norm["mean"]) / norm["std"]
-        preds.append(int(window_logits(model, x, window, cfg.stride, bf16).argmax()))
-    return np.array(preds), metrics
+    preds = {}
+    for split in splits:
+        records = [(ds.signals[i, :ds.lengths[i]].astype(np.float32) - norm["mean"]) / norm["std"]
+                   for i in ds.indices(split)]
+        preds[split] = np.array([int(window_logits(model, x, window, cfg.stride, bf16).argmax()) for x in records])
+    return preds, metrics
 
 
 def run_folders(exp: Path) -> list[Path]:
@@ -111,26 +113,30 @@ def main(argv: list[str] | None = None) -> None:
     for run in runs:
         folder = str(run.relative_to(args.exp))
         todo = [s for s in splits if (folder, s) not in done]
-        if todo and not (run / tr.FINAL).is_file():
+        if not todo:
+            continue
+        if not (run / tr.FINAL).is_file():
             print(f"{run}: no {tr.FINAL} here (weights stay on the machine that trained them): skipped")
             continue
-        seed_dense = run.parents[len(run.relative_to(args.exp).parts) - 2] / tr.DENSE
+        seed_dense = args.exp / run.relative_to(args.exp).parts[0] / tr.DENSE
+        preds, metrics = windowed_predictions(run, ds, todo)
+        if run == seed_dense:
+            dense.update({(run, s): pred for s, pred in preds.items()})
+        elif (seed_dense / tr.FINAL).is_file() and (missing := [s for s in todo if (seed_dense, s) not in dense]):
+            # scored before this call: scored again for the pairing, not recorded twice
+            again = windowed_predictions(seed_dense, ds, missing)[0]
+            dense.update({(seed_dense, s): pred for s, pred in again.items()})
         for split in todo:
-            labels = ds.labels[ds.indices(split)]
-            pred, metrics = windowed_predictions(run, ds, split)
+            labels, pred = ds.labels[ds.indices(split)], preds[split]
             scores = classification_metrics(labels, pred)
             row = {"folder": folder, "split": split, "records": len(labels),
                    "whole_challenge_f1": metrics[split]["challenge_f1"],
                    "windowed_challenge_f1": scores["challenge_f1"], "windowed_accuracy": scores["accuracy"]}
-            if run != seed_dense and (seed_dense / tr.FINAL).is_file():
-                if (seed_dense, split) not in dense:  # scored before this call: score it again, unrecorded
-                    dense[(seed_dense, split)] = windowed_predictions(seed_dense, ds, split)[0]
+            if run != seed_dense and (seed_dense, split) in dense:
                 ref = dense[(seed_dense, split)]
                 low, high = bootstrap(labels, [pred], [ref])
                 row.update(windowed_minus_dense=scores["challenge_f1"] - classification_metrics(labels, ref)[
                     "challenge_f1"], low=low, high=high)
-            elif run == seed_dense:
-                dense[(run, split)] = pred
             rows.append(row)
             table = pd.concat([old, pd.DataFrame(rows)], ignore_index=True)
             rf.atomic_write_text(table.to_csv(index=False, float_format="%.6g"), out)  # kept if stopped later
