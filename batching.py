@@ -42,8 +42,8 @@ class Batcher:
 
     L is the longest record in the batch (or ``crop``) rounded up to the output stride, so
     little compute goes into padding. With ``crop`` every record longer than ``crop`` is cut
-    to a random window of ``crop`` samples (a CPU-scale speed option; evaluation always
-    uses whole records).
+    to a random window of ``crop`` samples (a CPU-scale speed option); ``windows`` cuts
+    records into consecutive windows of that length for evaluation on the training length.
     """
 
     def __init__(self, ds: ECGDataset, norm: Normalizer, stride: int, device: torch.device):
@@ -69,7 +69,26 @@ class Batcher:
             lengths = np.minimum(lengths, crop)
         else:
             starts = np.zeros(len(idx), dtype=np.int64)
-        L = self.stride * math.ceil(lengths.max() / self.stride)
+        return self.gather(idx, starts, lengths, self.stride * math.ceil(lengths.max() / self.stride))
+
+    def windows(self, idx: np.ndarray, window: int) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
+        """Records ``idx`` cut into consecutive windows of ``window`` samples, how a network
+        trained on windows of that length (``--crop``) reads a record it was not trained on:
+        ``x [W, 1, window]`` (a shorter last window zero-padded, as short records are in
+        training), each window's valid output steps, and each window's position in ``idx``.
+        A last piece shorter than one output step is dropped (its one step would be nearly
+        all padding), except a record's first."""
+        lengths = self.host_lengths[idx]
+        counts = 1 + np.maximum(lengths - self.stride, 0) // window
+        owner = np.repeat(np.arange(len(idx)), counts)
+        starts = window * (np.arange(len(owner)) - np.repeat(np.cumsum(counts) - counts, counts))
+        x, _, steps = self.gather(idx[owner], starts, np.minimum(lengths[owner] - starts, window), window)
+        return x, steps, owner
+
+    def gather(self, idx: np.ndarray, starts: np.ndarray, lengths: np.ndarray, L: int
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``lengths[i]`` samples of record ``idx[i]`` from ``starts[i]``, z-scored, zero to
+        ``L``; their labels; their valid output steps (at least one)."""
         cols = self.to_device(starts)[:, None] + torch.arange(L, device=self.device)
         rows = self.to_device(idx)[:, None]
         x = self.signals[rows, cols.clamp_(max=self.signals.shape[1] - 1)]

@@ -19,6 +19,11 @@ Reads ``EXP/results.csv`` (from run_experiments.py) and writes into ``EXP/plots/
   winners.csv           the same table, best first, for export_ticket.py --winner
 
 Tickets are chosen on the validation split; the test split is only reported.
+
+``--score windows`` reads every score as measured on consecutive windows of the training
+length (``--crop``; train.predict_windows) instead of on whole records, and writes into
+``EXP/plots-windows/``: the same figures and tables, for a recipe whose training windows are
+shorter than its records (see window_eval.py for why the two can differ).
 """
 
 from __future__ import annotations
@@ -42,7 +47,7 @@ import ticket_bytes as tb  # noqa: E402
 from metrics import bootstrap  # noqa: E402
 from model import CLASSES, HannunConfig  # noqa: E402
 from run_folders import TableError, atomic_write_text, read_table, script_errors  # noqa: E402
-from train import BASELINES, CONTROLS, METHODS, PREDICTIONS  # noqa: E402
+from train import BASELINES, CONTROLS, METHODS, PREDICTIONS, WINDOWS_SUFFIX  # noqa: E402
 
 LTH_ECG_RATIO = 142.0
 """Sahu et al. 2022 (LTH-ECG): a 142x smaller network with < 1 % loss of test F1."""
@@ -64,6 +69,12 @@ def partial(exp: Path) -> str:
     return f"partial: {progress[0]} of {progress[1]} cells finished"
 
 
+SCORES = {"whole": ("", "predicted"), "windows": (WINDOWS_SUFFIX, "predicted_windows")}
+"""--score: the suffix of results.csv's score columns, and predictions.csv's class column."""
+score = "whole"
+"""How the records were scored (a key of SCORES), set once by main()."""
+
+
 def load(exp: Path) -> pd.DataFrame:
     """The accepted rows of ``exp/results.csv`` (under --goal a rejected try is not a level)."""
     return place_baselines(load_all(exp).query("accepted"))
@@ -77,12 +88,30 @@ def load_all(exp: Path) -> pd.DataFrame:
         raise SystemExit(f"error: {path} not found; run run_experiments.py --exp {exp} first "
                          "(it writes the table after each finished cell)")
     try:
-        return read_table(path, RESULTS_SCHEMA, key=("seed", "method", "control", "round", "attempt"),
-                          allowed={"method": (*METHODS, *BASELINES), "control": ("none", *CONTROLS),
-                                   "accepted": (True, False)}, optional={"attempt": "int"})
+        table = read_table(path, RESULTS_SCHEMA, key=("seed", "method", "control", "round", "attempt"),
+                           allowed={"method": (*METHODS, *BASELINES), "control": ("none", *CONTROLS),
+                                    "accepted": (True, False)}, optional={"attempt": "int"})
     except TableError as e:
         raise SystemExit(f"error: {e}; rebuild it from the runs' rounds.csv with "
                          f"python run_experiments.py --exp {exp} --collect (same grid flags)") from None
+    return scored_as(table, exp, score)
+
+
+def scored_as(table: pd.DataFrame, exp: Path, how: str) -> pd.DataFrame:
+    """``table`` with its score columns (val_/test_ challenge F1, accuracy, per-class F1, AF
+    sensitivity and PPV) as scored ``how`` (a key of SCORES): under "windows" each replaced
+    by its ``*_windows`` column, and an error naming a run that has none."""
+    suffix = SCORES[how][0]
+    if not suffix:
+        return table
+    cols = [c for c in table.columns if c.endswith(suffix)]
+    need = [f"{split}_challenge_f1{suffix}" for split in ("val", "test")]
+    missing = table[table[need].isna().any(axis=1)] if set(need) <= set(cols) else table
+    if len(missing):
+        raise SystemExit(f"error: {len(missing)} run(s) of {exp} have no scores on windows of the training length, "
+                         f"e.g. {missing['folder'].iloc[0]}: score them with python window_eval.py {exp} on the "
+                         f"machine that holds their weights, then python run_experiments.py --exp {exp} --collect")
+    return table.assign(**{c.removesuffix(suffix): table[c] for c in cols})
 
 
 RESULTS_SCHEMA = {"folder": "str", "seed": "int", "method": "str", "control": "str", "round": "int",
@@ -190,7 +219,10 @@ def predictions_of(exp: Path, rows: pd.DataFrame, split: str = "test"
                              "the runs of one experiment must share the data split")
         records = test["record"].to_numpy()
         labels = test["label"].map(CLASSES.index).to_numpy()
-        preds.append(test["predicted"].map(CLASSES.index).to_numpy())
+        column = SCORES[score][1]
+        if column not in test:
+            return None
+        preds.append(test[column].map(CLASSES.index).to_numpy())
     return None if labels is None else (labels, preds)
 
 
@@ -860,6 +892,10 @@ def summary(table: pd.DataFrame, best: pd.DataFrame, tolerance: float, exp: Path
     dense_val, dense_test = dense_level(table, "val_challenge_f1"), dense_level(table, "test_challenge_f1")
     head = ([f"**{note.capitalize()}** (the grid was interrupted or is still running: these tables hold only "
              "the finished cells).", ""] if note else [])
+    if score == "windows":
+        head += ["**Every score below is on windows of the training length** (each record cut into consecutive "
+                 "windows of --crop samples, the class from the mean logits over all windows' steps: "
+                 "train.predict_windows), not on whole records as in plots/summary.md.", ""]
     if exp is not None and (marked := exploratory(exp)):
         head += [f"**Exploratory seeds {', '.join(map(str, marked['seeds']))}** ({marked['why']}): every figure "
                  "below that averages or pairs over them (a cell over more seeds than the pre-registered "
@@ -932,7 +968,10 @@ def summary(table: pd.DataFrame, best: pd.DataFrame, tolerance: float, exp: Path
     if af := af_table(table):
         lines += ["", "Atrial fibrillation (class A) on the test split: sensitivity / PPV, mean over seeds.", "",
                   *af]
-    if operating := af_operating_table(exp, table):
+    if score != "whole":
+        lines += ["", "AF operating points: left out here; they threshold P(AF) of whole records (predictions.csv "
+                  "keeps no windowed probabilities): see plots/summary.md."]
+    elif operating := af_operating_table(exp, table):
         lines += ["", f"AF operating points: the threshold on P(AF) (softmax of the mean logits, predictions.csv) "
                   f"chosen on each seed's validation records for PPV >= {AF_PPV:g} (the most AF found), and for "
                   f"sensitivity >= {AF_SENSITIVITY:g} (the fewest false alarms); test sensitivity / PPV at it, mean "
@@ -954,12 +993,17 @@ def main(argv: list[str] | None = None) -> None:
                    "widths.png and widths.md (plot_widths.py) into --out instead of one experiment's plots")
     p.add_argument("--out", default=None, help="output folder (default EXP/plots; with --widths, required)")
     p.add_argument("--split", default="test", choices=["test", "val"], help="split drawn in compression.png")
+    p.add_argument("--score", default="whole", choices=list(SCORES),
+                   help="records scored whole (default) or on windows of the training length (default --out "
+                   "EXP/plots-windows)")
     p.add_argument("--tolerance", type=float, default=0.01, help="allowed relative loss of validation F1")
     p.add_argument("--retry-budget", type=int, default=None,
                    help="--goal chains: also read each seed's chain as if run with train.py --max-retries N")
     args = p.parse_args(argv)
     if not 0 <= args.tolerance < 1:
         p.error(f"--tolerance must be in [0, 1), got {args.tolerance}")
+    global score
+    score = args.score  # read by load_all and predictions_of
     if (args.exp is None) == (args.widths is None):
         p.error("give one of --exp EXP (one experiment) or --widths EXP,EXP,... (across widths)")
     if args.widths is not None:
@@ -977,7 +1021,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"wrote {args.out}/widths.png/.svg, widths.md")
         return
     exp = Path(args.exp)
-    out = Path(args.out) if args.out else exp / "plots"
+    out = Path(args.out) if args.out else exp / ("plots" if score == "whole" else f"plots-{score}")
     out.mkdir(parents=True, exist_ok=True)
     table = load(exp)
     note = partial(exp)

@@ -234,7 +234,27 @@ def collect(exp: Path) -> pd.DataFrame:
     if not tables:
         raise SystemExit(f"error: no rounds.csv under {exp}; nothing has finished yet")
     table = pd.concat(tables, ignore_index=True).sort_values(["method", "control", "seed", "round", "attempt"])
+    table = window_columns(exp, table)
     return ticket_bytes.add_byte_columns(exp, table)  # the ticket in bytes beside its ratio of weights
+
+
+def window_columns(exp: Path, table: pd.DataFrame) -> pd.DataFrame:
+    """``table`` with each row's scores on windows of the training length (train.score_columns,
+    names ending in train.WINDOWS_SUFFIX) read from its run's metrics.json, the one record of
+    them: a run finished before train.py scored windows has them once window_eval.py has
+    added them there; NaN until then, and for a run trained on whole records."""
+    rows = []
+    for folder in table["folder"]:
+        path = exp / folder / train.METRICS
+        try:
+            metrics = json.loads(path.read_text()) if path.is_file() else {}
+        except (OSError, ValueError) as e:
+            raise SystemExit(f"error: {path} is unreadable ({type(e).__name__}: {e})") from None
+        rows.append({k: v for split in ("val", "test")
+                     for k, v in train.score_columns(metrics.get(split, {}).get("windows"), split,
+                                                     train.WINDOWS_SUFFIX).items()})
+    ours = pd.DataFrame(rows, index=table.index)
+    return table.drop(columns=[c for c in ours if c in table]).join(ours)
 
 
 def write_results(exp: Path) -> pd.DataFrame | None:

@@ -254,20 +254,54 @@ def predict(model: torch.nn.Module, batcher: Batcher, idx: np.ndarray, cfg: Trai
             "loss": float(torch.stack(losses).sum() / torch.stack(weights).sum())}
 
 
+@torch.no_grad()
+def predict_windows(model: torch.nn.Module, batcher: Batcher, idx: np.ndarray, window: int,
+                    eval_batch_size: int, bf16: bool) -> np.ndarray:
+    """Class per record of ``idx`` scored on consecutive windows of ``window`` samples (the
+    training length, ``--crop``): the argmax of the mean logits over every window's valid
+    steps (the ``mean`` aggregate, over windows instead of one pass).
+
+    Why: the network's receptive field (~19,000 samples at 16 blocks) exceeds the training
+    windows, so on a whole record every step sees context it never saw in training; a
+    network that classifies its training windows well can score badly on whole records
+    (results/README.md, "Whole records against the windows"). Both scores are reported."""
+    was_training = model.training
+    model.eval()
+    sums = torch.zeros(len(idx), len(CLASSES), dtype=torch.float64, device=batcher.device)
+    steps_of = torch.zeros(len(idx), dtype=torch.float64, device=batcher.device)
+    for i in range(0, len(idx), eval_batch_size):
+        x, steps, owner = batcher.windows(idx[i:i + eval_batch_size], window)
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
+            logits = model(x)
+        valid = (torch.arange(logits.shape[1], device=x.device) < steps[:, None]).float()
+        rows = batcher.to_device(owner + i)
+        sums.index_add_(0, rows, (logits.double() * valid[..., None]).sum(1))
+        steps_of.index_add_(0, rows, steps.double())
+    model.train(was_training)
+    return (sums / steps_of[:, None]).argmax(1).cpu().numpy()
+
+
 def evaluate(model: torch.nn.Module, batcher: Batcher, ds: ECGDataset, split: str,
-             cfg: TrainConfig, bf16: bool) -> dict:
+             cfg: TrainConfig, bf16: bool, windows: bool = False) -> dict:
     """Metrics of one split: by ``cfg.aggregate`` at the top level, and both ways under
     ``by_aggregate``; per record (in the split's order) the predicted class and the class
     probabilities, the softmax of the mean logits over the record's steps (the ``mean``
-    aggregate), from which an operating point other than the argmax can be chosen."""
+    aggregate), from which an operating point other than the argmax can be chosen. With
+    ``windows`` and a training crop, also the metrics (``windows``) and per-record classes
+    (``predicted_windows``) of ``predict_windows`` on windows of the training length."""
     idx = ds.indices(split)
     out = predict(model, batcher, idx, cfg, bf16)
     both = {how: classification_metrics(ds.labels[idx], out[how]) for how in ("mean", "vote")}
-    return {**both[cfg.aggregate], "loss": out["loss"], "records": len(idx),
-            "by_aggregate": {how: {k: v for k, v in m.items() if k != "confusion"}
-                             for how, m in both.items()},
-            "predicted": out[cfg.aggregate].tolist(),
-            "probabilities": torch.softmax(torch.from_numpy(out["logits"]), 1).numpy()}
+    result = {**both[cfg.aggregate], "loss": out["loss"], "records": len(idx),
+              "by_aggregate": {how: {k: v for k, v in m.items() if k != "confusion"}
+                               for how, m in both.items()},
+              "predicted": out[cfg.aggregate].tolist(),
+              "probabilities": torch.softmax(torch.from_numpy(out["logits"]), 1).numpy()}
+    if windows and cfg.crop:
+        pred = predict_windows(model, batcher, idx, cfg.crop, cfg.eval_batch_size, bf16)
+        result.update(windows={"window": cfg.crop, **classification_metrics(ds.labels[idx], pred)},
+                      predicted_windows=pred.tolist())
+    return result
 
 
 StepHook = Callable[[torch.nn.Module, int], None]
@@ -665,6 +699,20 @@ def machine() -> dict:
             "cuda_device": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
 
 
+def prediction_frame(ds: ECGDataset, split: str, result: dict) -> pd.DataFrame:
+    """predictions.csv's rows of one split, taking the per-record entries out of ``result``
+    (``evaluate``'s): record, split, label, predicted, the class probabilities, and
+    ``predicted_windows`` where the split was also scored on windows of the training length."""
+    idx = ds.indices(split)
+    names = lambda classes: [CLASSES[i] for i in classes]  # noqa: E731
+    frame = pd.DataFrame({"record": ds.names[idx], "split": split, "label": names(ds.labels[idx]),
+                          "predicted": names(result.pop("predicted")),
+                          **dict(zip(PROBABILITY_COLUMNS, result.pop("probabilities").T, strict=True))})
+    if "predicted_windows" in result:
+        frame["predicted_windows"] = names(result.pop("predicted_windows"))
+    return frame
+
+
 def fit_and_report(ctx: Context, model: HannunNet, run_dir: Path, extra: dict, **train_kw: object) -> dict:
     """Train (resuming), evaluate on val and test, and write model.pt, history.csv and
     metrics.json (last, the marker of a finished run). Returns the metrics."""
@@ -672,14 +720,10 @@ def fit_and_report(ctx: Context, model: HannunNet, run_dir: Path, extra: dict, *
     history = train(model, ctx.ds, ctx.cfg, run_dir, ctx.device, ctx.bf16, ctx.checkpoint_minutes,
                     quiet=ctx.quiet, batcher=ctx.batcher, step_mode=ctx.step_mode, **train_kw)
     t1 = time.perf_counter()
-    results = {split: evaluate(model, ctx.batcher, ctx.ds, split, ctx.cfg, ctx.bf16) for split in ("val", "test")}
+    results = {split: evaluate(model, ctx.batcher, ctx.ds, split, ctx.cfg, ctx.bf16, windows=True)
+               for split in ("val", "test")}
     eval_seconds = time.perf_counter() - t1
-    predictions = pd.concat([pd.DataFrame({"record": ctx.ds.names[idx], "split": split,
-                                           "label": [CLASSES[i] for i in ctx.ds.labels[idx]],
-                                           "predicted": [CLASSES[i] for i in results[split].pop("predicted")],
-                                           **dict(zip(PROBABILITY_COLUMNS, results[split].pop("probabilities").T,
-                                                      strict=True))})
-                             for split, idx in ((s, ctx.ds.indices(s)) for s in ("val", "test"))])
+    predictions = pd.concat([prediction_frame(ctx.ds, split, results[split]) for split in ("val", "test")])
     train_seconds = sum(h["train_seconds"] for h in history)
     results.update({
         "parameters": count_parameters(model), "device": str(ctx.device), "bf16": ctx.bf16,
@@ -755,6 +799,21 @@ def round_dir(method_dir: Path, r: int, attempt: int) -> Path:
     return method_dir / (f"round_{r:02d}" + (f"_try{attempt}" if attempt else ""))
 
 
+WINDOWS_SUFFIX = "_windows"
+"""results.csv's columns of the scores on windows of the training length end in this."""
+
+
+def score_columns(scores: dict | None, split: str, suffix: str = "") -> dict[str, float]:
+    """results.csv's score columns of one split (``classification_metrics``' output), named
+    ``{split}_{score}{suffix}``; NaN where ``scores`` is None."""
+    keys = ("challenge_f1", "macro_f1", "accuracy", *(f"f1_{c}" for c in CLASSES), "sensitivity_A", "ppv_A")
+    if scores is None:
+        return {f"{split}_{k}{suffix}": float("nan") for k in keys}
+    sens, ppv = af_scores(scores["confusion"])
+    values = {**scores, "sensitivity_A": sens, "ppv_A": ppv}
+    return {f"{split}_{k}{suffix}": values[k] for k in keys}
+
+
 def row_for(folder: Path, seed: int, method: str, control: str, r: int, attempt: int, fraction: float,
             masks: pm.Masks, metrics: dict, accepted: bool, parameters: int, *, flops: int) -> dict:
     """One line of the results table; ``folder`` is the run's path from the experiment folder."""
@@ -766,9 +825,9 @@ def row_for(folder: Path, seed: int, method: str, control: str, r: int, attempt:
            "compression": total / alive, "sparsity": 1 - alive / total,
            "nonzero_parameters": nonzero, "compression_all": parameters / nonzero, "flops": flops}
     for split in ("val", "test"):
-        for key in ("challenge_f1", "macro_f1", "accuracy", *(f"f1_{c}" for c in CLASSES)):
-            row[f"{split}_{key}"] = metrics[split][key]
-        row[f"{split}_sensitivity_A"], row[f"{split}_ppv_A"] = af_scores(metrics[split]["confusion"])
+        row.update(score_columns(metrics[split], split))
+    for split in ("val", "test"):  # NaN for a run scored on whole records only (no crop, or made before)
+        row.update(score_columns(metrics[split].get("windows"), split, WINDOWS_SUFFIX))
     row.update(epochs=metrics["epochs_run"], steps=metrics.get("steps", float("nan")),
                train_seconds=metrics["train_seconds"])
     return row
