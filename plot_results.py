@@ -687,7 +687,8 @@ def plot_compression(table: pd.DataFrame, split: str, out: Path, note: str = "",
         add_all_parameters_axis(ax, table)
     seeds = table["seed"].nunique()
     kind = "One-shot (one round, the line only joins it to dense)" if table["round"].max() == 1 else "Iterative"
-    fig.suptitle(f"{kind} magnitude pruning of the Hannun et al. ECG network ({split} split, mean over "
+    scored = "" if score == "whole" else ", records scored on windows of the training length"
+    fig.suptitle(f"{kind} magnitude pruning of the Hannun et al. ECG network ({split} split{scored}, mean over "
                  f"{seeds} seed{'s' * (seeds > 1)}, shaded: min-max)" + (f"\n{note.upper()}" if note else ""),
                  fontsize=11, color="firebrick" if note else "black")
     handles, labels = axes[0].get_legend_handles_labels()
