@@ -47,7 +47,7 @@ import ticket_bytes as tb  # noqa: E402
 from metrics import bootstrap  # noqa: E402
 from model import CLASSES, HannunConfig  # noqa: E402
 from run_folders import TableError, atomic_write_text, read_table, script_errors  # noqa: E402
-from train import BASELINES, CONTROLS, METHODS, PREDICTIONS, WINDOWS_SUFFIX  # noqa: E402
+from train import BASELINES, CONTROLS, METHODS, PREDICTIONS, WINDOWS_COLUMN, WINDOWS_SUFFIX  # noqa: E402
 
 LTH_ECG_RATIO = 142.0
 """Sahu et al. 2022 (LTH-ECG): a 142x smaller network with < 1 % loss of test F1."""
@@ -69,7 +69,7 @@ def partial(exp: Path) -> str:
     return f"partial: {progress[0]} of {progress[1]} cells finished"
 
 
-SCORES = {"whole": ("", "predicted"), "windows": (WINDOWS_SUFFIX, "predicted_windows")}
+SCORES = {"whole": ("", "predicted"), "windows": (WINDOWS_SUFFIX, WINDOWS_COLUMN)}
 """--score: the suffix of results.csv's score columns, and predictions.csv's class column."""
 score = "whole"
 """How the records were scored (a key of SCORES), set once by main()."""

@@ -251,7 +251,7 @@ def window_columns(exp: Path, table: pd.DataFrame) -> pd.DataFrame:
         except (OSError, ValueError) as e:
             raise SystemExit(f"error: {path} is unreadable ({type(e).__name__}: {e})") from None
         rows.append({k: v for split in ("val", "test")
-                     for k, v in train.score_columns(metrics.get(split, {}).get("windows"), split,
+                     for k, v in train.score_columns(metrics.get(split, {}).get(train.WINDOWS), split,
                                                      train.WINDOWS_SUFFIX).items()})
     ours = pd.DataFrame(rows, index=table.index)
     return table.drop(columns=[c for c in ours if c in table]).join(ours)

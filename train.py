@@ -88,6 +88,12 @@ PREDICTIONS = "predictions.csv"
 PROBABILITY_COLUMNS = tuple(f"p_{c}" for c in CLASSES)
 """predictions.csv's class probabilities (softmax of the mean logits; runs from 2026-12-05
 on, older files lack them): for operating points other than the argmax (operating_point.py)."""
+WINDOWS = "windows"
+"""Scores on consecutive windows of the training length (``predict_windows``) are kept under
+this key of a split in metrics.json, in predictions.csv's column WINDOWS_COLUMN, and in
+results.csv's columns ending in WINDOWS_SUFFIX."""
+WINDOWS_COLUMN = "predicted_windows"
+WINDOWS_SUFFIX = "_windows"
 LOG = "train.log"
 """Everything a training printed, appended at each start (resume) under a dated header."""
 ON_TRAINED: Callable[[Path], None] | None = None
@@ -299,8 +305,8 @@ def evaluate(model: torch.nn.Module, batcher: Batcher, ds: ECGDataset, split: st
               "probabilities": torch.softmax(torch.from_numpy(out["logits"]), 1).numpy()}
     if windows and cfg.crop:
         pred = predict_windows(model, batcher, idx, cfg.crop, cfg.eval_batch_size, bf16)
-        result.update(windows={"window": cfg.crop, **classification_metrics(ds.labels[idx], pred)},
-                      predicted_windows=pred.tolist())
+        result.update({WINDOWS: {"window": cfg.crop, **classification_metrics(ds.labels[idx], pred)},
+                       WINDOWS_COLUMN: pred.tolist()})
     return result
 
 
@@ -708,8 +714,8 @@ def prediction_frame(ds: ECGDataset, split: str, result: dict) -> pd.DataFrame:
     frame = pd.DataFrame({"record": ds.names[idx], "split": split, "label": names(ds.labels[idx]),
                           "predicted": names(result.pop("predicted")),
                           **dict(zip(PROBABILITY_COLUMNS, result.pop("probabilities").T, strict=True))})
-    if "predicted_windows" in result:
-        frame["predicted_windows"] = names(result.pop("predicted_windows"))
+    if WINDOWS_COLUMN in result:
+        frame[WINDOWS_COLUMN] = names(result.pop(WINDOWS_COLUMN))
     return frame
 
 
@@ -799,8 +805,6 @@ def round_dir(method_dir: Path, r: int, attempt: int) -> Path:
     return method_dir / (f"round_{r:02d}" + (f"_try{attempt}" if attempt else ""))
 
 
-WINDOWS_SUFFIX = "_windows"
-"""results.csv's columns of the scores on windows of the training length end in this."""
 
 
 def score_columns(scores: dict | None, split: str, suffix: str = "") -> dict[str, float]:
@@ -827,7 +831,7 @@ def row_for(folder: Path, seed: int, method: str, control: str, r: int, attempt:
     for split in ("val", "test"):
         row.update(score_columns(metrics[split], split))
     for split in ("val", "test"):  # NaN for a run scored on whole records only (no crop, or made before)
-        row.update(score_columns(metrics[split].get("windows"), split, WINDOWS_SUFFIX))
+        row.update(score_columns(metrics[split].get(WINDOWS), split, WINDOWS_SUFFIX))
     row.update(epochs=metrics["epochs_run"], steps=metrics.get("steps", float("nan")),
                train_seconds=metrics["train_seconds"])
     return row

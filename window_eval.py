@@ -49,10 +49,6 @@ from metrics import bootstrap, classification_metrics
 from model import CLASSES
 
 OUT = "windows.csv"
-WINDOWS = "windows"
-"""The key of a split's windowed scores in metrics.json, as train.evaluate writes it."""
-COLUMN = "predicted_windows"
-"""predictions.csv's column of the windowed classes, as train.prediction_frame writes it."""
 
 
 TABLE_COLUMNS = ["folder", "split", "records", "whole_challenge_f1", "windowed_challenge_f1", "windowed_accuracy",
@@ -77,7 +73,7 @@ def backfill(run: Path, ds: ECGDataset, data: Path, splits: list[str]) -> list[s
     ``predicted_windows`` column first, then metrics.json (the run's marker) last. Returns the
     splits scored."""
     metrics = read_metrics(run)
-    todo = [s for s in splits if WINDOWS not in metrics[s]]
+    todo = [s for s in splits if tr.WINDOWS not in metrics[s]]
     if not todo:
         return []
     try:
@@ -97,16 +93,16 @@ def backfill(run: Path, ds: ECGDataset, data: Path, splits: list[str]) -> list[s
     path = run / tr.PREDICTIONS
     if path.is_file():
         table = pd.read_csv(path, keep_default_na=False)
-        if COLUMN not in table:
-            table[COLUMN] = ""
+        if tr.WINDOWS_COLUMN not in table:
+            table[tr.WINDOWS_COLUMN] = ""
         for s, pred in preds.items():
             by_name = pd.Series([CLASSES[i] for i in pred], index=ds.names[ds.indices(s)])
             rows = table["split"] == s
-            table.loc[rows, COLUMN] = by_name.reindex(table.loc[rows, "record"]).to_numpy()
+            table.loc[rows, tr.WINDOWS_COLUMN] = by_name.reindex(table.loc[rows, "record"]).to_numpy()
         rf.atomic_write_text(table.to_csv(index=False, float_format="%.5f"), path)
     for s, pred in preds.items():
         scores = classification_metrics(ds.labels[ds.indices(s)], pred)
-        metrics[s][WINDOWS] = {"window": crop, **scores, "added_by": added_by}
+        metrics[s][tr.WINDOWS] = {"window": crop, **scores, "added_by": added_by}
     rf.atomic_write_text(json.dumps(metrics, indent=2) + "\n", run / tr.METRICS)
     return todo
 
@@ -118,10 +114,10 @@ def windowed_classes(run: Path, split: str) -> pd.DataFrame | None:
     if not path.is_file():
         return None
     table = pd.read_csv(path, keep_default_na=False)
-    if COLUMN not in table:
+    if tr.WINDOWS_COLUMN not in table:
         return None
-    part = table[(table["split"] == split) & (table[COLUMN] != "")].set_index("record").sort_index()
-    return pd.DataFrame({"label": part["label"].map(CLASSES.index), "pred": part[COLUMN].map(CLASSES.index)})
+    part = table[(table["split"] == split) & (table[tr.WINDOWS_COLUMN] != "")].set_index("record").sort_index()
+    return pd.DataFrame({"label": part["label"].map(CLASSES.index), "pred": part[tr.WINDOWS_COLUMN].map(CLASSES.index)})
 
 
 def table_rows(exp: Path, splits: list[str]) -> list[dict]:
@@ -131,9 +127,9 @@ def table_rows(exp: Path, splits: list[str]) -> list[dict]:
         metrics = read_metrics(run)
         seed_dense = exp / run.relative_to(exp).parts[0] / tr.DENSE
         for split in splits:
-            if WINDOWS not in metrics[split]:
+            if tr.WINDOWS not in metrics[split]:
                 continue
-            w = metrics[split][WINDOWS]
+            w = metrics[split][tr.WINDOWS]
             row = {"folder": str(run.relative_to(exp)), "split": split, "records": metrics[split]["records"],
                    "whole_challenge_f1": metrics[split]["challenge_f1"],
                    "windowed_challenge_f1": w["challenge_f1"], "windowed_accuracy": w["accuracy"]}
@@ -171,7 +167,7 @@ def main(argv: list[str] | None = None) -> None:
     runs = [r for r in run_folders(args.exp) if fnmatch.fnmatch(str(r.relative_to(args.exp)), args.only)]
     if not runs:
         p.error(f"{args.exp} holds no finished run matching {args.only!r} (no {tr.METRICS} under seed*/)")
-    todo = [r for r in runs if any(WINDOWS not in read_metrics(r)[s] for s in splits)]
+    todo = [r for r in runs if any(tr.WINDOWS not in read_metrics(r)[s] for s in splits)]
     scored = 0
     if todo:
         data = args.data or Path(tr.dense_args(args.exp / todo[0].relative_to(args.exp).parts[0]).data)
@@ -187,7 +183,7 @@ def main(argv: list[str] | None = None) -> None:
                 scored += 1
                 m = read_metrics(run)[split]
                 print(f"{run.relative_to(args.exp)} {split}: whole records {m['challenge_f1']:.3f}, windows of the "
-                      f"training length {m[WINDOWS]['challenge_f1']:.3f}", flush=True)
+                      f"training length {m[tr.WINDOWS]['challenge_f1']:.3f}", flush=True)
     rows = table_rows(args.exp, splits)
     out = args.exp / OUT
     table = pd.DataFrame(rows, columns=TABLE_COLUMNS)

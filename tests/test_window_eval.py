@@ -71,7 +71,7 @@ def test_train_py_records_windowed_scores(reference: Path) -> None:
     rounds = pd.read_csv(run.parent / "rounds.csv").set_index("round")
     for split in ("val", "test"):
         part = preds[preds["split"] == split]
-        labels, pred = part["label"].map(CLASSES.index), part[window_eval.COLUMN].map(CLASSES.index)
+        labels, pred = part["label"].map(CLASSES.index), part[tr.WINDOWS_COLUMN].map(CLASSES.index)
         scores = classification_metrics(labels.to_numpy(), pred.to_numpy())
         assert metrics[split]["windows"]["window"] == 1024
         assert metrics[split]["windows"]["challenge_f1"] == pytest.approx(scores["challenge_f1"])
@@ -87,7 +87,7 @@ def strip_windows(run: Path) -> None:
         metrics[split].pop("windows")
     (run / tr.METRICS).write_text(json.dumps(metrics, indent=2) + "\n")
     preds = pd.read_csv(run / tr.PREDICTIONS, keep_default_na=False)
-    preds.drop(columns=window_eval.COLUMN).to_csv(run / tr.PREDICTIONS, index=False)
+    preds.drop(columns=tr.WINDOWS_COLUMN).to_csv(run / tr.PREDICTIONS, index=False)
 
 
 def test_backfill_gives_what_train_py_records_and_the_table(reference: Path, tmp_path: Path,
@@ -109,8 +109,8 @@ def test_backfill_gives_what_train_py_records_and_the_table(reference: Path, tmp
         for split in ("val", "test"):
             assert again[split]["windows"].pop("added_by").startswith("window_eval.py")
             assert again[split]["windows"] == pytest.approx(metrics[split]["windows"])
-        assert pd.read_csv(r / tr.PREDICTIONS, keep_default_na=False)[window_eval.COLUMN].equals(
-            preds[window_eval.COLUMN])
+        assert pd.read_csv(r / tr.PREDICTIONS, keep_default_na=False)[tr.WINDOWS_COLUMN].equals(
+            preds[tr.WINDOWS_COLUMN])
 
     table = pd.read_csv(exp / window_eval.OUT)
     folders = sorted(str(p.parent.relative_to(exp)) for p in exp.glob(f"seed*/**/{tr.METRICS}"))
