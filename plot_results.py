@@ -205,10 +205,11 @@ def winners(table: pd.DataFrame, tolerance: float) -> pd.DataFrame:
 
 def predictions_of(exp: Path, rows: pd.DataFrame, split: str = "test"
                      ) -> tuple[np.ndarray, list[np.ndarray]] | None:
-    """Labels of the ``split`` records and every row's predicted classes (as class indices),
-    records sorted by name. None when a run's predictions.csv is missing (e.g. a run made
-    before it existed); an error when two runs were evaluated on different records."""
-    labels, preds, records = None, [], None
+    """Labels of the ``split`` records and every row's predicted classes (as class indices;
+    scored as --score says), records sorted by name. None when a run's predictions.csv or its
+    column is missing (e.g. a run made before it existed); an error when two runs were
+    evaluated on different records."""
+    labels, preds, records, column = None, [], None, SCORES[score][1]
     for folder in rows["folder"]:
         path = exp / folder / PREDICTIONS
         if not path.is_file():
@@ -219,7 +220,6 @@ def predictions_of(exp: Path, rows: pd.DataFrame, split: str = "test"
                              "the runs of one experiment must share the data split")
         records = test["record"].to_numpy()
         labels = test["label"].map(CLASSES.index).to_numpy()
-        column = SCORES[score][1]
         if column not in test:
             return None
         preds.append(test[column].map(CLASSES.index).to_numpy())
