@@ -3,6 +3,7 @@ export_ticket.py and stability.py.
 
 ``Normalizer`` z-scores with the training records' mean and std; ``Batcher`` makes device
 tensors for a batch of records (padded to the output stride, optionally cropped);
+``window_cuts`` is the rule that cuts records into windows of the training length;
 ``length_buckets`` groups records of similar length; ``masked_step_loss`` is the loss over
 each record's valid output steps, which the Batcher counts.
 """
@@ -78,11 +79,8 @@ class Batcher:
         training), each window's valid output steps, and each window's position in ``idx``.
         A last piece shorter than one output step is dropped (its one step would be nearly
         all padding), except a record's first."""
-        lengths = self.host_lengths[idx]
-        counts = 1 + np.maximum(lengths - self.stride, 0) // window
-        owner = np.repeat(np.arange(len(idx)), counts)
-        starts = window * (np.arange(len(owner)) - np.repeat(np.cumsum(counts) - counts, counts))
-        x, _, steps = self.gather(idx[owner], starts, np.minimum(lengths[owner] - starts, window), window)
+        owner, starts, pieces = window_cuts(self.host_lengths[idx], window, self.stride)
+        x, _, steps = self.gather(idx[owner], starts, pieces, window)
         return x, steps, owner
 
     def gather(self, idx: np.ndarray, starts: np.ndarray, lengths: np.ndarray, L: int
@@ -97,6 +95,20 @@ class Batcher:
         x = torch.where(inside, (x.to(torch.get_default_dtype()) - self.norm.mean) / self.norm.std, 0.0)
         steps = torch.clamp(n // self.stride, min=1)
         return x[:, None, :], self.labels[rows[:, 0]], steps
+
+
+def window_cuts(lengths: np.ndarray, window: int, stride: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """How records of ``lengths`` samples are cut into consecutive windows of ``window``
+    samples for scoring on the training length (Batcher.windows, predict.py --windows): per
+    window, the position of its record in ``lengths``, its first sample and its number of
+    samples (the last window of a record may be shorter). A last piece shorter than one
+    output step (``stride``) is dropped, except a record's first: its one step would be
+    nearly all padding."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    counts = 1 + np.maximum(lengths - stride, 0) // window
+    owner = np.repeat(np.arange(len(lengths)), counts)
+    starts = window * (np.arange(len(owner)) - np.repeat(np.cumsum(counts) - counts, counts))
+    return owner, starts, np.minimum(lengths[owner] - starts, window)
 
 
 def length_buckets(lengths: np.ndarray, idx: np.ndarray, batch_size: int,

@@ -203,12 +203,14 @@ META_SCHEMA: dict[str, type | tuple[type, ...]] = {
     "format": str, "model": dict, "normalizer": dict, "classes": list, "fs": (int, float), "dtype": str,
     "layers": list, "source": str, "code_version": str}
 """The keys a ticket's metadata must hold, and their JSON types."""
-OPTIONAL_META: dict[str, type] = {"data_fingerprint": str, "split": dict, "af_operating_point": dict}
+OPTIONAL_META: dict[str, type] = {"data_fingerprint": str, "split": dict, "af_operating_point": dict, "window": int}
 """Keys a ticket's metadata may hold (tickets made before them have none, and still load):
 ``data_fingerprint`` and ``split`` name the data set it was trained on and the validation
 and test records it was measured on (made_with; every evaluation on --data checks them:
 check_ticket_data); ``af_operating_point`` is the threshold on P(AF) chosen on validation
-(operating_point.shipped_threshold), which predict.py applies."""
+(operating_point.shipped_threshold), which predict.py applies; ``window`` is the length in
+samples of the windows it was trained on (train.py --crop), on which predict.py --windows
+scores a record."""
 SPLIT_KEYS = ("val", "test", "digest")
 INDEX_KINDS = ("bits", "gaps16", "gaps32")
 STORED_DTYPES = {"fp32": np.float32, "fp16": np.float16, "int8": np.int8}
@@ -260,6 +262,11 @@ def check_meta(meta: dict, arrays: dict[str, np.ndarray], path: Path) -> None:
             raise bad(f"metadata field {key!r} is {meta[key]!r}, expected a JSON {kind.__name__}")
     if "data_fingerprint" in meta and not re.fullmatch(r"[0-9a-f]{16}-[0-9a-f]{16}", meta["data_fingerprint"]):
         raise bad(f"data_fingerprint {meta['data_fingerprint']!r}, expected two 16-digit hex digests joined by '-'")
+    window = meta.get("window")
+    stride = HannunConfig(**meta["model"]).stride if "window" in meta else 0
+    if window is not None and (isinstance(window, bool) or window < stride or window % stride):
+        raise bad(f"window {window!r}, expected a positive multiple of the network's output stride ({stride} "
+                  "samples): the length of the windows it was trained on")
     split = meta.get("split")
     if split is not None and not (set(split) == set(SPLIT_KEYS) and isinstance(split["digest"], str)
                                   and all(isinstance(split[k], int) and split[k] >= 0 for k in ("val", "test"))):
@@ -801,6 +808,8 @@ def export(args: argparse.Namespace) -> dict:
                     "threads": args.threads, "counts": parameter_counts(trained),
                     "bytes": {"dense_fp32": len(dense_buf.getvalue()), "dense_fp32_xz": xz_size(dense_buf.getvalue())}}
     extra = made_with(args.run)  # the data it was made with, checked wherever it is evaluated
+    if trained_metrics["flags"].get("crop"):  # trained on windows: predict.py --windows scores on them
+        extra["window"] = int(trained_metrics["flags"]["crop"])
     op = operating_point.shipped_threshold(args.run, "ppv", args.af_ppv)  # None: no probabilities
     if op is not None:
         extra["af_operating_point"] = op

@@ -16,7 +16,11 @@ Prints, per file, the class (from the mean of the per-segment logits, as in trai
 four class probabilities and the class of every 256-sample segment (1.28 s); and, when the
 ticket holds an AF operating point (export_ticket.OPTIONAL_META; the shipped one does), whether
 the record is flagged AF at it (P(A) >= its threshold, chosen on validation for a PPV: a
-wearable's alarm, which may differ from the argmax class). ``--json`` for machine-readable
+wearable's alarm, which may differ from the argmax class). ``--windows`` reads each record in
+consecutive windows of the length the ticket was trained on (tickets of runs trained with
+``--crop`` record it), as train.py's ``*_windows`` scores do: the network's receptive field is
+longer than those windows, so a ticket trained on them can read a whole record differently
+(no AF flag there: its threshold was chosen on whole records). ``--json`` for machine-readable
 output (``af_flag``). A file that cannot be used (unreadable, no or implausible sampling
 rate, several leads and no --lead, too short, not finite, beyond the int16 microvolts the
 network was trained on, or an amplitude, heart rate or spectrum that says the units or the
@@ -32,6 +36,8 @@ Example:
     python predict.py ../shared/data/cinc2017/training2017/A00001
     python predict.py --ticket tickets/demo/ticket-int8.npz --fs 250 --units mV my_ecg.csv
     python predict.py --ticket tickets/demo/ticket-int8.npz --lead II holter.hea
+    python predict.py --windows --ticket results/cinc2017-cpu-full/export-seed0-weight_rewind-142x/ticket-fp32.npz \
+        ../shared/data/cinc2017/training2017/A00001
 """
 
 from __future__ import annotations
@@ -47,6 +53,7 @@ import scipy.io
 import torch
 from scipy.signal import butter, find_peaks, sosfiltfilt
 
+from batching import window_cuts
 from build_datasets import FS, INT16, DatasetError, check_int16, read_record, resample
 from export_ticket import TicketError, load_ticket
 from run_folders import script_errors
@@ -317,21 +324,30 @@ def prepare(x: np.ndarray, fs: float, name: str, min_seconds: float, checks: boo
 
 
 @torch.no_grad()
-def classify(model: torch.nn.Module, meta: dict, samples: np.ndarray) -> dict:
-    """Class, probabilities and per-segment classes of one 200 Hz record."""
+def classify(model: torch.nn.Module, meta: dict, samples: np.ndarray, windows: bool = False) -> dict:
+    """Class, probabilities and per-segment classes of one 200 Hz record: in one pass over
+    the whole record, or with ``windows`` on consecutive windows of the ticket's training
+    length (batching.window_cuts, as train.py scores ``*_windows``), each segment classified
+    by the window that holds it and the record by the mean logits over all of them."""
     stride = model.cfg.stride
     n = len(samples)
-    length = stride * -(-n // stride)
-    x = torch.zeros(1, 1, length)
+    window = meta["window"] if windows else stride * -(-n // stride)
+    _, starts, pieces = window_cuts(np.array([n]), window, stride)
     norm = meta["normalizer"]
-    x[0, 0, :n] = (torch.from_numpy(samples.astype(np.float32)) - norm["mean"]) / norm["std"]
-    logits = model(x)[0, :max(1, n // stride)].float()
+    z = (torch.from_numpy(samples.astype(np.float32)) - norm["mean"]) / norm["std"]
+    x = torch.zeros(len(starts), 1, window)
+    for row, (start, piece) in enumerate(zip(starts, pieces, strict=True)):
+        x[row, 0, :piece] = z[start:start + piece]
+    out_steps = model(x).float()
+    logits = torch.cat([out_steps[row, :max(1, piece // stride)] for row, piece in enumerate(pieces)])
     probs = torch.softmax(logits.mean(0), dim=0)
     classes = meta["classes"]
     out = {"class": classes[int(probs.argmax())],
            "probabilities": {c: round(float(p), 4) for c, p in zip(classes, probs, strict=True)},
            "seconds": round(n / FS, 2), "segment_seconds": stride / FS,
            "segments": [classes[i] for i in logits.argmax(1).tolist()]}
+    if windows:  # no AF flag: its threshold was chosen on whole-record probabilities
+        return {**out, "scored_on": f"windows of {window} samples"}
     op = meta.get("af_operating_point")  # tickets exported before it have none: argmax only, as before
     if op is not None and op["threshold"] is not None:
         p_af = float(probs[classes.index(op["class"])])
@@ -352,6 +368,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lead", default=None,
                    help="the lead of a multi-lead WFDB record or multi-column .csv: its name or index (from 0)")
     p.add_argument("--min-seconds", type=float, default=5.0, help="shortest record accepted")
+    p.add_argument("--windows", action="store_true",
+                   help="score each record on consecutive windows of the length the ticket was trained on "
+                   "(tickets trained with --crop; how train.py's *_windows scores read a record) instead of in one "
+                   "pass; no AF flag (its threshold was chosen on whole records)")
     p.add_argument("--json", action="store_true", help="print one JSON list instead of text")
     p.add_argument("--no-checks", action="store_true",
                    help="classify even when the amplitude or heart rate looks implausible for the given "
@@ -370,13 +390,18 @@ def main(argv: list[str] | None = None) -> int:
     except TicketError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if args.windows and "window" not in meta:
+        print(f"error: --windows: {args.ticket} records no training window (trained on whole records, or exported "
+              "before tickets stored it: export it again with export_ticket.py); leave out --windows",
+              file=sys.stderr)
+        return 2
     model.eval()
     results, failed = [], 0
     for path in args.files:
         try:
             x, fs = read_samples(path, args.fs, args.units, args.lead)
             out = {"file": str(path), **classify(model, meta, prepare(x, fs, str(path), args.min_seconds,
-                                                                 not args.no_checks))}
+                                                                 not args.no_checks), args.windows)}
         except PredictError as e:
             failed += 1
             print(f"error: {e}", file=sys.stderr)
@@ -385,7 +410,8 @@ def main(argv: list[str] | None = None) -> int:
         results.append(out)
         if not args.json:
             probs = ", ".join(f"{c} {v:.2f}" for c, v in out["probabilities"].items())
-            print(f"{path}: {out['class']}  ({probs})  {out['seconds']:g} s")
+            print(f"{path}: {out['class']}  ({probs})  {out['seconds']:g} s"
+                  + (f", scored on {out['scored_on']}" if args.windows else ""))
             print(f"  segments of {out['segment_seconds']:g} s: {' '.join(out['segments'])}")
             if "af_flag" in out:
                 flag = out["af_flag"]

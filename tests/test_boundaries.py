@@ -186,6 +186,10 @@ def test_3_samples_outside_int16_are_refused_not_wrapped(tmp_path: Path, capsys:
     ({"split": {"val": -1, "test": 3, "digest": "x"}}, "split"),
     ({"af_operating_point": {"class": "A", "target": "ppv", "value": 0.9, "threshold": 1.5}}, "af_operating_point"),
     ({"af_operating_point": {"class": "N", "target": "ppv", "value": 0.9, "threshold": 0.5}}, "af_operating_point"),
+    ({"window": 512.0}, "'window' is 512.0"),
+    ({"window": 3}, "window 3, expected a positive multiple of the network's output stride"),
+    ({"window": 0}, "window 0"),
+    ({"window": True}, "window True"),
 ])
 def test_4_ticket_metadata_is_checked_against_its_schema(tmp_path: Path, capsys: pytest.CaptureFixture,
                                                          change: dict, message: str) -> None:
@@ -196,6 +200,27 @@ def test_4_ticket_metadata_is_checked_against_its_schema(tmp_path: Path, capsys:
     code = predict.main(["--ticket", str(ticket), "--fs", "300", str(tmp_path / "r.npy")])
     err = capsys.readouterr().err
     assert code == 2 and "t.npz" in err and "export it again" in err
+
+
+def test_4_windows_need_a_ticket_that_records_its_training_window(tmp_path: Path,
+                                                                  capsys: pytest.CaptureFixture) -> None:
+    """predict.py --windows on a ticket without a training window is refused, naming the
+    ticket; with one, every record is read in windows of that length and carries no AF flag
+    (its threshold was chosen on whole-record probabilities), while the whole-record
+    reading of the same ticket is as before."""
+    np.save(tmp_path / "r.npy", ecg().astype(np.float64))
+    record = ["--fs", "300", str(tmp_path / "r.npy")]
+    code, out, err = run_predict(capsys, "--ticket", str(make_ticket(tmp_path / "old.npz")), "--windows", *record)
+    assert code == 2 and out == [] and "old.npz records no training window" in err
+    op = {"class": "A", "score": "p_A", "target": "ppv", "value": 0.9, "chosen_on": "val", "threshold": 0.0}
+    ticket = str(make_ticket(tmp_path / "w.npz", {"window": 512, "af_operating_point": op}))
+    code, whole, _ = run_predict(capsys, "--ticket", ticket, *record)
+    assert code == 0 and whole[0]["af_flag"]["flagged"] and "scored_on" not in whole[0]
+    code, windows, _ = run_predict(capsys, "--ticket", ticket, "--windows", *record)
+    assert code == 0 and windows[0]["scored_on"] == "windows of 512 samples" and "af_flag" not in windows[0]
+    assert len(windows[0]["segments"]) == len(whole[0]["segments"])  # 2,400 samples: 4 full windows + 352
+    assert predict.main(["--ticket", ticket, "--windows", *record]) == 0
+    assert "scored on windows of 512 samples" in capsys.readouterr().out
 
 
 # --------------------------------------------------------------------------- 5: sampling rate

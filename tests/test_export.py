@@ -126,7 +126,8 @@ def test_size_and_flop_accounting(ticket_run: Path, exported: tuple[Path, dict])
 
 def test_a_ticket_records_its_data_and_af_operating_point(ticket_run: Path, tiny_data: Path,
                                                          exported: tuple[Path, dict], tmp_path: Path) -> None:
-    """Exported from a run: the fingerprint and split of the data it was trained on, and the
+    """Exported from a run: the fingerprint and split of the data it was trained on, the
+    length of its training windows, and the
     AF threshold chosen on the run's validation probabilities (operating_point), in every
     dtype's metadata and in the report; restamp adds metadata and leaves the weights' arrays
     byte for byte as they were."""
@@ -140,6 +141,7 @@ def test_a_ticket_records_its_data_and_af_operating_point(ticket_run: Path, tiny
         assert meta["split"] == et.split_of(records["record"], records["split"])
         assert meta["split"]["test"] == (records["split"] == "test").sum()
         assert meta["af_operating_point"] == op
+        assert meta["window"] == 1024  # trained on windows (TINY_FLAGS' --crop): predict.py --windows reads them
     assert report["af_operating_point"] == op and report["data_fingerprint"] == meta["data_fingerprint"]
     et.check_ticket_data(meta, tiny_data, out / "ticket-fp32.npz")  # its own data: no refusal
     copy = tmp_path / "t.npz"

@@ -13,10 +13,12 @@ import pytest
 import torch
 
 import export_ticket as et
+import predict
 import train as tr
 import window_eval
 from batching import Batcher, Normalizer
 from build_datasets import ECGDataset
+from model import CLASSES
 
 
 def one_split(records: list[np.ndarray]) -> ECGDataset:
@@ -33,7 +35,7 @@ def test_a_record_is_the_mean_over_its_windows_valid_steps(reference: Path) -> N
     """2,600 samples in windows of 1,024: pieces of 1,024, 1,024 and 552 (4, 4 and 2 valid
     steps of 256); a last piece shorter than one step is dropped; a record shorter than one
     window is the whole-record pass over its valid steps. Records of other lengths batched
-    together give each record's own answer."""
+    together give each record's own answer. predict.py --windows reads a record the same way."""
     cfg, state, _, _, _ = et.read_run(reference / "seed0" / "dense")
     model = et.build_model(cfg, state).double()
     torch.set_default_dtype(torch.float64)
@@ -54,6 +56,15 @@ def test_a_record_is_the_mean_over_its_windows_valid_steps(reference: Path) -> N
         for batch in (3, 1):  # all records in one forward pass, or one at a time: the same classes
             got = tr.predict_windows(model, batcher, ds.indices("test"), 1024, batch, bf16=False)
             assert got.tolist() == [int(w.argmax()) for w in want]
+        meta = {"normalizer": {"mean": 0.0, "std": 1.0}, "classes": list(CLASSES), "window": 1024}
+        for record, w, segments in zip([x, x[:2148], x[:1000]], want, [10, 8, 3], strict=True):
+            out = predict.classify(model, meta, record, windows=True)  # predict.py --windows: the same rule
+            assert list(out["probabilities"].values()) == pytest.approx(torch.softmax(w, 0).tolist(), abs=1e-4)
+            assert len(out["segments"]) == segments
+        whole = predict.classify(model, meta, x)  # without --windows: one pass over the whole record
+        with torch.no_grad():
+            one_pass = model(torch.from_numpy(np.pad(x, (0, 2816 - 2600)))[None, None])[0, :10].mean(0)
+        assert list(whole["probabilities"].values()) == pytest.approx(torch.softmax(one_pass, 0).tolist(), abs=1e-4)
     finally:
         torch.set_default_dtype(torch.float32)
 
