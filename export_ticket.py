@@ -262,11 +262,11 @@ def check_meta(meta: dict, arrays: dict[str, np.ndarray], path: Path) -> None:
             raise bad(f"metadata field {key!r} is {meta[key]!r}, expected a JSON {kind.__name__}")
     if "data_fingerprint" in meta and not re.fullmatch(r"[0-9a-f]{16}-[0-9a-f]{16}", meta["data_fingerprint"]):
         raise bad(f"data_fingerprint {meta['data_fingerprint']!r}, expected two 16-digit hex digests joined by '-'")
-    window = meta.get("window")
-    stride = HannunConfig(**meta["model"]).stride if "window" in meta else 0
-    if window is not None and (isinstance(window, bool) or window < stride or window % stride):
-        raise bad(f"window {window!r}, expected a positive multiple of the network's output stride ({stride} "
-                  "samples): the length of the windows it was trained on")
+    if "window" in meta:  # an int by now (OPTIONAL_META); bool is an int to isinstance, not here
+        window, stride = meta["window"], HannunConfig(**meta["model"]).stride
+        if isinstance(window, bool) or window < stride or window % stride:
+            raise bad(f"window {window!r}, expected a positive multiple of the network's output stride ({stride} "
+                      "samples): the length of the windows it was trained on")
     split = meta.get("split")
     if split is not None and not (set(split) == set(SPLIT_KEYS) and isinstance(split["digest"], str)
                                   and all(isinstance(split[k], int) and split[k] >= 0 for k in ("val", "test"))):
