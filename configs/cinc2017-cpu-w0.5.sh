@@ -5,8 +5,9 @@
 # 2,619,828 parameters (compression relative to that). weight_rewind and lr_rewind, each with
 # random_reinit and random_prune at the last level (142x); seeds 0 and 1 (a third, and finetune,
 # where time allows: add them to SEEDS / METHODS, a resumed grid skips what is done).
-# The full-width grid (configs/cinc2017-cpu-full.sh) has priority for the cores: run this one
-# when that one waits or is done (on a shared host: nice -n 19 bash run.sh ...).
+# Started 2026-12-05 once the full-width chains (configs/cinc2017-cpu-full.sh) were done, with
+# two one-thread workers (one per core), as WORKERS=2 runs it; ~12 min per training on a core
+# of a 2-core Intel Xeon with avx512_bf16 / amx_bf16.
 DATASET=cinc2017
 WIDTH=0.5
 BLOCKS=16
@@ -22,7 +23,7 @@ METHODS=weight_rewind,lr_rewind
 CONTROL_METHODS=all
 CONTROL_EVERY=1000
 SEEDS=0,1
-WORKERS=1
+WORKERS=2
 EXP=results/cinc2017-cpu-w0.5
 LATENCY_THREADS=1,2        # the exported ticket's latency table (run.sh's demo times it briefly)
 LATENCY_SECONDS=2
