@@ -1018,7 +1018,7 @@ def main(argv: list[str] | None = None) -> None:
         exps = [e for e in exps if (e / "results.csv").is_file()]
         if not exps:
             p.error(f"--widths: none of {args.widths!r} has a results.csv yet")
-        print(plot_widths.main(exps, Path(args.out), args.tolerance))
+        print(plot_widths.main(exps, Path(args.out), args.tolerance, score))
         print(f"wrote {args.out}/widths.png/.svg, widths.md")
         return
     exp = Path(args.exp)

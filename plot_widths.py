@@ -132,6 +132,7 @@ def width_rows(exps: list[Path], tolerance: float) -> list[dict]:
 
 def plot(curves: list[dict], out: Path) -> list[str]:
     """Draw widths.png/.svg; returns the legend's labels."""
+    scored = "" if pr.score == "whole" else ", records scored on windows of the training length"
     fig, axes = plt.subplots(1, 2, figsize=(14, 5.2), sharey=True)
     widths = sorted({c["width"] for c in curves})
     for ax, x, name in ((axes[0], "compression", "compression ratio (prunable weights / surviving weights)"),
@@ -170,11 +171,12 @@ def plot(curves: list[dict], out: Path) -> list[str]:
         ax.set_xlabel(name)
         ax.grid(True, which="both", alpha=0.25)
     axes[0].set_ylabel("ticket - dense, test challenge F1 (paired by seed)")
-    fig.suptitle("Ratio or capacity? Ticket - dense across network widths (shaded: the wider of the bootstrap and "
-                 "t 95 % intervals; black lines: 0 and -1 % of each width's dense F1, styled by width)", fontsize=10)
+    fig.suptitle(f"Ratio or capacity? Ticket - dense across network widths{scored}\n(shaded: the wider of the "
+                 "bootstrap and t 95 % intervals; black lines: 0 and -1 % of each width's dense F1, styled by width)",
+                 fontsize=10)
     handles, labels = axes[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=8, frameon=False)
-    fig.tight_layout(rect=(0, 0.06 + 0.03 * ((len(labels) + 2) // 3), 1, 0.95))
+    fig.tight_layout(rect=(0, 0.06 + 0.03 * ((len(labels) + 2) // 3), 1, 0.93))
     for ext in ("png", "svg"):
         fig.savefig(out / f"widths.{ext}", dpi=130)
     plt.close(fig)
@@ -210,7 +212,13 @@ def table_md(curves: list[dict], tolerance: float) -> list[str]:
     return lines
 
 
-def main(exps: list[Path], out: Path, tolerance: float) -> str:
+def main(exps: list[Path], out: Path, tolerance: float, score: str = "whole") -> str:
+    """Write widths.png/.svg and widths.md for ``exps`` with every record scored ``score`` (a
+    key of plot_results.SCORES); returns widths.md's text."""
+    # plot_results' readers take the scoring from its module global. Run as a script, its
+    # main() sets that global in __main__, another module object than the one imported here:
+    # set it here too, or --score windows would silently draw whole-record scores.
+    pr.score = score
     curves = width_rows(exps, tolerance)
     if not curves:
         raise SystemExit(f"error: no pruned rounds in {', '.join(map(str, exps))}")
@@ -219,8 +227,13 @@ def main(exps: list[Path], out: Path, tolerance: float) -> str:
     exps = list(dict.fromkeys(c["exp"] for c in curves))  # those with a dense run
     head = ["# Tickets across widths", "", "Experiments: " + "; ".join(
         f"{e} (width {width_of(e, pr.load(e)):g}{', ' + pr.partial(e) if pr.partial(e) else ''})" for e in exps)
-        + f". `python plot_results.py --widths {','.join(map(str, exps))} --out {out}`", "",
+        + f". `python plot_results.py --widths {','.join(map(str, exps))}"
+        + ("" if score == "whole" else f" --score {score}") + f" --out {out}`", "",
         "![ticket - dense across widths](widths.png)", ""]
+    if score == "windows":
+        head += ["**Every score below is on windows of the training length** (each record cut into consecutive "
+                 "windows of --crop samples, the class from the mean logits over all windows' steps: "
+                 "train.predict_windows), not on whole records as without --score.", ""]
     for e in exps:
         if marked := pr.exploratory(e):
             head += [f"**Exploratory**: {e}'s seeds {', '.join(map(str, marked['seeds']))} ({marked['why']}) "

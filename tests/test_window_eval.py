@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import ROOT
 
 import export_ticket as et
 import predict
@@ -195,6 +198,25 @@ def test_results_and_plots_read_windowed_scores(reference: Path, tmp_path: Path,
     assert "Every score below is on windows of the training length" in summary
     windowed = plot_results.load(exp)
     assert (windowed["test_challenge_f1"] == windowed[col]).all()
+    # across widths too, run as a user runs it: as a script plot_results is __main__, another
+    # module object than the plot_results that plot_widths imports (the scoring once got lost there)
+    out = tmp_path / "widths"
+    subprocess.run([sys.executable, "plot_results.py", "--widths", str(exp), "--score", "windows", "--out", str(out)],
+                   cwd=ROOT, check=True, capture_output=True, timeout=300)
+    text = (out / "widths.md").read_text()
+    assert "Every score below is on windows of the training length" in text and "--score windows" in text
+    raw = pd.read_csv(exp / "results.csv").query("accepted")
+
+    def differences(column: str) -> pd.Series:  # ticket - dense, test, per method and compression
+        dense = raw[raw["round"] == 0].drop_duplicates("seed").set_index("seed")[column]
+        tickets = raw[(raw["round"] > 0) & (raw["control"] == "none") & ~raw["method"].isin(tr.BASELINES)]
+        return tickets.assign(d=tickets[column].to_numpy() - dense[tickets["seed"]].to_numpy()
+                              ).groupby(["method", "compression"])["d"].mean().map("{:+.3f}".format)
+
+    wins, holes = differences(col), differences("test_challenge_f1")
+    (method, ratio), want = next((k, v) for k, v in wins.items() if v != holes[k])  # a level the scorings part
+    row = next(line for line in text.splitlines() if line.startswith(f"| {method} | ") and f"| {ratio:.1f}x |" in line)
+    assert f"| {want} (" in row, row
     plot_results.main(["--exp", str(exp)])  # whole records again: the same table as before
     whole = plot_results.load(exp)
     assert not (whole["test_challenge_f1"] == whole[col]).all()
