@@ -63,6 +63,19 @@ def curve_points(exp: Path, table: pd.DataFrame, method: str, split: str) -> pd.
     return pd.DataFrame(rows)
 
 
+def at(r: pd.Series | None) -> str:
+    """A level as 'compression (surviving weights)', or 'none'."""
+    return "none" if r is None else f"{r['compression']:.0f}x ({r['remaining']:,.0f})"
+
+
+def largest_inside(points: pd.DataFrame, inside: pd.Series) -> str:
+    """The most compressed level ``inside``, whatever lies below it: the winning ticket's rule
+    (plot_results.winners). It differs from ``edge`` where the curve leaves the band and comes
+    back (a dip at middle levels, as whole-record scores of full-width tickets show)."""
+    ok = points[inside.to_numpy()]
+    return at(None if ok.empty else ok.loc[ok["compression"].idxmax()])
+
+
 def edge(points: pd.DataFrame, bar: float, inside: pd.Series) -> str:
     """'last inside (weights) / first outside (weights)' of a run of levels from the lowest,
     stopped at the first level not ``inside``."""
@@ -72,9 +85,6 @@ def edge(points: pd.DataFrame, bar: float, inside: pd.Series) -> str:
             first = points.iloc[i]
             break
         last = points.iloc[i]
-
-    def at(r: pd.Series | None) -> str:
-        return "none" if r is None else f"{r['compression']:.0f}x ({r['remaining']:,.0f})"
 
     if first is None:
         return f"inside to {at(last)}, the last level run"
@@ -189,18 +199,21 @@ def table_md(curves: list[dict], tolerance: float) -> list[str]:
              "the mean difference over seeds against -tolerance x dense; interval rule: the lower bound of the "
              "wider of the bootstrap and t 95 % intervals against the same bar. The edge lies between the two "
              "levels (levels are a factor 2 apart); 'single seeds': the point-rule edge on each seed alone, its "
-             "range over the seeds (its spread is the edge's uncertainty from training).", "",
-             "| method | width | prunable weights | seeds | point rule | interval rule | point rule, single seeds |",
-             "| --- | ---: | ---: | ---: | --- | --- | --- |"]
+             "range over the seeds (its spread is the edge's uncertainty from training); 'largest inside': the "
+             "most compressed level inside by the point rule whatever lies below it (the winning ticket of "
+             "summary.md), which differs from the edge where a curve leaves the band and comes back.", "",
+             "| method | width | prunable weights | seeds | point rule | interval rule | point rule, single seeds | "
+             "largest inside, point rule |",
+             "| --- | ---: | ---: | ---: | --- | --- | --- | --- |"]
     for c in sorted(curves, key=lambda c: (c["method"], c["width"])):
         val = c["val"]
         if val.empty:
-            lines.append(f"| {c['method']} | {c['width']:g} | {c['prunable']:,.0f} | {c['seeds']} | no level | | |")
+            lines.append(f"| {c['method']} | {c['width']:g} | {c['prunable']:,.0f} | {c['seeds']} | no level | | | |")
             continue
         point = edge(val, c["val_bar"], val["diff"] > c["val_bar"])
         interval = edge(val, c["val_bar"], val["low"].fillna(-np.inf) > c["val_bar"])
         lines.append(f"| {c['method']} | {c['width']:g} | {c['prunable']:,.0f} | {c['seeds']} | {point} | {interval} | "
-                     f"{seed_edges(val, c['seed_bars'])} |")
+                     f"{seed_edges(val, c['seed_bars'])} | {largest_inside(val, val['diff'] > c['val_bar'])} |")
     lines += ["", "Test challenge F1, ticket - dense at each level (the wider 95 % interval, n seeds):", "",
               "| method | width | compression | surviving weights | ticket - dense (wider 95 % CI, seeds) |",
               "| --- | ---: | ---: | ---: | ---: |"]

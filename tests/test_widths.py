@@ -49,6 +49,7 @@ def test_widths_draw_partial_experiments_and_name_their_seeds(tmp_path: Path) ->
     rows = [line for line in text.splitlines() if line.startswith("| lr_rewind |")]
     assert rows[0].startswith("| lr_rewind | 0.125 | 10,000 | 2 | 4x (2,500) / 8x (1,250) |")
     assert rows[1].startswith("| lr_rewind | 0.25 | 40,000 | 1 | inside to 4x (10,000), the last level run |")
+    assert rows[0].endswith("| 4x (2,500) |") and rows[1].endswith("| 4x (10,000) |")  # largest level inside
     curves = plot_widths.width_rows([tmp_path / "a", tmp_path / "b"], 0.01)
     labels = plot_widths.plot(curves, out)
     assert labels == ["LR rewind (Renda et al.), width 0.125 (n=2 seeds)",
@@ -68,6 +69,10 @@ def test_edges_on_known_values() -> None:
                            "per_seed": [{0: 0.0, 1: 0.0}, {0: 0.0, 1: -0.02}, {0: -0.02, 1: 0.0}, {0: 0.0, 1: 0.0}]})
     assert plot_widths.edge(points, -0.008, pd.Series([True, True, False, True])) == "4x (250) / 8x (125)"
     assert plot_widths.edge(points, -0.008, pd.Series([False] * 4)) == "none / 2x (500)"
+    # the curve leaves at 8x and comes back at 16x: the edge stays at 4x, the largest level inside is 16x
+    assert plot_widths.largest_inside(points, pd.Series([True, True, False, True])) == "16x (62)"
+    assert plot_widths.largest_inside(points, pd.Series([False, True, False, False])) == "4x (250)"
+    assert plot_widths.largest_inside(points, pd.Series([False] * 4)) == "none"
     # seed 0 leaves at 8x (edge 4x), seed 1 at 4x (edge 2x); a third seed never inside
     assert plot_widths.seed_edges(points, {0: -0.008, 1: -0.008}) == "2x-4x (500-250 weights), 2 seeds"
     assert plot_widths.seed_edges(points, {0: -0.008, 1: -0.008, 2: -0.008}).startswith("none on 1 of 3 seeds, ")
