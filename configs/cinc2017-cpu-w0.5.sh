@@ -7,7 +7,8 @@
 # where time allows: add them to SEEDS / METHODS, a resumed grid skips what is done).
 # Started 2026-12-05 once the full-width chains (configs/cinc2017-cpu-full.sh) were done, with
 # two one-thread workers (one per core), as WORKERS=2 runs it; ~12 min per training on a core
-# of a 2-core Intel Xeon with avx512_bf16 / amx_bf16.
+# of a 2-core Intel Xeon with avx512_bf16 / amx_bf16. Seed 2 added 2026-12-05 21:15 UTC, after seeds
+# 0-1 to 142x and their test figures were seen (so its figures are a replication, not a pre-registration).
 DATASET=cinc2017
 WIDTH=0.5
 BLOCKS=16
@@ -22,7 +23,7 @@ REWIND_TO=1ep
 METHODS=weight_rewind,lr_rewind
 CONTROL_METHODS=all
 CONTROL_EVERY=1000
-SEEDS=0,1
+SEEDS=0,1,2
 WORKERS=2
 EXP=results/cinc2017-cpu-w0.5
 LATENCY_THREADS=1,2        # the exported ticket's latency table (run.sh's demo times it briefly)
