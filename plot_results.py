@@ -71,6 +71,12 @@ def partial(exp: Path) -> str:
 
 SCORES = {"whole": ("", "predicted"), "windows": (WINDOWS_SUFFIX, WINDOWS_COLUMN)}
 """--score: the suffix of results.csv's score columns, and predictions.csv's class column."""
+WINDOWS_TITLE = ", records scored on windows of the training length"
+"""What a figure's title adds under --score windows."""
+WINDOWS_BANNER = ("**Every score below is on windows of the training length** (each record cut into consecutive "
+                  "windows of --crop samples, the class from the mean logits over all windows' steps: "
+                  "train.predict_windows), not on whole records")
+"""What a markdown file under --score windows opens with (each adds where the whole-record one is)."""
 score = "whole"
 """How the records were scored (a key of SCORES), set once by main()."""
 
@@ -687,7 +693,7 @@ def plot_compression(table: pd.DataFrame, split: str, out: Path, note: str = "",
         add_all_parameters_axis(ax, table)
     seeds = table["seed"].nunique()
     kind = "One-shot (one round, the line only joins it to dense)" if table["round"].max() == 1 else "Iterative"
-    scored = "" if score == "whole" else ", records scored on windows of the training length"
+    scored = "" if score == "whole" else WINDOWS_TITLE
     fig.suptitle(f"{kind} magnitude pruning of the Hannun et al. ECG network ({split} split{scored}, mean over "
                  f"{seeds} seed{'s' * (seeds > 1)}, shaded: min-max)" + (f"\n{note.upper()}" if note else ""),
                  fontsize=11, color="firebrick" if note else "black")
@@ -894,9 +900,7 @@ def summary(table: pd.DataFrame, best: pd.DataFrame, tolerance: float, exp: Path
     head = ([f"**{note.capitalize()}** (the grid was interrupted or is still running: these tables hold only "
              "the finished cells).", ""] if note else [])
     if score == "windows":
-        head += ["**Every score below is on windows of the training length** (each record cut into consecutive "
-                 "windows of --crop samples, the class from the mean logits over all windows' steps: "
-                 "train.predict_windows), not on whole records as in plots/summary.md.", ""]
+        head += [f"{WINDOWS_BANNER} as in plots/summary.md.", ""]
     if exp is not None and (marked := exploratory(exp)):
         head += [f"**Exploratory seeds {', '.join(map(str, marked['seeds']))}** ({marked['why']}): every figure "
                  "below that averages or pairs over them (a cell over more seeds than the pre-registered "

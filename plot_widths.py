@@ -140,9 +140,19 @@ def width_rows(exps: list[Path], tolerance: float) -> list[dict]:
     return out
 
 
+def y_range(curves: list[dict], pad: float = 0.3) -> tuple[float, float]:
+    """The figure's y range: every curve's points, 0 and each width's -1 % bar, padded by ``pad``
+    of their span. Not the bands: a t interval over 2 seeds (1 df, t = 12.7) can be ten times
+    wider than the curves and would squash them into a line."""
+    ys = [0.0] + [c["test_bar"] for c in curves] + [v for c in curves for v in c["test"]["diff"].dropna()]
+    low, high = min(ys), max(ys)
+    margin = pad * (high - low) if high > low else 0.05
+    return low - margin, high + margin
+
+
 def plot(curves: list[dict], out: Path) -> list[str]:
     """Draw widths.png/.svg; returns the legend's labels."""
-    scored = "" if pr.score == "whole" else ", records scored on windows of the training length"
+    scored = "" if pr.score == "whole" else pr.WINDOWS_TITLE
     fig, axes = plt.subplots(1, 2, figsize=(14, 5.2), sharey=True)
     widths = sorted({c["width"] for c in curves})
     for ax, x, name in ((axes[0], "compression", "compression ratio (prunable weights / surviving weights)"),
@@ -180,9 +190,11 @@ def plot(curves: list[dict], out: Path) -> list[str]:
             ax.minorticks_off()
         ax.set_xlabel(name)
         ax.grid(True, which="both", alpha=0.25)
+    axes[0].set_ylim(*y_range(curves))  # shared by both panels
     axes[0].set_ylabel("ticket - dense, test challenge F1 (paired by seed)")
     fig.suptitle(f"Ratio or capacity? Ticket - dense across network widths{scored}\n(shaded: the wider of the "
-                 "bootstrap and t 95 % intervals; black lines: 0 and -1 % of each width's dense F1, styled by width)",
+                 "bootstrap and t 95 % intervals, cut at the axes: widths.md has them whole; black lines: 0 and "
+                 "-1 % of each width's dense F1, styled by width)",
                  fontsize=10)
     handles, labels = axes[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=8, frameon=False)
@@ -244,9 +256,7 @@ def main(exps: list[Path], out: Path, tolerance: float, score: str = "whole") ->
         + ("" if score == "whole" else f" --score {score}") + f" --out {out}`", "",
         "![ticket - dense across widths](widths.png)", ""]
     if score == "windows":
-        head += ["**Every score below is on windows of the training length** (each record cut into consecutive "
-                 "windows of --crop samples, the class from the mean logits over all windows' steps: "
-                 "train.predict_windows), not on whole records as without --score.", ""]
+        head += [f"{pr.WINDOWS_BANNER} as without --score.", ""]
     for e in exps:
         if marked := pr.exploratory(e):
             head += [f"**Exploratory**: {e}'s seeds {', '.join(map(str, marked['seeds']))} ({marked['why']}) "

@@ -77,3 +77,13 @@ def test_edges_on_known_values() -> None:
     assert plot_widths.seed_edges(points, {0: -0.008, 1: -0.008}) == "2x-4x (500-250 weights), 2 seeds"
     assert plot_widths.seed_edges(points, {0: -0.008, 1: -0.008, 2: -0.008}).startswith("none on 1 of 3 seeds, ")
     assert plot_widths.seed_edges(points, {0: -0.008}) == "4x (250 weights), 1 seed"  # one seed: no range
+
+
+def test_y_range_holds_the_curves_not_a_one_df_band() -> None:
+    """Two seeds' t band (±1.0 here) must not set the axis: the range holds every point, 0 and
+    each -1 % bar, padded by 30 % of their span, and nothing more."""
+    test = pd.DataFrame({"diff": [0.02, -0.10, np.nan], "low": [-1.0, -1.1, np.nan], "high": [1.0, 0.9, np.nan]})
+    curves = [{"test": test, "test_bar": -0.008}, {"test": test.assign(diff=[0.05, 0.0, 0.01]), "test_bar": -0.007}]
+    low, high = plot_widths.y_range(curves)
+    assert (low, high) == pytest.approx((-0.10 - 0.3 * 0.15, 0.05 + 0.3 * 0.15))
+    assert plot_widths.y_range([{"test": test.iloc[2:], "test_bar": 0.0}]) == (-0.05, 0.05)  # nothing to span
