@@ -641,6 +641,17 @@ def curve_label(method: str, suffix: str, curve: pd.DataFrame, seeds: int) -> st
     return label
 
 
+def round_ticks(ax: plt.Axes, low: float, high: float) -> None:
+    """Label a log x axis at 1, 2 and 5 times powers of ten between ``low`` and ``high``, as
+    "20k" or "500M": matplotlib's own log labels (4x10^8, 6x10^7, ...) overlap across the
+    two to three decades of a FLOPs or weight-count axis."""
+    ticks = [m * 10.0**e for e in range(0, 13) for m in (1, 2, 5) if low / 1.5 <= m * 10.0**e <= high * 1.5]
+    names = [f"{t / 1e9:g}G" if t >= 1e9 else f"{t / 1e6:g}M" if t >= 1e6 else f"{t / 1e3:g}k" if t >= 1e3
+             else f"{t:g}" for t in ticks]
+    ax.set_xticks(ticks, names)
+    ax.minorticks_off()
+
+
 def plot_compression(table: pd.DataFrame, split: str, out: Path, note: str = "",
                      per_seed: set[str] | frozenset[str] = frozenset()) -> None:
     """Challenge F1 and accuracy against the compression ratio, and (where results.csv has
@@ -679,6 +690,7 @@ def plot_compression(table: pd.DataFrame, split: str, out: Path, note: str = "",
         ax.set_ylabel(f"{split} {name}")
         ax.grid(True, which="both", alpha=0.25)
         if x == "flops":
+            round_ticks(ax, table["flops"].min(), table["flops"].max())
             ax.set_xlabel("FLOPs per 30-s record (non-zero weights only; lower is cheaper)")
             ax.invert_xaxis()  # compression grows to the right, as in the other panels
             continue

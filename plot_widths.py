@@ -177,10 +177,7 @@ def plot(curves: list[dict], out: Path) -> list[str]:
         ax.set_xscale("log")
         if x == "remaining":
             pts = pd.concat([c["test"] for c in curves if not c["test"].empty])
-            low, high = pts["remaining"].min(), pts["remaining"].max()
-            ticks = [m * 10 ** e for e in range(2, 8) for m in (1, 2, 5) if low / 1.5 <= m * 10 ** e <= high * 1.5]
-            ax.set_xticks(ticks, [f"{t / 1e6:g}M" if t >= 1e6 else f"{t / 1e3:g}k" for t in ticks])
-            ax.minorticks_off()
+            pr.round_ticks(ax, pts["remaining"].min(), pts["remaining"].max())
             ax.invert_xaxis()
         else:
             ax.axvline(pr.LTH_ECG_RATIO, color="gold", lw=1, ls="-.")

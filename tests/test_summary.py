@@ -215,6 +215,19 @@ def test_goal_chains_are_drawn_seed_by_seed(goal_experiment: Path, monkeypatch: 
     assert lines[0].get_label().endswith(", each seed") and lines[1].get_label().startswith("_")
 
 
+def test_round_ticks_label_a_log_axis_at_one_two_five() -> None:
+    """A FLOPs axis of 23 M to 830 M gets 20M ... 1G (each within a factor 1.5 of the data),
+    no minor labels; weight counts read in k."""
+    fig, ax = plot_results.plt.subplots()
+    ax.set_xscale("log")
+    plot_results.round_ticks(ax, 2.3e7, 8.3e8)
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["20M", "50M", "100M", "200M", "500M", "1G"]
+    assert not ax.xaxis.get_minor_ticks() or not any(t.label1.get_visible() for t in ax.xaxis.get_minor_ticks())
+    plot_results.round_ticks(ax, 4_603, 20_428)
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["5k", "10k", "20k"]
+    plot_results.plt.close(fig)
+
+
 # ---------------------------------------------------------------- intervals over seeds, Holm (issue 32 item 4)
 
 
