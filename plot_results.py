@@ -835,6 +835,11 @@ EXPLORATORY = "exploratory.json"
 """An experiment's seeds added after its test figures were seen: {"seeds": [...], "why": "..."}."""
 
 
+def seeds_text(seeds: list[int]) -> str:
+    """'seed 2' or 'seeds 3, 4', as the exploratory seeds are named in summaries."""
+    return ("seed " if len(seeds) == 1 else "seeds ") + ", ".join(map(str, seeds))
+
+
 def exploratory(exp: Path) -> dict | None:
     """The experiment's exploratory seeds (``EXP/exploratory.json``), or None; a clear error
     when the file is malformed."""
@@ -897,11 +902,11 @@ def claim_section(exp: Path, table: pd.DataFrame, tolerance: float) -> list[str]
     if marked is None:
         return ["", text, "", *claim_table(table, family)]
     pre = table[~table["seed"].isin(marked["seeds"])]
-    lines = ["", text, "", f"Confirmatory: the pre-registered seeds only (seeds {', '.join(map(str, marked['seeds']))} "
+    lines = ["", text, "", f"Confirmatory: the pre-registered seeds only ({seeds_text(marked['seeds'])} "
              "left out).", ""]
     confirmatory = claim_family(exp, pre, tolerance)
     lines += claim_table(pre, confirmatory) if len(confirmatory) else ["(no comparison)"]
-    lines += ["", f"Exploratory: every seed, seeds {', '.join(map(str, marked['seeds']))} included ({marked['why']}).",
+    lines += ["", f"Exploratory: every seed, {seeds_text(marked['seeds'])} included ({marked['why']}).",
               "", *claim_table(table, family)]
     return lines
 
@@ -914,7 +919,7 @@ def summary(table: pd.DataFrame, best: pd.DataFrame, tolerance: float, exp: Path
     if score == "windows":
         head += [f"{WINDOWS_BANNER} as in plots/summary.md.", ""]
     if exp is not None and (marked := exploratory(exp)):
-        head += [f"**Exploratory seeds {', '.join(map(str, marked['seeds']))}** ({marked['why']}): every figure "
+        head += [f"**Exploratory {seeds_text(marked['seeds'])}** ({marked['why']}): every figure "
                  "below that averages or pairs over them (a cell over more seeds than the pre-registered "
                  f"{', '.join(map(str, sorted(set(table['seed']) - set(marked['seeds']))))}) is exploratory; "
                  "the claim's family is also given over the pre-registered seeds alone (confirmatory).", ""]

@@ -256,7 +256,7 @@ def main(exps: list[Path], out: Path, tolerance: float, score: str = "whole") ->
         head += [f"{pr.WINDOWS_BANNER} as without --score.", ""]
     for e in exps:
         if marked := pr.exploratory(e):
-            head += [f"**Exploratory**: {e}'s seeds {', '.join(map(str, marked['seeds']))} ({marked['why']}) "
+            head += [f"**Exploratory**: {e}'s {pr.seeds_text(marked['seeds'])} ({marked['why']}) "
                      "enter every figure over more seeds than its pre-registered ones.", ""]
     text = "\n".join(head + table_md(curves, tolerance)) + "\n"
     atomic_write_text(text, out / "widths.md")

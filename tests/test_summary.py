@@ -290,9 +290,10 @@ def test_the_claim_family_is_holm_corrected_and_split_when_seeds_are_exploratory
     assert plot_results.claim_section(tmp_path, experiment, 0.01)[3].startswith("| method | compression | seeds")
     (tmp_path / plot_results.EXPLORATORY).write_text('{"seeds": [1], "why": "added after the test"}')
     text = "\n".join(plot_results.claim_section(tmp_path, experiment, 0.01))
-    assert "Confirmatory: the pre-registered seeds only (seeds 1 left out)" in text
+    assert "Confirmatory: the pre-registered seeds only (seed 1 left out)" in text
     assert "n/a (one seed)" in text.split("Exploratory")[0]  # seed 0 alone: no t test
-    assert "Exploratory: every seed, seeds 1 included (added after the test)" in text
+    assert "Exploratory: every seed, seed 1 included (added after the test)" in text
+    assert plot_results.seeds_text([3, 4]) == "seeds 3, 4"
     (tmp_path / plot_results.EXPLORATORY).write_text('{"seeds": "x"}')
     with pytest.raises(SystemExit, match="exploratory.json"):
         plot_results.exploratory(tmp_path)
